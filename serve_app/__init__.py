@@ -1,0 +1,1 @@
+"""A distributed multimodal reranker on Ray Serve."""

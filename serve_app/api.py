@@ -1,0 +1,141 @@
+"""The HTTP routes of the ingress: dialect models in, answers out; errors mapped to statuses in one place."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from serve_app.errors import RerankError, Unauthorized
+from serve_app.schemas import HealthResponse, RerankRequest, RerankResponse, TeiRank, TeiRerankRequest
+from serve_app.settings import Settings
+
+if TYPE_CHECKING:
+    from serve_app.ingress import Ingress
+
+DESCRIPTION = (
+    "Scores (query, document) pairs with text and image-text models and returns a ranking. "
+    "Dialects: Cohere v2 (`/v2/rerank`), Jina (`/v1/rerank`), text-embeddings-inference (`/rerank`). "
+    "Documents may be strings or objects with `text` and/or `image` (base64, data URI, or an "
+    "allow-listed URL). Thresholds: `strategy` strict (> 0.75), balanced (>= 0.55), explore (> 0.4), "
+    "or an explicit `threshold`."
+)
+
+
+def error_body(kind: str, message: str, field: str | None) -> dict:
+    return {"error": {"type": kind, "message": message, "field": field}}
+
+
+async def rerank_error(request: Request, exc: RerankError) -> JSONResponse:
+    return JSONResponse(error_body(exc.kind, exc.message, exc.field), status_code=exc.status)
+
+
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    fields = [".".join(str(part) for part in e["loc"] if part != "body") or "body" for e in errors]
+    message = "; ".join(f"{field}: {e['msg']}" for field, e in zip(fields, errors))
+    return JSONResponse(error_body("invalid_input", message, fields[0] if fields else None), status_code=422)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class RequestSizeLimit:
+    """Refuses bodies over `limit` bytes with 413: by Content-Length, or while the body streams in."""
+
+    def __init__(self, inner, limit: int) -> None:
+        self.inner = inner
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.inner(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(scope, send)
+            return
+        seen = 0
+        started = False
+
+        async def counted_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise BodyTooLarge
+            return message
+
+        async def tracked_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.inner(scope, counted_receive, tracked_send)
+        except BodyTooLarge:
+            if not started:
+                await self._refuse(scope, send)
+
+    async def _refuse(self, scope, send) -> None:
+        message = f"request body is larger than {self.limit} bytes (setting max_request_bytes)"
+        response = JSONResponse(error_body("input_too_large", message, "body"), status_code=413)
+        await response(scope, None, send)
+
+
+def api_key_check(settings: Settings):
+    """A dependency that checks the API key on a route, when one is set."""
+
+    def check(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        given = request.headers.get("x-api-key")
+        authorization = request.headers.get("authorization", "")
+        if authorization.lower().startswith("bearer "):
+            given = authorization[7:].strip()
+        if given != settings.api_key.get_secret_value():
+            raise Unauthorized("missing or wrong API key: send `Authorization: Bearer <key>` or `X-API-Key: <key>`")
+
+    return Depends(check)
+
+
+def build_api(ingress: Ingress) -> FastAPI:
+    """One FastAPI app per ingress replica, built with its settings; routes delegate to the ingress."""
+    settings = ingress.settings
+    app = FastAPI(title="Multimodal reranker", description=DESCRIPTION, version="0.1.0")
+    app.add_middleware(RequestSizeLimit, limit=settings.max_request_bytes)
+    app.add_exception_handler(RerankError, rerank_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    authorized = [api_key_check(settings)]
+
+    @app.post("/v2/rerank", response_model=RerankResponse, response_model_exclude_none=True, dependencies=authorized)
+    async def rerank_v2(request: RerankRequest) -> RerankResponse:
+        """Cohere v2 shape; documents are echoed only when `return_documents` is true."""
+        return await ingress.rerank(request, return_documents=bool(request.return_documents), api_version="2")
+
+    @app.post("/v1/rerank", response_model=RerankResponse, response_model_exclude_none=True, dependencies=authorized)
+    async def rerank_v1(request: RerankRequest) -> RerankResponse:
+        """Jina shape; documents are echoed unless `return_documents` is false."""
+        return await ingress.rerank(request, return_documents=request.return_documents is not False, api_version="1")
+
+    @app.post("/rerank", response_model=list[TeiRank], response_model_exclude_none=True, dependencies=authorized)
+    async def rerank_tei(request: TeiRerankRequest) -> list[TeiRank]:
+        """text-embeddings-inference shape: a bare list sorted by score."""
+        return await ingress.rerank_tei(request)
+
+    @app.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
+    async def health() -> JSONResponse:
+        """Scores a small real pair through each loaded pool (cached `health_cache_s` seconds)."""
+        response, status_code = await ingress.health()
+        return JSONResponse(response.model_dump(exclude_none=True), status_code=status_code)
+
+    @app.get("/v1/models", dependencies=authorized)
+    async def models() -> dict:
+        """Each pool: model, family, device, dtype, max batch size, replicas and counters, or why it is down."""
+        return await ingress.models()
+
+    return app

@@ -1,0 +1,41 @@
+"""The service's typed errors: raised where a problem is found, turned into HTTP in the ingress."""
+
+from __future__ import annotations
+
+
+class RerankError(Exception):
+    """Base: `status` is the HTTP status the ingress answers with; `field` names the input at fault."""
+
+    status = 500
+    kind = "internal_error"
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def __reduce__(self):
+        # Keeps the field when the error crosses a Ray process boundary.
+        return (type(self), (self.message, self.field))
+
+
+class InvalidInput(RerankError):
+    status = 422
+    kind = "invalid_input"
+
+
+class InputTooLarge(RerankError):
+    status = 413
+    kind = "input_too_large"
+
+
+class Unauthorized(RerankError):
+    status = 401
+    kind = "unauthorized"
+
+
+class PoolUnavailable(RerankError):
+    """A pool whose model did not load, or that is switched off."""
+
+    status = 503
+    kind = "pool_unavailable"

@@ -1,0 +1,229 @@
+"""The ingress deployment: one internal job -> pairs split by content type -> pools in parallel -> merge."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+import httpx
+from fastapi import FastAPI
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serve_app.api import build_api
+from serve_app.errors import InputTooLarge, InvalidInput, PoolUnavailable
+from serve_app.media import load_image
+from serve_app.replica import MODEL_SETTING
+from serve_app.schemas import (
+    ContentSpec,
+    HealthResponse,
+    PoolHealth,
+    RerankJob,
+    RerankRequest,
+    RerankResponse,
+    RerankResult,
+    ScoredDocument,
+    TeiRank,
+    TeiRerankRequest,
+)
+from serve_app.scoring import Content, Pair
+from serve_app.settings import Settings
+
+log = logging.getLogger("ray.serve")
+
+POOLS = ("text", "image_text")
+
+
+@dataclass
+class CachedHealth:
+    at: float
+    response: HealthResponse
+    status_code: int
+
+
+@serve.deployment
+@serve.ingress()
+class Ingress:
+    """Validates, routes pairs by content type, fans out to the pools in parallel, merges."""
+
+    def __init__(
+        self,
+        text_pool: DeploymentHandle | None,
+        image_text_pool: DeploymentHandle | None,
+        settings: Settings,
+        templates: dict[str, str],
+    ) -> None:
+        self.pools = {"text": text_pool, "image_text": image_text_pool}
+        self.settings = settings
+        self.templates = templates
+        self.http = httpx.AsyncClient(follow_redirects=False)
+        self.cached_health: CachedHealth | None = None
+        self.pairs_sent = dict.fromkeys(POOLS, 0)
+        logging.getLogger("ray.serve").setLevel(settings.log_level)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_api(self)
+
+    async def rerank(self, request: RerankRequest, return_documents: bool, api_version: str) -> RerankResponse:
+        """The Cohere/Jina answer: sorted results, documents echoed when asked, pairs per pool in meta."""
+        scored, pairs = await self._rerank(request.to_job(self.templates))
+        results = [
+            RerankResult(
+                index=s.index,
+                relevance_score=s.relevance_score,
+                raw_score=s.raw_score if request.raw_scores else None,
+                document=document_out(request.documents[s.index]) if return_documents else None,
+            )
+            for s in scored
+        ]
+        return RerankResponse(
+            id=str(uuid.uuid4()),
+            model=request.model,
+            results=results,
+            meta={"api_version": {"version": api_version}, "billed_units": {"search_units": 1}, "pairs": pairs},
+        )
+
+    async def rerank_tei(self, request: TeiRerankRequest) -> list[TeiRank]:
+        scored, _ = await self._rerank(request.to_job(self.settings.auto_truncate))
+        return [
+            TeiRank(
+                index=s.index,
+                score=s.raw_score if request.raw_scores else s.relevance_score,
+                text=request.texts[s.index] if request.return_text else None,
+            )
+            for s in scored
+        ]
+
+    async def health(self) -> tuple[HealthResponse, int]:
+        now = time.monotonic()
+        if self.cached_health is None or now - self.cached_health.at > self.settings.health_cache_s:
+            response, status_code = await self._probe_pools()
+            self.cached_health = CachedHealth(now, response, status_code)
+        return self.cached_health.response, self.cached_health.status_code
+
+    async def models(self) -> dict:
+        described = {}
+        for name, handle in self.pools.items():
+            if handle is None:
+                described[name] = {"pool": name, "available": False, "reason": "disabled in settings"}
+                continue
+            info = await handle.info.remote()
+            info["replicas"] = replica_count(handle.deployment_name)
+            info["pairs_sent"] = self.pairs_sent[name]
+            described[name] = info
+        return {"object": "list", "pools": described}
+
+    # ---- the one internal path ----------------------------------------------------------
+
+    async def _rerank(self, job: RerankJob) -> tuple[list[ScoredDocument], dict[str, int]]:
+        """The ranking (threshold and top_n applied) and how many pairs each pool scored."""
+        self._check_limits(job)
+        query, documents = await self._load(job)
+        pairs = [Pair(query, d, job.instruction, job.max_tokens_per_doc) for d in documents]
+        by_pool: dict[str, list[int]] = {pool: [] for pool in POOLS}
+        for i, pair in enumerate(pairs):
+            by_pool["image_text" if pair.needs_image_model else "text"].append(i)
+        calls = []
+        for pool, indices in by_pool.items():
+            if not indices:
+                continue
+            handle = self.pools[pool]
+            if handle is None:
+                raise PoolUnavailable(
+                    f"this request has {len(indices)} {pool.replace('_', '-')} pair(s) but the {pool} pool is "
+                    f"disabled; enable it (RERANK_{pool.upper()}__ENABLED=true) with a model "
+                    f"({MODEL_SETTING[pool]})",
+                    "documents",
+                )
+            self.pairs_sent[pool] += len(indices)
+            step = self.settings.max_pairs_per_call
+            for start in range(0, len(indices), step):
+                chunk = indices[start : start + step]
+                calls.append((chunk, handle.score.remote([pairs[i] for i in chunk], job.truncate)))
+        # Every pool's chunks are in flight at once; merge them back into document order.
+        results = await asyncio.gather(*(response for _, response in calls))
+        scores: list[tuple[float, float]] = [(0.0, 0.0)] * len(pairs)
+        for (chunk, _), chunk_scores in zip(calls, results):
+            for i, value in zip(chunk, chunk_scores):
+                scores[i] = value
+        ranked = [ScoredDocument(i, calibrated, raw) for i, (raw, calibrated) in enumerate(scores)]
+        if job.threshold is not None:
+            ranked = [s for s in ranked if job.threshold.keeps(s.relevance_score)]
+        ranked.sort(key=lambda s: (-s.relevance_score, s.index))
+        if job.top_n is not None:
+            ranked = ranked[: job.top_n]
+        return ranked, {pool: len(indices) for pool, indices in by_pool.items() if indices}
+
+    def _check_limits(self, job: RerankJob) -> None:
+        limit = self.settings.max_documents_per_request
+        if len(job.documents) > limit:
+            raise InputTooLarge(
+                f"documents: {len(job.documents)} documents; the limit is {limit} per request "
+                "(setting max_documents_per_request): split them over several requests",
+                "documents",
+            )
+        if not (job.query.text or "").strip() and job.query.image is None:
+            raise InvalidInput("query: the query is empty; give it text or an image", "query")
+        texts = [("query", job.query.text)] + [(f"documents[{i}]", d.text) for i, d in enumerate(job.documents)]
+        for field, text in texts:
+            if text is not None and len(text) > self.settings.max_text_chars:
+                raise InputTooLarge(
+                    f"{field}: text has {len(text)} characters; the limit is {self.settings.max_text_chars} "
+                    "(setting max_text_chars)",
+                    field,
+                )
+
+    async def _load(self, job: RerankJob) -> tuple[Content, list[Content]]:
+        """Decode every image of the job at once; each document keeps its text."""
+
+        async def content(spec: ContentSpec, field: str) -> Content:
+            if spec.image is None:
+                return Content(text=spec.text)
+            image = await load_image(spec.image, self.settings, f"{field}.image", self.http)
+            return Content(text=spec.text, image=image)
+
+        query, *documents = await asyncio.gather(
+            content(job.query, "query"), *(content(d, f"documents[{i}]") for i, d in enumerate(job.documents))
+        )
+        return query, documents
+
+    async def _probe_pools(self) -> tuple[HealthResponse, int]:
+        async def probe(name: str, handle: DeploymentHandle | None) -> PoolHealth:
+            if handle is None:
+                return PoolHealth(status="disabled")
+            try:
+                latency = await asyncio.wait_for(handle.probe.remote(), self.settings.health_timeout_s)
+            except PoolUnavailable as exc:
+                return PoolHealth(status="unavailable", reason=exc.message)
+            except Exception as exc:  # noqa: BLE001 - any failure of a loaded pool means it is down
+                return PoolHealth(status="down", reason=f"{type(exc).__name__}: {str(exc)[:300]}")
+            return PoolHealth(status="ok", latency_ms=round(latency, 2))
+
+        start = time.perf_counter()
+        pools = dict(zip(POOLS, await asyncio.gather(*(probe(n, self.pools[n]) for n in POOLS))))
+        latency_ms = round((time.perf_counter() - start) * 1000, 2)
+        if any(p.status == "down" for p in pools.values()):
+            return HealthResponse(status="down", latency_ms=latency_ms, pools=pools), 503
+        if not any(p.status == "ok" for p in pools.values()):
+            return HealthResponse(status="down", latency_ms=None, pools=pools), 503
+        status = "ok" if all(p.status in ("ok", "disabled") for p in pools.values()) else "degraded"
+        return HealthResponse(status=status, latency_ms=latency_ms, pools=pools), 200
+
+
+def document_out(document) -> dict:
+    if isinstance(document, str):
+        return {"text": document}
+    return document.model_dump(exclude_none=True)
+
+
+def replica_count(deployment: str) -> int | None:
+    """Running replicas of a deployment of this application, from Serve's status."""
+    try:
+        status = serve.status()
+        application = status.applications[serve.get_replica_context().app_name]
+        return application.deployments[deployment].replica_states.get("RUNNING", 0)
+    except Exception:  # noqa: BLE001 - the count is informative; never fail /v1/models over it
+        return None

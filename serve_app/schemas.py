@@ -1,0 +1,198 @@
+"""Request and response models of each API dialect, and the one internal form they all become."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from serve_app.errors import InvalidInput
+
+Strategy = Literal["strict", "balanced", "explore"]
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """Keep a result whose calibrated score is above `value` (or equal, when inclusive)."""
+
+    value: float
+    inclusive: bool
+
+    def keeps(self, score: float) -> bool:
+        return score >= self.value if self.inclusive else score > self.value
+
+
+STRATEGIES: dict[str, Threshold] = {
+    "strict": Threshold(0.75, inclusive=False),
+    "balanced": Threshold(0.55, inclusive=True),
+    "explore": Threshold(0.4, inclusive=False),
+}
+
+
+@dataclass(frozen=True)
+class ContentSpec:
+    """A query or document as sent: text and/or an image reference (base64, data URI or URL)."""
+
+    text: str | None = None
+    image: str | None = None
+
+
+@dataclass(frozen=True)
+class RerankJob:
+    """The internal request every dialect becomes."""
+
+    query: ContentSpec
+    documents: list[ContentSpec]
+    top_n: int | None = None
+    threshold: Threshold | None = None
+    instruction: str | None = None
+    max_tokens_per_doc: int | None = None
+    truncate: bool = True
+
+
+@dataclass(frozen=True)
+class ScoredDocument:
+    index: int
+    relevance_score: float
+    raw_score: float
+
+
+class ContentIn(BaseModel):
+    """A document or query object: text, an image (base64, data URI or allow-listed URL), or both."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str | None = None
+    image: str | None = Field(
+        default=None,
+        description="Base64 image, a data:image/...;base64, URI, or an allow-listed http(s) URL.",
+    )
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> ContentIn:
+        if self.text is None and self.image is None:
+            raise ValueError("give `text`, `image` or both")
+        return self
+
+    def spec(self) -> ContentSpec:
+        return ContentSpec(text=self.text, image=self.image)
+
+
+def _spec(value: str | ContentIn) -> ContentSpec:
+    return ContentSpec(text=value) if isinstance(value, str) else value.spec()
+
+
+class RerankRequest(BaseModel):
+    """Cohere v2 / Jina rerank request, plus this service's thresholds and instructions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(
+        default=None, description="Accepted for client compatibility; pairs are routed by content type."
+    )
+    query: str | ContentIn
+    documents: list[str | ContentIn] = Field(min_length=1)
+    top_n: int | None = Field(default=None, ge=1, description="Return at most this many results; all when unset.")
+    return_documents: bool | None = Field(
+        default=None, description="Echo each document in its result (default: false on /v2, true on /v1)."
+    )
+    max_tokens_per_doc: int | None = Field(default=None, ge=1, description="Cut each document to this many tokens.")
+    strategy: Strategy | None = Field(
+        default=None,
+        description="Keep results by calibrated score: strict > 0.75, balanced >= 0.55, explore > 0.4.",
+    )
+    threshold: float | None = Field(default=None, ge=0, le=1, description="Keep results scoring >= this.")
+    instruction: str | None = Field(default=None, description="Free-text task instruction, put before the query.")
+    instruction_template: str | None = Field(
+        default=None, description="Name of an instruction in deploy/instruction_templates.json."
+    )
+    raw_scores: bool = Field(default=False, description="Also return the model's native score as `raw_score`.")
+
+    @model_validator(mode="after")
+    def _one_of_each(self) -> RerankRequest:
+        if self.strategy is not None and self.threshold is not None:
+            raise ValueError("give `strategy` or `threshold`, not both")
+        if self.instruction is not None and self.instruction_template is not None:
+            raise ValueError("give `instruction` or `instruction_template`, not both")
+        return self
+
+    def to_job(self, templates: dict[str, str]) -> RerankJob:
+        instruction = self.instruction
+        if self.instruction_template is not None:
+            if self.instruction_template not in templates:
+                raise InvalidInput(
+                    f"instruction_template: no template named {self.instruction_template!r}; "
+                    f"known: {sorted(templates)}",
+                    "instruction_template",
+                )
+            instruction = templates[self.instruction_template]
+        threshold = STRATEGIES[self.strategy] if self.strategy else None
+        if self.threshold is not None:
+            threshold = Threshold(self.threshold, inclusive=True)
+        return RerankJob(
+            query=_spec(self.query),
+            documents=[_spec(d) for d in self.documents],
+            top_n=self.top_n,
+            threshold=threshold,
+            instruction=instruction,
+            max_tokens_per_doc=self.max_tokens_per_doc,
+        )
+
+
+class DocumentOut(BaseModel):
+    text: str | None = None
+    image: str | None = None
+
+
+class RerankResult(BaseModel):
+    index: int
+    relevance_score: float
+    raw_score: float | None = None
+    document: DocumentOut | None = None
+
+
+class RerankResponse(BaseModel):
+    id: str
+    model: str | None = None
+    results: list[RerankResult]
+    meta: dict
+
+
+class TeiRerankRequest(BaseModel):
+    """text-embeddings-inference `POST /rerank`."""
+
+    query: str
+    texts: list[str] = Field(min_length=1)
+    raw_scores: bool = False
+    return_text: bool = False
+    truncate: bool | None = Field(
+        default=None,
+        description="Cut over-long pairs; when false they are refused (413). Unset: auto_truncate.",
+    )
+    truncation_direction: Literal["Right", "right"] = "Right"
+
+    def to_job(self, auto_truncate: bool) -> RerankJob:
+        return RerankJob(
+            query=ContentSpec(text=self.query),
+            documents=[ContentSpec(text=t) for t in self.texts],
+            truncate=auto_truncate if self.truncate is None else self.truncate,
+        )
+
+
+class TeiRank(BaseModel):
+    index: int
+    score: float
+    text: str | None = None
+
+
+class PoolHealth(BaseModel):
+    status: Literal["ok", "unavailable", "disabled", "down"]
+    latency_ms: float | None = None
+    reason: str | None = None
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "degraded", "down"]
+    latency_ms: float | None
+    pools: dict[str, PoolHealth]

@@ -1,0 +1,299 @@
+"""The Scorer protocol, the Pair it scores, and loading the right family from a model's config."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from PIL.Image import Image
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Content:
+    """One side of a pair: text, an image, or both."""
+
+    text: str | None = None
+    image: Image | None = None
+
+    @property
+    def has_image(self) -> bool:
+        return self.image is not None
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A (query, document) pair with what the caller asked of its scoring."""
+
+    query: Content
+    document: Content
+    instruction: str | None = None
+    max_document_tokens: int | None = None
+
+    @property
+    def needs_image_model(self) -> bool:
+        return self.query.has_image or self.document.has_image
+
+    def query_text(self) -> str:
+        """The query text as a text model sees it: the instruction, when given, leads it."""
+        text = self.query.text or ""
+        return f"{self.instruction} {text}".strip() if self.instruction else text
+
+
+class ScoringError(Exception):
+    """A pair this scorer cannot score as asked; the caller's input is at fault."""
+
+
+class PairTooLong(ScoringError):
+    pass
+
+
+class UnsupportedPair(ScoringError):
+    pass
+
+
+class ModelLoadError(Exception):
+    """The model could not be found or loaded."""
+
+
+@dataclass(frozen=True)
+class Logistic:
+    """Monotone map raw -> 0..1: sigmoid(scale * (raw - shift))."""
+
+    scale: float = 1.0
+    shift: float = 0.0
+
+    def __call__(self, raw: float) -> float:
+        z = self.scale * (raw - self.shift)
+        # Two branches keep exp() from overflowing for large |z|.
+        if z >= 0:
+            return 1.0 / (1.0 + math.exp(-z))
+        e = math.exp(z)
+        return e / (1.0 + e)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """For families whose raw score already is a probability."""
+
+    def __call__(self, raw: float) -> float:
+        return min(1.0, max(0.0, raw))
+
+
+Calibrator = Callable[[float], float]
+
+
+@dataclass(frozen=True)
+class ScorerInfo:
+    model: str
+    family: str
+    device: str
+    dtype: str
+    max_length: int
+    raw_score: str  # what the raw score is: logit, cosine, match probability
+    calibration: str
+
+
+class Scorer(Protocol):
+    """Turns (query, document) pairs into raw scores and maps them to calibrated 0..1."""
+
+    info: ScorerInfo
+
+    def check(self, pairs: Sequence[Pair], truncate: bool) -> None:
+        """Raise ScoringError when a pair cannot be scored as asked (cheap, before batching)."""
+
+    def score(self, pairs: Sequence[Pair]) -> list[float]:
+        """Raw scores, one per pair, in order."""
+
+    def calibrate(self, raw_scores: Sequence[float]) -> list[float]:
+        """Calibrated 0..1 scores: a monotone map of the raw ones."""
+
+
+@dataclass
+class LoadOptions:
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    max_tokens_per_forward: int = 16384
+    calibration: Calibrator | None = None
+    cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "serve_app" / "models")
+
+
+# Models whose weights ship inside a Python package: id -> (package, archive inside it).
+PACKAGED_MODELS = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("all_minilm_l6_v2", "model.zip"),
+}
+
+# config.json "architectures" -> family module name.
+FAMILIES = {
+    "ForSequenceClassification": "cross_encoder",
+    "CLIPModel": "dual_encoder",
+    "SiglipModel": "dual_encoder",
+    "Siglip2Model": "dual_encoder",
+    "BlipForImageTextRetrieval": "blip_itm",
+    "Model": "embedding",  # BertModel, XLMRobertaModel, MPNetModel ...
+}
+
+
+def resolve_model_dir(model: str, cache_dir: Path) -> str:
+    """A local directory, a packaged model unpacked once into cache_dir, or the id as given."""
+    if os.path.isdir(model):
+        return model
+    if model in PACKAGED_MODELS:
+        package, archive = PACKAGED_MODELS[model]
+        target = cache_dir / model.replace("/", "--")
+        if (target / "config.json").exists():
+            return str(target)
+        try:
+            source = resources.files(package) / archive
+        except ModuleNotFoundError as exc:
+            raise ModelLoadError(f"{model} ships in the Python package for {package}, which is not installed") from exc
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        # Unpack beside the target and rename: replicas on one node may unpack at once.
+        scratch = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".unpack-"))
+        with resources.as_file(source) as path, zipfile.ZipFile(path) as zf:
+            zf.extractall(scratch)
+        try:
+            os.rename(scratch, target)
+        except OSError:
+            shutil.rmtree(scratch, ignore_errors=True)
+            if not (target / "config.json").exists():
+                raise
+        return str(target)
+    return model
+
+
+def read_config(model_dir: str) -> dict:
+    if os.path.isdir(model_dir):
+        path = Path(model_dir) / "config.json"
+        if not path.exists():
+            raise ModelLoadError(f"{model_dir} has no config.json")
+        return json.loads(path.read_text())
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(model_dir).to_dict()
+    except Exception as exc:  # noqa: BLE001 - any hub or parse failure means "cannot load"
+        raise ModelLoadError(
+            f"cannot load {model_dir!r}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        ) from exc
+
+
+def family_of(config: dict) -> str:
+    architectures = config.get("architectures") or []
+    for arch in architectures:
+        for suffix, family in FAMILIES.items():
+            if arch.endswith(suffix):
+                return family
+    raise ModelLoadError(
+        f"no scorer family for architectures {architectures}: supported are sequence-classification "
+        "cross-encoders, encoder models (embedding), CLIP/SigLIP and BLIP image-text retrieval"
+    )
+
+
+def load_scorer(model: str, options: LoadOptions | None = None) -> Scorer:
+    """Load `model` (directory or id) with the family its config.json names."""
+    options = options or LoadOptions()
+    model_dir = resolve_model_dir(model, options.cache_dir)
+    config = read_config(model_dir)
+    family = family_of(config)
+    log.info("loading %s as %s on %s", model, family, options.device)
+    try:
+        if family == "cross_encoder":
+            from serve_app.scoring.cross_encoder import CrossEncoderScorer as cls
+        elif family == "embedding":
+            from serve_app.scoring.embedding import EmbeddingScorer as cls  # type: ignore[assignment]
+        elif family == "dual_encoder":
+            from serve_app.scoring.dual_encoder import DualEncoderScorer as cls  # type: ignore[assignment]
+        else:
+            from serve_app.scoring.blip_itm import BlipItmScorer as cls  # type: ignore[assignment]
+        return cls(model, model_dir, options)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"cannot load {model!r} as {family}: {type(exc).__name__}: {exc}") from exc
+
+
+def model_max_length(tokenizer, config_limit: int | None) -> int:
+    """The tokens the model can take: the tokenizer's limit capped by the position embeddings."""
+    limits = [n for n in (getattr(tokenizer, "model_max_length", None), config_limit) if n and n < 1_000_000]
+    return min(limits) if limits else 512
+
+
+def length_groups(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Indices sorted by length, cut so each group's padded size (count x longest) fits max_tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        # Sorted ascending, so the newcomer is the longest of the group.
+        if current and (len(current) + 1) * lengths[i] > max_tokens:
+            groups.append(current)
+            current = []
+        current.append(i)
+    if current:
+        groups.append(current)
+    return groups
+
+
+def truncate_to_tokens(tokenizer, text: str, max_tokens: int) -> str:
+    """The longest prefix of text that holds at most max_tokens tokens (no special tokens)."""
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
+    offsets = encoding["offset_mapping"]
+    if len(offsets) <= max_tokens:
+        return text
+    return text[: offsets[max_tokens - 1][1]]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def padded_groups(encoding, max_tokens: int, pad_token_id: int, device: str):
+    """Yield (indices, tensors) for length-sorted groups of an unpadded tokenizer output."""
+    input_ids = encoding["input_ids"]
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoding]
+    for group in length_groups([len(ids) for ids in input_ids], max_tokens):
+        width = max(len(input_ids[i]) for i in group)
+        batch = {}
+        for key in keys:
+            fill = pad_token_id if key == "input_ids" else 0
+            rows = [list(encoding[key][i]) + [fill] * (width - len(encoding[key][i])) for i in group]
+            batch[key] = torch.tensor(rows, dtype=torch.long, device=device)
+        yield group, batch
+
+
+def text_pairs(pairs: Sequence[Pair], tokenizer, family: str) -> tuple[list[str], list[str]]:
+    """Query texts (instruction first) and document texts (cut to max_document_tokens) of text pairs."""
+    queries, documents = [], []
+    for pair in pairs:
+        if pair.needs_image_model or pair.document.text is None:
+            raise UnsupportedPair(f"a text {family} scores text queries against text documents only")
+        document = pair.document.text
+        if pair.max_document_tokens:
+            document = truncate_to_tokens(tokenizer, document, pair.max_document_tokens)
+        queries.append(pair.query_text())
+        documents.append(document)
+    return queries, documents
+
+
+def too_long_error(lengths: Sequence[int], max_length: int, what: str) -> PairTooLong | None:
+    too_long = [i for i, n in enumerate(lengths) if n > max_length]
+    if not too_long:
+        return None
+    first = too_long[0]
+    return PairTooLong(
+        f"{len(too_long)} {what}(s) exceed the model's {max_length} tokens (first: {what} {first}, "
+        f"{lengths[first]} tokens); shorten them or send truncate=true"
+    )

@@ -1,0 +1,104 @@
+"""BLIP image-text matching: the ITM head reads one image with one text; raw score = match probability."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from PIL.Image import Image
+from transformers import AutoImageProcessor, AutoTokenizer, BlipForImageTextRetrieval
+
+from serve_app.scoring.base import (
+    Identity,
+    LoadOptions,
+    Pair,
+    ScorerInfo,
+    UnsupportedPair,
+    dtype_name,
+    model_max_length,
+    too_long_error,
+    truncate_to_tokens,
+)
+
+PAIRS_PER_FORWARD = 32
+
+
+class BlipItmScorer:
+    """Scores the image of one side against the text of the other."""
+
+    def __init__(self, model: str, model_dir: str, options: LoadOptions) -> None:
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.image_processor = AutoImageProcessor.from_pretrained(model_dir)
+        self.model = BlipForImageTextRetrieval.from_pretrained(model_dir, dtype=options.dtype)
+        self.model.to(options.device).eval()
+        self.device = options.device
+        self.dtype = options.dtype
+        self.max_length = model_max_length(self.tokenizer, self.model.config.text_config.max_position_embeddings)
+        self.calibrator = options.calibration or Identity()
+        self.info = ScorerInfo(
+            model=model,
+            family="blip_itm",
+            device=options.device,
+            dtype=dtype_name(options.dtype),
+            max_length=self.max_length,
+            raw_score="match probability",
+            calibration=repr(self.calibrator),
+        )
+
+    def _image_text(self, pairs: Sequence[Pair]) -> tuple[list[Image], list[str]]:
+        images, texts = [], []
+        for i, pair in enumerate(pairs):
+            if pair.document.image is not None and pair.query.text:
+                images.append(pair.document.image)
+                texts.append(pair.query_text())
+            elif pair.query.image is not None and pair.document.text:
+                text = pair.document.text
+                if pair.max_document_tokens:
+                    text = truncate_to_tokens(self.tokenizer, text, pair.max_document_tokens)
+                images.append(pair.query.image)
+                texts.append(text)
+            else:
+                raise UnsupportedPair(
+                    f"pair {i}: BLIP image-text matching needs an image on one side and text on the other"
+                )
+        return images, texts
+
+    def check(self, pairs: Sequence[Pair], truncate: bool) -> None:
+        _, texts = self._image_text(pairs)
+        if truncate:
+            return
+        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=False)["input_ids"]]
+        error = too_long_error(lengths, self.max_length, "text")
+        if error:
+            raise error
+
+    @torch.inference_mode()
+    def score(self, pairs: Sequence[Pair]) -> list[float]:
+        images, texts = self._image_text(pairs)
+        # Preprocess each distinct image once; the vision tower still runs per pair (ITM is cross-attention).
+        distinct = list({id(im): im for im in images}.values())
+        pixels = self.image_processor(images=distinct, return_tensors="pt")["pixel_values"]
+        at = {id(im): i for i, im in enumerate(distinct)}
+        index = torch.tensor([at[id(im)] for im in images])
+        scores: list[float] = []
+        for start in range(0, len(pairs), PAIRS_PER_FORWARD):
+            stop = start + PAIRS_PER_FORWARD
+            batch = self.tokenizer(
+                texts[start:stop],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            ).to(self.device)
+            pixel_values = pixels[index[start:stop]].to(self.device, self.dtype)
+            itm = self.model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                pixel_values=pixel_values,
+                use_itm_head=True,
+            ).itm_score
+            scores.extend(torch.softmax(itm.float(), dim=-1)[:, 1].tolist())
+        return scores
+
+    def calibrate(self, raw_scores: Sequence[float]) -> list[float]:
+        return [self.calibrator(r) for r in raw_scores]

@@ -1,0 +1,96 @@
+"""Text embedding models (bi-encoders): mean pooling, then cosine similarity of query and document."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModel, AutoTokenizer
+
+from serve_app.scoring.base import (
+    LoadOptions,
+    Logistic,
+    Pair,
+    ScorerInfo,
+    dtype_name,
+    model_max_length,
+    padded_groups,
+    text_pairs,
+    too_long_error,
+)
+
+# Cosine 0.5 maps to 0.5; 0.7 (a close answer for MiniLM-class models) to 0.88; 0.2 to 0.05.
+EMBEDDING_CALIBRATION = Logistic(scale=10.0, shift=0.5)
+
+
+def sentence_transformers_max_length(model_dir: str) -> int | None:
+    """The sequence limit a sentence-transformers export was trained with, when it says."""
+    path = Path(model_dir) / "sentence_bert_config.json"
+    if path.exists():
+        return json.loads(path.read_text()).get("max_seq_length")
+    return None
+
+
+class EmbeddingScorer:
+    """Embeds each distinct text once per batch; the raw score is the cosine of query and document."""
+
+    def __init__(self, model: str, model_dir: str, options: LoadOptions) -> None:
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModel.from_pretrained(model_dir, dtype=options.dtype)
+        self.model.to(options.device).eval()
+        self.device = options.device
+        self.max_tokens_per_forward = options.max_tokens_per_forward
+        limit = model_max_length(self.tokenizer, getattr(self.model.config, "max_position_embeddings", None))
+        self.max_length = min(limit, sentence_transformers_max_length(model_dir) or limit)
+        self.calibrator = options.calibration or EMBEDDING_CALIBRATION
+        self.info = ScorerInfo(
+            model=model,
+            family="embedding",
+            device=options.device,
+            dtype=dtype_name(options.dtype),
+            max_length=self.max_length,
+            raw_score="cosine",
+            calibration=repr(self.calibrator),
+        )
+
+    def check(self, pairs: Sequence[Pair], truncate: bool) -> None:
+        queries, documents = text_pairs(pairs, self.tokenizer, "embedding model")
+        if truncate:
+            return
+        lengths = [len(ids) for ids in self.tokenizer(queries + documents, truncation=False)["input_ids"]]
+        # Texts 0..n-1 are the queries, n.. the documents: report the pair either sits in.
+        lengths = [max(q, d) for q, d in zip(lengths[: len(pairs)], lengths[len(pairs) :])]
+        error = too_long_error(lengths, self.max_length, "pair")
+        if error:
+            raise error
+
+    @torch.inference_mode()
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        """Unit-length mean-pooled embeddings, one row per text."""
+        encoding = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)
+        rows: list[torch.Tensor] = [torch.empty(0)] * len(texts)
+        for group, batch in padded_groups(
+            encoding, self.max_tokens_per_forward, self.tokenizer.pad_token_id or 0, self.device
+        ):
+            hidden = self.model(**batch).last_hidden_state.float()
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            for i, row in zip(group, F.normalize(pooled, dim=-1)):
+                rows[i] = row
+        return torch.stack(rows)
+
+    def score(self, pairs: Sequence[Pair]) -> list[float]:
+        queries, documents = text_pairs(pairs, self.tokenizer, "embedding model")
+        # A request's pairs share one query: embed each distinct text once.
+        distinct = list(dict.fromkeys(queries + documents))
+        position = {text: i for i, text in enumerate(distinct)}
+        vectors = self.embed(distinct)
+        q = vectors[[position[t] for t in queries]]
+        d = vectors[[position[t] for t in documents]]
+        return (q * d).sum(-1).tolist()
+
+    def calibrate(self, raw_scores: Sequence[float]) -> list[float]:
+        return [self.calibrator(r) for r in raw_scores]

@@ -1,0 +1,139 @@
+"""Every limit and knob of the service as one typed settings object (env, Serve config args)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "RERANK_"
+DEPLOY_DIR = Path(__file__).resolve().parent.parent / "deploy"
+DEFAULT_TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_IMAGE_TEXT_MODEL = "openai/clip-vit-base-patch32"
+
+
+class Calibration(BaseModel):
+    """calibrated = sigmoid(scale * (raw - shift)); overrides a family's default map."""
+
+    scale: float = Field(gt=0)
+    shift: float = 0.0
+
+
+class PoolSettings(BaseModel):
+    """One pool of scoring replicas: its model, its resources and its batch cap."""
+
+    enabled: bool = True
+    model: str = Field(description="Local model directory or model id, loaded with from_pretrained.")
+    max_ongoing_requests: int = Field(
+        default=64, ge=1, description="Calls a replica takes at once; must exceed the calls one batch gathers."
+    )
+    num_replicas: int = Field(default=1, ge=1)
+    num_cpus: float = Field(default=1.0, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    accelerator_type: str | None = Field(
+        default=None, description="Ray accelerator type to pin replicas to, e.g. A10G or L4."
+    )
+    max_batch_size: int = Field(default=32, ge=1, description="Most pairs scored in one batch, counted across callers.")
+    batch_wait_timeout_s: float = Field(default=0.005, ge=0)
+    max_tokens_per_forward: int = Field(
+        default=16384,
+        ge=64,
+        description="Padded tokens per forward pass; a batch sorted by length is cut to fit.",
+    )
+    calibration: Calibration | None = Field(default=None, description="Override of the family's raw -> 0..1 map.")
+
+    def deployment_options(self, name: str) -> dict:
+        """Serve deployment options for this pool."""
+        return {
+            "name": name,
+            "num_replicas": self.num_replicas,
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "ray_actor_options": self.ray_actor_options(),
+            "user_config": {"max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s},
+        }
+
+    def ray_actor_options(self) -> dict:
+        options: dict = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.accelerator_type:
+            options["accelerator_type"] = self.accelerator_type
+        return options
+
+
+class TextPoolSettings(PoolSettings):
+    model: str = DEFAULT_TEXT_MODEL
+
+
+class ImageTextPoolSettings(PoolSettings):
+    """Image pairs cost the vision tower's memory and time: a smaller cap, and half a CPU so that
+    ingress (0.5) + text (1) + image-text (0.5) fit a 2-core machine."""
+
+    model: str = DEFAULT_IMAGE_TEXT_MODEL
+    max_batch_size: int = Field(default=8, ge=1)
+    num_cpus: float = Field(default=0.5, ge=0)
+
+
+class Settings(BaseSettings):
+    """All settings. Env: RERANK_<NAME>, nested with '__' (RERANK_TEXT__MODEL=...)."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid")
+
+    host: str = Field(default="127.0.0.1", description="Address the HTTP proxy binds to.")
+    port: int = Field(default=8000, ge=1, le=65535)
+    api_key: SecretStr | None = Field(
+        default=None, description="When set, every route but /health needs it (Bearer or X-API-Key)."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    text: TextPoolSettings = TextPoolSettings()
+    image_text: ImageTextPoolSettings = ImageTextPoolSettings()
+    ingress_replicas: int = Field(default=1, ge=1)
+    ingress_num_cpus: float = Field(default=0.5, ge=0)
+    ingress_max_ongoing_requests: int = Field(default=100, ge=1, description="HTTP requests one ingress replica takes at once.")
+
+    max_documents_per_request: int = Field(default=1000, ge=1)
+    max_text_chars: int = Field(default=20_000, ge=1, description="Characters per query or document text.")
+    max_request_bytes: int = Field(default=50 * 1024 * 1024, ge=1024, description="HTTP request body size.")
+    max_image_bytes: int = Field(default=10 * 1024 * 1024, ge=1, description="Encoded bytes per image.")
+    max_image_pixels: int = Field(default=40_000_000, ge=1, description="Width x height per decoded image.")
+    max_image_size: int = Field(
+        default=384,
+        ge=32,
+        description="Images are resized so the long side is at most this (256 saves memory).",
+    )
+    image_url_allowlist: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="URL prefixes images may be fetched from (scheme://host[:port]/path). Empty: no URLs.",
+    )
+    image_url_timeout_s: float = Field(default=5.0, gt=0)
+    auto_truncate: bool = Field(
+        default=True, description="Truncate over-long pairs when a TEI request leaves `truncate` unset."
+    )
+    max_pairs_per_call: int = Field(
+        default=128,
+        ge=1,
+        description="The ingress cuts a pool's pairs into calls of this many, to spread them over replicas.",
+    )
+    health_cache_s: float = Field(default=5.0, ge=0, description="How long /health reuses a measured latency.")
+    health_timeout_s: float = Field(default=10.0, gt=0)
+    instruction_templates_path: Path = DEPLOY_DIR / "instruction_templates.json"
+    model_cache_dir: Path = Field(
+        default=Path.home() / ".cache" / "serve_app" / "models",
+        description="Where models shipped inside Python packages are unpacked.",
+    )
+
+    @field_validator("image_url_allowlist", mode="before")
+    @classmethod
+    def _split_allowlist(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    def instruction_templates(self) -> dict[str, str]:
+        with open(self.instruction_templates_path, encoding="utf-8") as f:
+            templates = json.load(f)
+        if not isinstance(templates, dict) or not all(isinstance(v, str) for v in templates.values()):
+            raise ValueError(f"{self.instruction_templates_path} must hold a JSON object of name -> instruction text")
+        return templates
