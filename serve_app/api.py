@@ -39,12 +39,11 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
     return JSONResponse(error_body("invalid_input", message, fields[0] if fields else None), status_code=422)
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
 class RequestSizeLimit:
-    """Refuses bodies over `limit` bytes with 413: by Content-Length, or while the body streams in."""
+    """Refuses bodies over `limit` bytes with 413: by Content-Length, or while a chunked body streams in.
+
+    The body is read here in full (the JSON parser needs all of it anyway) and replayed to the app.
+    """
 
     def __init__(self, inner, limit: int) -> None:
         self.inner = inner
@@ -58,28 +57,28 @@ class RequestSizeLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             await self._refuse(scope, send)
             return
-        seen = 0
-        started = False
-
-        async def counted_receive():
-            nonlocal seen
+        chunks, size = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise BodyTooLarge
-            return message
-
-        async def tracked_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.inner(scope, counted_receive, tracked_send)
-        except BodyTooLarge:
-            if not started:
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
                 await self._refuse(scope, send)
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.inner(scope, replay, send)
 
     async def _refuse(self, scope, send) -> None:
         message = f"request body is larger than {self.limit} bytes (setting max_request_bytes)"

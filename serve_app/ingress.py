@@ -167,7 +167,9 @@ class Ingress:
             )
         if not (job.query.text or "").strip() and job.query.image is None:
             raise InvalidInput("query: the query is empty; give it text or an image", "query")
-        texts = [("query", job.query.text)] + [(f"documents[{i}]", d.text) for i, d in enumerate(job.documents)]
+        texts = [("query", job.query.text), ("instruction", job.instruction)] + [
+            (f"documents[{i}]", d.text) for i, d in enumerate(job.documents)
+        ]
         for field, text in texts:
             if text is not None and len(text) > self.settings.max_text_chars:
                 raise InputTooLarge(

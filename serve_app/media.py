@@ -8,7 +8,6 @@ import binascii
 import io
 import re
 import warnings
-from urllib.parse import urlsplit
 
 import httpx
 from PIL import Image, UnidentifiedImageError
@@ -24,14 +23,24 @@ def is_url(value: str) -> bool:
 
 
 def url_allowed(url: str, allowlist: list[str]) -> bool:
-    """Same scheme and host:port as an allow-list entry, and a path under its path."""
-    target = urlsplit(url)
+    """Same scheme and host:port as an allow-list entry, and a path inside its path.
+
+    Paths are compared as httpx will send them (dot segments resolved), segment by segment, so
+    `/images/../secret` and `/images-private/` do not pass for an entry `/images/`.
+    """
+    try:
+        target = httpx.URL(url)
+    except httpx.InvalidURL:
+        return False
     for entry in allowlist:
-        allowed = urlsplit(entry)
+        allowed = httpx.URL(entry)
+        prefix = allowed.path.rstrip("/")
         if (
             target.scheme == allowed.scheme
-            and target.netloc.lower() == allowed.netloc.lower()
-            and target.path.startswith(allowed.path or "/")
+            and target.host == allowed.host
+            and target.port == allowed.port
+            and not target.userinfo
+            and (target.path == prefix or target.path.startswith(prefix + "/"))
         ):
             return True
     return False

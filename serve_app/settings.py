@@ -91,7 +91,9 @@ class Settings(BaseSettings):
     image_text: ImageTextPoolSettings = ImageTextPoolSettings()
     ingress_replicas: int = Field(default=1, ge=1)
     ingress_num_cpus: float = Field(default=0.5, ge=0)
-    ingress_max_ongoing_requests: int = Field(default=100, ge=1, description="HTTP requests one ingress replica takes at once.")
+    ingress_max_ongoing_requests: int = Field(
+        default=100, ge=1, description="HTTP requests one ingress replica takes at once."
+    )
 
     max_documents_per_request: int = Field(default=1000, ge=1)
     max_text_chars: int = Field(default=20_000, ge=1, description="Characters per query or document text.")

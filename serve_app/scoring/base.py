@@ -142,8 +142,13 @@ FAMILIES = {
     "SiglipModel": "dual_encoder",
     "Siglip2Model": "dual_encoder",
     "BlipForImageTextRetrieval": "blip_itm",
-    "Model": "embedding",  # BertModel, XLMRobertaModel, MPNetModel ...
 }
+# Bare encoders ("BertModel") are embedding models; other "...Model" classes (GPT2LMHeadModel,
+# CLIPVisionModel) are not, so the embedding family also needs one of these model types.
+ENCODER_TYPES = {
+    "bert", "roberta", "xlm-roberta", "mpnet", "distilbert", "deberta", "deberta-v2", "electra",
+    "camembert", "modernbert", "nomic_bert", "new", "gte",
+}  # fmt: skip
 
 
 def resolve_model_dir(model: str, cache_dir: Path) -> str:
@@ -175,6 +180,8 @@ def resolve_model_dir(model: str, cache_dir: Path) -> str:
 
 
 def read_config(model_dir: str) -> dict:
+    if model_dir.startswith(("/", ".", "~")) and not os.path.isdir(model_dir):
+        raise ModelLoadError(f"no such model directory: {model_dir}")
     if os.path.isdir(model_dir):
         path = Path(model_dir) / "config.json"
         if not path.exists():
@@ -196,6 +203,8 @@ def family_of(config: dict) -> str:
         for suffix, family in FAMILIES.items():
             if arch.endswith(suffix):
                 return family
+        if arch.endswith("Model") and config.get("model_type") in ENCODER_TYPES:
+            return "embedding"
     raise ModelLoadError(
         f"no scorer family for architectures {architectures}: supported are sequence-classification "
         "cross-encoders, encoder models (embedding), CLIP/SigLIP and BLIP image-text retrieval"

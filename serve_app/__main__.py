@@ -1,0 +1,99 @@
+"""`python -m serve_app` (what `make run` starts): a local Ray, the application, and a clean Ctrl-C."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+
+from serve_app.settings import Settings
+
+PID_FILE = Path(".run/serve_app.pid")
+log = logging.getLogger("serve_app")
+
+
+def running_pid() -> int | None:
+    """The pid of a live earlier `make run`, or None (a stale pid file is ignored)."""
+    try:
+        pid = int(PID_FILE.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if cmdline.exists() and b"serve_app" not in cmdline.read_bytes():
+        return None  # the pid was reused by an unrelated process
+    return pid
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def main() -> int:
+    settings = Settings()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(message)s")
+    url = f"http://{settings.host}:{settings.port}"
+    pid = running_pid()
+    if pid is not None:
+        print(
+            f"serve_app is already running (pid {pid}) at {url}; stop it with Ctrl-C in its terminal or `kill {pid}`."
+        )
+        return 1
+    if not port_free(settings.host, settings.port):
+        print(f"port {settings.port} on {settings.host} is taken by another program; free it or set RERANK_PORT.")
+        return 1
+    PID_FILE.parent.mkdir(exist_ok=True)
+    PID_FILE.write_text(str(os.getpid()))
+    try:
+        return serve_until_interrupted(settings, url)
+    finally:
+        PID_FILE.unlink(missing_ok=True)
+
+
+def serve_until_interrupted(settings: Settings, url: str) -> int:
+    import ray
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    print("starting a local Ray instance and loading the models (about a minute on 2 cores) ...", flush=True)
+    ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        serve.run(build_app(), name="reranker", route_prefix="/")
+        print(
+            f"\nreranker listening on {url}  (OpenAPI: {url}/docs, health: {url}/health, pools: {url}/v1/models)\n"
+            f"try:\n  curl -s {url}/v2/rerank -H 'Content-Type: application/json' -d "
+            """'{"query": "What is the capital of France?", "documents": ["Paris is the capital and largest """
+            """city of France.", "The Eiffel Tower was finished in 1889.", "Bananas are rich in potassium."]}'\n"""
+            "Ctrl-C stops it.",
+            flush=True,
+        )
+        stop.wait()
+        print("stopping ...", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Session fixtures: tiny random-weight models built from configs, and one Ray + Serve for all tests."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import random
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+# Before transformers is imported (it reads these once): no hub here, so fail fast instead of retrying.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from tests import tiny_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "cross_encoder": tiny_models.build_cross_encoder(root / "cross_encoder", num_labels=1),
+        "cross_encoder_2": tiny_models.build_cross_encoder(root / "cross_encoder_2", num_labels=2, seed=1),
+        "embedding": tiny_models.build_embedding(root / "embedding"),
+        "clip": tiny_models.build_clip(root / "clip"),
+        "blip": tiny_models.build_blip(root / "blip"),
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def serve_url() -> Iterator[str]:
+    """One local Ray and one Serve HTTP proxy on 127.0.0.1 for the whole session."""
+    import ray
+    from ray import serve
+
+    port = free_port()
+    ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+def deploy(name: str, args: dict) -> None:
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    serve.run(build_app(args), name=name, route_prefix=f"/{name}")
+
+
+@pytest.fixture(scope="session")
+def apps(serve_url, model_dirs, tmp_path_factory) -> dict[str, str]:
+    """Three applications, each an ingress with a text and an image-text pool."""
+    specs = {
+        # Tiny cross-encoder and CLIP.
+        "alpha": {
+            "text": {"model": str(model_dirs["cross_encoder"])},
+            "image_text": {"model": str(model_dirs["clip"])},
+        },
+        # The real default text model (packaged, unpacked into a fresh cache) and tiny BLIP.
+        "beta": {
+            "text": {"max_batch_size": 8},
+            "image_text": {"model": str(model_dirs["blip"])},
+            "model_cache_dir": str(tmp_path_factory.mktemp("model_cache")),
+        },
+        # Small limits, an API key, and an image-text model that cannot load.
+        "guarded": {
+            "text": {"model": str(model_dirs["cross_encoder_2"])},
+            "image_text": {"model": str(tmp_path_factory.mktemp("empty") / "no-such-model")},
+            "api_key": "secret-key",
+            "max_documents_per_request": 5,
+            "max_text_chars": 200,
+            "max_request_bytes": 4096,
+            "max_image_bytes": 2048,
+        },
+    }
+    for name, args in specs.items():
+        deploy(name, args)
+    return {name: f"{serve_url}/{name}" for name in specs}
+
+
+@pytest.fixture(scope="session")
+def alpha(apps) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=apps["alpha"], timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def beta(apps) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=apps["beta"], timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def guarded(apps) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=apps["guarded"], timeout=60, headers={"X-API-Key": "secret-key"}) as client:
+        yield client
+
+
+def noise_image(size: tuple[int, int], seed: int) -> Image.Image:
+    """An RGB image of seeded noise: distinct images give distinct scores, even from random models."""
+    return Image.frombytes("RGB", size, random.Random(seed).randbytes(size[0] * size[1] * 3))
+
+
+def b64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode()

@@ -1,0 +1,91 @@
+"""An application with small limits, an API key and an image-text model that cannot load."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from tests.conftest import b64, noise_image
+
+
+def test_api_key_is_required_on_rerank_and_models(apps):
+    with httpx.Client(base_url=apps["guarded"], timeout=30) as anonymous:
+        assert anonymous.post("/v2/rerank", json={"query": "q", "documents": ["a"]}).status_code == 401
+        assert anonymous.get("/v1/models").status_code == 401
+        wrong = anonymous.post(
+            "/v2/rerank", json={"query": "q", "documents": ["a"]}, headers={"Authorization": "Bearer no"}
+        )
+        assert wrong.status_code == 401
+        right = anonymous.post(
+            "/v2/rerank", json={"query": "q", "documents": ["a"]}, headers={"Authorization": "Bearer secret-key"}
+        )
+        assert right.status_code == 200
+
+
+def test_health_needs_no_key_and_names_the_unavailable_pool(apps):
+    response = httpx.get(f"{apps['guarded']}/health", timeout=30)
+    assert response.status_code == 200
+    health = response.json()
+    assert health["status"] == "degraded"
+    assert health["pools"]["text"]["status"] == "ok"
+    assert health["pools"]["image_text"]["status"] == "unavailable"
+    assert "RERANK_IMAGE_TEXT__MODEL" in health["pools"]["image_text"]["reason"]
+
+
+def test_models_says_why_a_pool_is_unavailable(guarded):
+    image_text = guarded.get("/v1/models").json()["pools"]["image_text"]
+    assert image_text["available"] is False
+    assert "no-such-model" in image_text["reason"]
+
+
+def test_image_request_to_an_unavailable_pool_gets_503_naming_the_setting(guarded):
+    response = guarded.post("/v2/rerank", json={"query": "q", "documents": [{"image": b64(noise_image((8, 8), 0))}]})
+    assert response.status_code == 503
+    assert "RERANK_IMAGE_TEXT__MODEL" in response.json()["error"]["message"]
+    assert guarded.post("/v2/rerank", json={"query": "q", "documents": ["a"]}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "setting"),
+    [
+        ({"query": "q", "documents": ["a"] * 6}, "documents", "max_documents_per_request"),
+        ({"query": "q", "documents": ["a" * 201]}, "documents[0]", "max_text_chars"),
+        ({"query": "q" * 201, "documents": ["a"]}, "query", "max_text_chars"),
+        (
+            {"query": "q", "documents": [{"image": b64(noise_image((28, 28), 1))}]},
+            "documents[0].image",
+            "max_image_bytes",
+        ),
+    ],
+)
+def test_over_a_limit_gets_413_naming_field_and_setting(guarded, body, field, setting):
+    response = guarded.post("/v2/rerank", json=body)
+    assert response.status_code == 413, response.text
+    error = response.json()["error"]
+    assert error["field"] == field
+    assert setting in error["message"]
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_request_body_over_the_limit_gets_413(guarded, chunked):
+    body = (json.dumps({"query": "q", "documents": ["a"]}) + " " * 5000).encode()
+    content = iter([body[:2000], body[2000:]]) if chunked else body  # chunked: no Content-Length
+    response = guarded.post("/v2/rerank", content=content, headers={"Content-Type": "application/json"})
+    assert response.status_code == 413
+    assert "max_request_bytes" in response.json()["error"]["message"]
+    assert guarded.post("/v2/rerank", json={"query": "q", "documents": ["a"]}).status_code == 200
+
+
+def test_two_label_cross_encoder_scores_are_softmax_of_the_positive_class(guarded, model_dirs):
+    from tests import direct
+
+    documents = ["paris is the capital", "a red car"]
+    answer = guarded.post("/v2/rerank", json={"query": "capital", "documents": documents, "raw_scores": True}).json()
+    expected = direct.cross_encoder(model_dirs["cross_encoder_2"], "capital", documents)
+    import math
+
+    for result in answer["results"]:
+        assert result["raw_score"] == pytest.approx(expected[result["index"]], abs=1e-4)
+        assert result["relevance_score"] == pytest.approx(1 / (1 + math.exp(-expected[result["index"]])), abs=1e-4)
