@@ -31,6 +31,7 @@ def build_app(args: dict | None = None) -> Application:
         num_replicas=settings.ingress_replicas,
         max_ongoing_requests=settings.ingress_max_ongoing_requests,
         ray_actor_options={"num_cpus": settings.ingress_num_cpus},
+        logging_config={"log_level": settings.log_level},
     ).bind(
         bind_pool("text", settings),
         bind_pool("image_text", settings),

@@ -62,7 +62,6 @@ class Ingress:
         self.http = httpx.AsyncClient(follow_redirects=False)
         self.cached_health: CachedHealth | None = None
         self.pairs_sent = dict.fromkeys(POOLS, 0)
-        logging.getLogger("ray.serve").setLevel(settings.log_level)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_api(self)

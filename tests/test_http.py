@@ -262,3 +262,18 @@ def test_openapi_documents_our_additions(alpha):
     properties = spec["components"]["schemas"]["RerankRequest"]["properties"]
     assert {"strategy", "threshold", "instruction", "instruction_template", "raw_scores"} <= set(properties)
     assert alpha.get("/docs").status_code == 200
+
+
+def test_batches_count_pairs_across_concurrent_callers(beta):
+    info = beta.get("/v1/models").json()["pools"]["text"]
+    cap = info["max_batch_size"]
+    # 3 pairs a call, cap 8: a cap counted in calls would let 8 calls (24 pairs) into one batch.
+    body = {"query": QUERY, "documents": DOCUMENTS[:3]}
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(lambda _: beta.post("/v2/rerank", json=body), range(32)))
+    assert all(r.status_code == 200 for r in responses)
+    counters = beta.get("/v1/models").json()["pools"]["text"]["counters"]
+    assert counters["largest_batch"] <= cap
+    big = {"query": QUERY, "documents": DOCUMENTS * 5}  # 25 pairs: cut to the cap inside the replica
+    assert len(rerank(beta, big)["results"]) == 25
+    assert beta.get("/v1/models").json()["pools"]["text"]["counters"]["largest_batch"] == cap

@@ -1,0 +1,42 @@
+"""The shipped configuration: the Serve config builds the application, the README names every setting."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import yaml
+from ray.serve import Application
+
+from serve_app.settings import DEPLOY_DIR, PoolSettings, Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_serve_config_builds_the_application():
+    config = yaml.safe_load((DEPLOY_DIR / "serve_config.yaml").read_text())
+    (application,) = config["applications"]
+    module, builder = application["import_path"].split(":")
+    app = getattr(importlib.import_module(module), builder)(application["args"])
+    assert isinstance(app, Application)
+    assert config["http_options"]["host"] == "127.0.0.1"  # localhost unless configured
+
+
+def test_serve_config_args_are_settings_fields():
+    config = yaml.safe_load((DEPLOY_DIR / "serve_config.yaml").read_text())
+    args = config["applications"][0]["args"]
+    settings = Settings(**args)
+    assert settings.text.max_batch_size == args["text"]["max_batch_size"]
+    assert settings.image_text.model == args["image_text"]["model"]
+
+
+def test_image_text_pool_keeps_its_own_defaults_when_partly_configured():
+    settings = Settings(image_text={"num_replicas": 2})
+    assert settings.image_text.max_batch_size < settings.text.max_batch_size
+    assert settings.image_text.model != settings.text.model
+
+
+def test_readme_documents_every_setting():
+    readme = (ROOT / "README.md").read_text()
+    missing = [f"`{name}`" for name in [*Settings.model_fields, *PoolSettings.model_fields] if name not in readme]
+    assert not missing, f"README.md does not document {missing}"
