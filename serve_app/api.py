@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from typing import TYPE_CHECKING
 
 from fastapi import Depends, FastAPI, Request
@@ -96,7 +97,7 @@ def api_key_check(settings: Settings):
         authorization = request.headers.get("authorization", "")
         if authorization.lower().startswith("bearer "):
             given = authorization[7:].strip()
-        if given != settings.api_key.get_secret_value():
+        if not hmac.compare_digest((given or "").encode(), settings.api_key.get_secret_value().encode()):
             raise Unauthorized("missing or wrong API key: send `Authorization: Bearer <key>` or `X-API-Key: <key>`")
 
     return Depends(check)
