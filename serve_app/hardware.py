@@ -1,20 +1,68 @@
-"""Which device and dtype this replica computes with, and where Ray placed it."""
+"""Which accelerator this replica has, the batch profile for it, and the device and dtype it computes in."""
 
 from __future__ import annotations
 
+import fnmatch
 import os
+import re
 import socket
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
+import yaml
+
+PROFILES_PATH = Path(__file__).resolve().parent.parent / "deploy" / "batch_profiles.yaml"
+
+# torch.cuda.get_device_name() -> Ray's accelerator_type names. Longer names first: A100 before A10.
+GPU_KINDS = [
+    ("H200", "H200"),
+    ("H100", "H100"),
+    ("H20", "H20"),
+    ("A100", "A100"),
+    ("A10G", "A10G"),
+    ("A10", "A10G"),
+    ("L40S", "L40S"),
+    ("L4", "L4"),
+    ("T4", "T4"),
+    ("V100", "V100"),
+    ("RTX 4090", "RTX4090"),
+    ("RTX 3090", "RTX3090"),
+    ("RTX 3060", "RTX3060"),
+]
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
 class Placement:
     device: str
-    dtype: torch.dtype
     node: str
-    accelerator: str  # GPU name, the node's declared accelerator type, or "cpu"
+    gpu_kind: str  # Ray accelerator type name (A10G, H100 ...), or "cpu"
+    gpu_name: str | None  # what CUDA calls the card, when there is one
+
+
+@dataclass(frozen=True)
+class BatchProfile:
+    """How a replica batches on one kind of GPU for one modality."""
+
+    max_batch_size: int
+    batch_wait_timeout_s: float
+    dtype: str
+    source: str  # "table: <row>", "derived: ...", "config"
+
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def describe(self) -> dict:
+        return asdict(self)
+
+
+def gpu_kind_of(device_name: str) -> str:
+    """'NVIDIA A10G' -> 'A10G', 'NVIDIA GeForce RTX 3060' -> 'RTX3060'; unknown names lose their spaces."""
+    for needle, kind in GPU_KINDS:
+        if needle in device_name:
+            return kind
+    return re.sub(r"^(NVIDIA|Tesla)\s+", "", device_name).replace(" ", "")
 
 
 def declared_accelerator() -> str | None:
@@ -32,13 +80,97 @@ def declared_accelerator() -> str | None:
 
 
 def placement() -> Placement:
-    """CUDA when this process was given a GPU (Ray sets CUDA_VISIBLE_DEVICES), else CPU in fp32."""
+    """CUDA when Ray gave this process a GPU, else the CPU; the GPU kind from the card or the node's resource.
+
+    Ray narrows CUDA_VISIBLE_DEVICES to the replica's own GPU, so `cuda:0` is the assigned card.
+    """
     node = socket.gethostname()
     if torch.cuda.is_available():
-        # Ray narrows CUDA_VISIBLE_DEVICES to this replica's GPU, so index 0 is the assigned one.
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return Placement("cuda:0", dtype, node, torch.cuda.get_device_name(0))
-    return Placement("cpu", torch.float32, node, declared_accelerator() or "cpu")
+        name = torch.cuda.get_device_name(0)
+        return Placement("cuda:0", node, gpu_kind_of(name), name)
+    return Placement("cpu", node, declared_accelerator() or "cpu", None)
+
+
+@dataclass(frozen=True)
+class ProfileRow:
+    gpu: str
+    modality: str
+    max_batch_size: int
+    batch_wait_timeout_s: float
+    dtype: str
+    model: str | None = None  # glob over the model id or path; rows with one win over rows without
+    source: str = ""
+
+
+def load_profile_rows(path: Path = PROFILES_PATH) -> list[ProfileRow]:
+    document = yaml.safe_load(path.read_text())
+    return [ProfileRow(**row) for row in document["profiles"]]
+
+
+def lookup_profile(rows: list[ProfileRow], gpu_kind: str, modality: str, model: str) -> BatchProfile | None:
+    """The most specific row for (GPU kind, modality, model), or None when the kind has no row."""
+    matches = [
+        row
+        for row in rows
+        if row.gpu.lower() == gpu_kind.lower()
+        and row.modality == modality
+        and (row.model is None or fnmatch.fnmatch(model, row.model))
+    ]
+    if not matches:
+        return None
+    row = max(matches, key=lambda r: r.model is not None)
+    where = f"{row.gpu}/{row.modality}" + (f"/{row.model}" if row.model else "")
+    return BatchProfile(row.max_batch_size, row.batch_wait_timeout_s, row.dtype, f"table: {where}")
+
+
+def derive_max_batch_size(free_bytes: int, bytes_per_pair: float, budget: float = 0.8, ceiling: int = 1024) -> int:
+    """The largest power of two whose activations fit `budget` of the free memory, at least 1."""
+    if bytes_per_pair <= 0:
+        return ceiling
+    fits = int(free_bytes * budget / bytes_per_pair)
+    size = 1
+    while size * 2 <= min(fits, ceiling):
+        size *= 2
+    return size
+
+
+def preferred_gpu_dtype() -> str:
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+
+
+def memory_stats() -> dict:
+    """Memory this process uses: CUDA allocator figures on a GPU, resident set size on the CPU."""
+    if torch.cuda.is_available():
+        return {
+            "device": "cuda",
+            "allocated_bytes": torch.cuda.memory_allocated(),
+            "reserved_bytes": torch.cuda.memory_reserved(),
+            "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+        }
+    status = Path("/proc/self/status")
+    fields = {}
+    if status.exists():
+        for line in status.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields[key] = int(value.split()[0]) * 1024
+    return {"device": "cpu", "rss_bytes": fields.get("VmRSS"), "peak_rss_bytes": fields.get("VmHWM")}
+
+
+def reset_peak_memory() -> None:
+    """Start a new peak: the CUDA allocator's, or the kernel's VmHWM (Linux clear_refs 5)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory_bytes() -> int | None:
+    stats = memory_stats()
+    return stats.get("peak_allocated_bytes") or stats.get("peak_rss_bytes")
 
 
 def cpu_threads() -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -13,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from PIL.Image import Image
@@ -104,15 +105,28 @@ class ScorerInfo:
     max_length: int
     raw_score: str  # what the raw score is: logit, cosine, match probability
     calibration: str
+    attn_implementation: str = "sdpa"
+    quantization: str | None = None
 
 
 class Scorer(Protocol):
-    """Turns (query, document) pairs into raw scores and maps them to calibrated 0..1."""
+    """Turns (query, document) pairs into raw scores and maps them to calibrated 0..1.
+
+    `score` is `forward(prepare(pairs))`: `prepare` is the CPU part (tokenize, preprocess images,
+    sort by length and pad), `forward` the device part, so a server can overlap one batch's
+    preparation with the previous batch's forward.
+    """
 
     info: ScorerInfo
 
     def check(self, pairs: Sequence[Pair], truncate: bool) -> None:
         """Raise ScoringError when a pair cannot be scored as asked (cheap, before batching)."""
+
+    def prepare(self, pairs: Sequence[Pair]) -> Any:
+        """CPU tensors ready for forward()."""
+
+    def forward(self, prepared: Any) -> list[float]:
+        """Raw scores, one per pair, in the order the pairs were given to prepare()."""
 
     def score(self, pairs: Sequence[Pair]) -> list[float]:
         """Raw scores, one per pair, in order."""
@@ -128,6 +142,68 @@ class LoadOptions:
     max_tokens_per_forward: int = 16384
     calibration: Calibrator | None = None
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "serve_app" / "models")
+    # GPU kernels are chosen per shape: pad lengths to buckets and batches to powers of two, so the
+    # shapes a replica meets are few and all warmed at start-up.
+    shape_buckets: bool = False
+    attn_implementation: str = "sdpa"
+    quantize: str | None = None  # "int8"
+
+    def shapes(self) -> Shapes:
+        return Shapes(BUCKET if self.shape_buckets else 1, self.shape_buckets)
+
+
+BUCKET = 64
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """How padded batches are shaped: lengths rounded up to `length_multiple`, sizes to powers of two."""
+
+    length_multiple: int = 1
+    power_of_two_batches: bool = False
+
+    def width(self, longest: int, max_length: int) -> int:
+        return min(max_length, -(-longest // self.length_multiple) * self.length_multiple)
+
+    def split(self, group: list[int]) -> list[list[int]]:
+        if not self.power_of_two_batches:
+            return [group]
+        pieces, start = [], 0
+        while start < len(group):
+            size = 1 << ((len(group) - start).bit_length() - 1)
+            pieces.append(group[start : start + size])
+            start += size
+        return pieces
+
+
+def load_model(cls, model_dir: str, options: LoadOptions):
+    """from_pretrained with the options' dtype, attention kernel and quantisation, on the device, in eval mode."""
+    attn = options.attn_implementation
+    if attn == "flash_attention_2" and (options.device == "cpu" or importlib.util.find_spec("flash_attn") is None):
+        log.warning("flash_attention_2 asked for but flash-attn is not installed (or no GPU); using sdpa")
+        attn = "sdpa"
+    kwargs: dict[str, Any] = {"dtype": options.dtype, "attn_implementation": attn}
+    if options.quantize == "int8" and options.device != "cpu":
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ModelLoadError("quantize=int8 on a GPU needs the bitsandbytes package; install it or unset quantize")
+        from transformers import BitsAndBytesConfig
+
+        kwargs.update(quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map={"": options.device})
+    try:
+        model = cls.from_pretrained(model_dir, **kwargs)
+    except (ValueError, ImportError) as exc:
+        if "attn_implementation" not in str(exc) and "does not support" not in str(exc):
+            raise
+        log.warning("%s does not support attn_implementation=%s; using the model's default", model_dir, attn)
+        kwargs.pop("attn_implementation")
+        model = cls.from_pretrained(model_dir, **kwargs)
+    if "quantization_config" not in kwargs:
+        model.to(options.device)
+    model.eval()
+    if options.quantize == "int8" and options.device == "cpu":
+        # Dynamic int8 on CPU: Linear weights in int8, activations quantised per batch. Costs some accuracy.
+        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    return model
 
 
 # Models whose weights ship inside a Python package: id -> (package, archive inside it).
@@ -269,18 +345,34 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def padded_groups(encoding, max_tokens: int, pad_token_id: int, device: str):
-    """Yield (indices, tensors) for length-sorted groups of an unpadded tokenizer output."""
+def padded_groups(
+    encoding, max_tokens: int, pad_token_id: int, shapes: Shapes, max_length: int
+) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
+    """(indices, CPU tensors) for length-sorted groups of an unpadded tokenizer output."""
     input_ids = encoding["input_ids"]
     keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoding]
-    for group in length_groups([len(ids) for ids in input_ids], max_tokens):
-        width = max(len(input_ids[i]) for i in group)
-        batch = {}
-        for key in keys:
-            fill = pad_token_id if key == "input_ids" else 0
-            rows = [list(encoding[key][i]) + [fill] * (width - len(encoding[key][i])) for i in group]
-            batch[key] = torch.tensor(rows, dtype=torch.long, device=device)
-        yield group, batch
+    out = []
+    for sorted_group in length_groups([len(ids) for ids in input_ids], max_tokens):
+        for group in shapes.split(sorted_group):
+            width = shapes.width(max(len(input_ids[i]) for i in group), max_length)
+            batch = {}
+            for key in keys:
+                fill = pad_token_id if key == "input_ids" else 0
+                rows = [list(encoding[key][i]) + [fill] * (width - len(encoding[key][i])) for i in group]
+                batch[key] = torch.tensor(rows, dtype=torch.long)
+            out.append((group, batch))
+    return out
+
+
+def to_device(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+def padding_waste(batches: Sequence[dict[str, torch.Tensor]]) -> tuple[int, int]:
+    """(padded tokens, real tokens) over the batches' attention masks."""
+    padded = sum(b["attention_mask"].numel() for b in batches)
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    return padded - real, real
 
 
 def text_pairs(pairs: Sequence[Pair], tokenizer, family: str) -> tuple[list[str], list[str]]:

@@ -15,12 +15,15 @@ from serve_app.scoring.base import (
     ScorerInfo,
     UnsupportedPair,
     dtype_name,
+    load_model,
     model_max_length,
+    to_device,
     too_long_error,
     truncate_to_tokens,
 )
 
 PAIRS_PER_FORWARD = 32
+Prepared = list[tuple[dict[str, torch.Tensor], torch.Tensor]]
 
 
 class BlipItmScorer:
@@ -29,8 +32,7 @@ class BlipItmScorer:
     def __init__(self, model: str, model_dir: str, options: LoadOptions) -> None:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.image_processor = AutoImageProcessor.from_pretrained(model_dir)
-        self.model = BlipForImageTextRetrieval.from_pretrained(model_dir, dtype=options.dtype)
-        self.model.to(options.device).eval()
+        self.model = load_model(BlipForImageTextRetrieval, model_dir, options)
         self.device = options.device
         self.dtype = options.dtype
         self.max_length = model_max_length(self.tokenizer, self.model.config.text_config.max_position_embeddings)
@@ -43,6 +45,8 @@ class BlipItmScorer:
             max_length=self.max_length,
             raw_score="match probability",
             calibration=repr(self.calibrator),
+            attn_implementation=self.model.config._attn_implementation,
+            quantization=options.quantize,
         )
 
     def _image_text(self, pairs: Sequence[Pair]) -> tuple[list[Image], list[str]]:
@@ -72,33 +76,41 @@ class BlipItmScorer:
         if error:
             raise error
 
-    @torch.inference_mode()
-    def score(self, pairs: Sequence[Pair]) -> list[float]:
+    def prepare(self, pairs: Sequence[Pair]) -> Prepared:
         images, texts = self._image_text(pairs)
         # Preprocess each distinct image once; the vision tower still runs per pair (ITM is cross-attention).
         distinct = list({id(im): im for im in images}.values())
         pixels = self.image_processor(images=distinct, return_tensors="pt")["pixel_values"]
         at = {id(im): i for i, im in enumerate(distinct)}
         index = torch.tensor([at[id(im)] for im in images])
-        scores: list[float] = []
+        batches = []
         for start in range(0, len(pairs), PAIRS_PER_FORWARD):
             stop = start + PAIRS_PER_FORWARD
-            batch = self.tokenizer(
-                texts[start:stop],
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="pt",
-            ).to(self.device)
-            pixel_values = pixels[index[start:stop]].to(self.device, self.dtype)
+            tokens = self.tokenizer(
+                texts[start:stop], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
+            batches.append(
+                (
+                    {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]},
+                    pixels[index[start:stop]],
+                )
+            )
+        return batches
+
+    @torch.inference_mode()
+    def forward(self, prepared: Prepared) -> list[float]:
+        scores: list[float] = []
+        for tokens, pixel_values in prepared:
             itm = self.model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                pixel_values=pixel_values,
+                **to_device(tokens, self.device),
+                pixel_values=pixel_values.to(self.device, self.dtype),
                 use_itm_head=True,
             ).itm_score
             scores.extend(torch.softmax(itm.float(), dim=-1)[:, 1].tolist())
         return scores
+
+    def score(self, pairs: Sequence[Pair]) -> list[float]:
+        return self.forward(self.prepare(pairs))
 
     def calibrate(self, raw_scores: Sequence[float]) -> list[float]:
         return [self.calibrator(r) for r in raw_scores]

@@ -14,11 +14,15 @@ from serve_app.scoring.base import (
     Pair,
     ScorerInfo,
     dtype_name,
+    load_model,
     model_max_length,
     padded_groups,
     text_pairs,
+    to_device,
     too_long_error,
 )
+
+Prepared = tuple[int, list[tuple[list[int], dict[str, torch.Tensor]]]]
 
 
 class CrossEncoderScorer:
@@ -26,12 +30,12 @@ class CrossEncoderScorer:
 
     def __init__(self, model: str, model_dir: str, options: LoadOptions) -> None:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=options.dtype)
-        self.model.to(options.device).eval()
+        self.model = load_model(AutoModelForSequenceClassification, model_dir, options)
         labels = self.model.config.num_labels
         if labels not in (1, 2):
             raise ModelLoadError(f"{model} has {labels} labels; a cross-encoder needs 1 (relevance) or 2 (no, yes)")
         self.device = options.device
+        self.shapes = options.shapes()
         self.max_tokens_per_forward = options.max_tokens_per_forward
         self.max_length = model_max_length(self.tokenizer, self.model.config.max_position_embeddings)
         # Two labels: softmax's positive class equals sigmoid(l1 - l0), so that difference is the raw score.
@@ -44,6 +48,8 @@ class CrossEncoderScorer:
             max_length=self.max_length,
             raw_score="logit" if labels == 1 else "logit difference (yes - no)",
             calibration=repr(self.calibrator),
+            attn_implementation=self.model.config._attn_implementation,
+            quantization=options.quantize,
         )
 
     def check(self, pairs: Sequence[Pair], truncate: bool) -> None:
@@ -55,19 +61,25 @@ class CrossEncoderScorer:
         if error:
             raise error
 
-    @torch.inference_mode()
-    def score(self, pairs: Sequence[Pair]) -> list[float]:
+    def prepare(self, pairs: Sequence[Pair]) -> Prepared:
         queries, documents = text_pairs(pairs, self.tokenizer, "cross-encoder")
         encoding = self.tokenizer(queries, documents, truncation=True, max_length=self.max_length)
-        scores = [0.0] * len(pairs)
-        for group, batch in padded_groups(
-            encoding, self.max_tokens_per_forward, self.tokenizer.pad_token_id or 0, self.device
-        ):
-            logits = self.model(**batch).logits.float()
+        pad = self.tokenizer.pad_token_id or 0
+        return len(pairs), padded_groups(encoding, self.max_tokens_per_forward, pad, self.shapes, self.max_length)
+
+    @torch.inference_mode()
+    def forward(self, prepared: Prepared) -> list[float]:
+        count, groups = prepared
+        scores = [0.0] * count
+        for group, batch in groups:
+            logits = self.model(**to_device(batch, self.device)).logits.float()
             raw = logits[:, 0] if logits.shape[1] == 1 else logits[:, 1] - logits[:, 0]
             for i, value in zip(group, raw.tolist()):
                 scores[i] = value
         return scores
+
+    def score(self, pairs: Sequence[Pair]) -> list[float]:
+        return self.forward(self.prepare(pairs))
 
     def calibrate(self, raw_scores: Sequence[float]) -> list[float]:
         return [self.calibrator(r) for r in raw_scores]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,9 +17,11 @@ from serve_app.scoring.base import (
     Pair,
     ScorerInfo,
     dtype_name,
+    load_model,
     model_max_length,
     padded_groups,
     text_pairs,
+    to_device,
     too_long_error,
 )
 
@@ -34,14 +37,22 @@ def sentence_transformers_max_length(model_dir: str) -> int | None:
     return None
 
 
+@dataclass
+class Prepared:
+    texts: int  # distinct texts to embed
+    groups: list[tuple[list[int], dict[str, torch.Tensor]]]
+    queries: list[int]  # per pair: the row of its query among the distinct texts
+    documents: list[int]
+
+
 class EmbeddingScorer:
     """Embeds each distinct text once per batch; the raw score is the cosine of query and document."""
 
     def __init__(self, model: str, model_dir: str, options: LoadOptions) -> None:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModel.from_pretrained(model_dir, dtype=options.dtype)
-        self.model.to(options.device).eval()
+        self.model = load_model(AutoModel, model_dir, options)
         self.device = options.device
+        self.shapes = options.shapes()
         self.max_tokens_per_forward = options.max_tokens_per_forward
         limit = model_max_length(self.tokenizer, getattr(self.model.config, "max_position_embeddings", None))
         self.max_length = min(limit, sentence_transformers_max_length(model_dir) or limit)
@@ -54,6 +65,8 @@ class EmbeddingScorer:
             max_length=self.max_length,
             raw_score="cosine",
             calibration=repr(self.calibrator),
+            attn_implementation=self.model.config._attn_implementation,
+            quantization=options.quantize,
         )
 
     def check(self, pairs: Sequence[Pair], truncate: bool) -> None:
@@ -67,14 +80,17 @@ class EmbeddingScorer:
         if error:
             raise error
 
-    @torch.inference_mode()
-    def embed(self, texts: Sequence[str]) -> torch.Tensor:
-        """Unit-length mean-pooled embeddings, one row per text."""
+    def prepare_texts(self, texts: Sequence[str]) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
         encoding = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)
-        rows: list[torch.Tensor] = [torch.empty(0)] * len(texts)
-        for group, batch in padded_groups(
-            encoding, self.max_tokens_per_forward, self.tokenizer.pad_token_id or 0, self.device
-        ):
+        pad = self.tokenizer.pad_token_id or 0
+        return padded_groups(encoding, self.max_tokens_per_forward, pad, self.shapes, self.max_length)
+
+    @torch.inference_mode()
+    def embed(self, count: int, groups: list[tuple[list[int], dict[str, torch.Tensor]]]) -> torch.Tensor:
+        """Unit-length mean-pooled embeddings, one row per text."""
+        rows: list[torch.Tensor] = [torch.empty(0)] * count
+        for group, cpu_batch in groups:
+            batch = to_device(cpu_batch, self.device)
             hidden = self.model(**batch).last_hidden_state.float()
             mask = batch["attention_mask"].unsqueeze(-1).float()
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
@@ -82,15 +98,24 @@ class EmbeddingScorer:
                 rows[i] = row
         return torch.stack(rows)
 
-    def score(self, pairs: Sequence[Pair]) -> list[float]:
+    def prepare(self, pairs: Sequence[Pair]) -> Prepared:
         queries, documents = text_pairs(pairs, self.tokenizer, "embedding model")
         # A request's pairs share one query: embed each distinct text once.
         distinct = list(dict.fromkeys(queries + documents))
         position = {text: i for i, text in enumerate(distinct)}
-        vectors = self.embed(distinct)
-        q = vectors[[position[t] for t in queries]]
-        d = vectors[[position[t] for t in documents]]
-        return (q * d).sum(-1).tolist()
+        return Prepared(
+            texts=len(distinct),
+            groups=self.prepare_texts(distinct),
+            queries=[position[t] for t in queries],
+            documents=[position[t] for t in documents],
+        )
+
+    def forward(self, prepared: Prepared) -> list[float]:
+        vectors = self.embed(prepared.texts, prepared.groups)
+        return (vectors[prepared.queries] * vectors[prepared.documents]).sum(-1).tolist()
+
+    def score(self, pairs: Sequence[Pair]) -> list[float]:
+        return self.forward(self.prepare(pairs))
 
     def calibrate(self, raw_scores: Sequence[float]) -> list[float]:
         return [self.calibrator(r) for r in raw_scores]
