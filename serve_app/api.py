@@ -138,4 +138,10 @@ def build_api(ingress: Ingress) -> FastAPI:
         """Each pool: model, family, device, dtype, max batch size, replicas and counters, or why it is down."""
         return await ingress.models()
 
+    @app.get("/v1/stats", dependencies=authorized)
+    async def stats() -> dict:
+        """Per replica: memory (CUDA allocated/reserved/peak, or RSS), batches, mean fill, p50/p95 batch latency,
+        queued pairs. The same figures go to Prometheus through Ray's metrics export."""
+        return await ingress.stats()
+
     return app

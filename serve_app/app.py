@@ -1,27 +1,31 @@
-"""build_app(args): binds the two pools and the ingress into one Serve application."""
+"""build_app(args): binds the two pools (and their realtime variants) and the ingress into one application."""
 
 from __future__ import annotations
 
 from ray.serve import Application
 
-from serve_app.ingress import Ingress
+from serve_app.hardware import load_profile_rows
+from serve_app.ingress import POOLS, Ingress
 from serve_app.replica import PoolReplica
 from serve_app.settings import Settings
 
 
-def bind_pool(name: str, settings: Settings) -> Application | None:
-    pool = getattr(settings, name)
-    if not pool.enabled:
-        return None
-    return PoolReplica.options(
-        name=f"{name}_pool",
-        num_replicas=pool.num_replicas,
-        ray_actor_options=pool.ray_actor_options(),
-        user_config={
-            "max_batch_size": pool.max_batch_size,
-            "batch_wait_timeout_s": pool.batch_wait_timeout_s,
-        },
-    ).bind(name, pool, settings.model_cache_dir)
+def bind_pools(settings: Settings, realtime: bool) -> dict[str, Application | None]:
+    """One deployment per enabled pool (or per pool with realtime replicas, for the realtime variant)."""
+    profiles = load_profile_rows(settings.batch_profiles_path)
+    bound: dict[str, Application | None] = {}
+    for name in POOLS:
+        pool = getattr(settings, name)
+        if not pool.enabled or (realtime and pool.realtime_replicas == 0):
+            bound[name] = None
+            continue
+        options = (
+            pool.realtime_options(f"{name}_realtime_pool") if realtime else pool.deployment_options(f"{name}_pool")
+        )
+        bound[name] = PoolReplica.options(**options, logging_config={"log_level": settings.log_level}).bind(
+            name, pool, settings.model_cache_dir, profiles, realtime
+        )
+    return bound
 
 
 def build_app(args: dict | None = None) -> Application:
@@ -33,8 +37,8 @@ def build_app(args: dict | None = None) -> Application:
         ray_actor_options={"num_cpus": settings.ingress_num_cpus},
         logging_config={"log_level": settings.log_level},
     ).bind(
-        bind_pool("text", settings),
-        bind_pool("image_text", settings),
+        bind_pools(settings, realtime=False),
+        bind_pools(settings, realtime=True),
         settings,
         settings.instruction_templates(),
     )

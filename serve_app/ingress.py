@@ -51,12 +51,13 @@ class Ingress:
 
     def __init__(
         self,
-        text_pool: DeploymentHandle | None,
-        image_text_pool: DeploymentHandle | None,
+        pools: dict[str, DeploymentHandle | None],
+        realtime_pools: dict[str, DeploymentHandle | None],
         settings: Settings,
         templates: dict[str, str],
     ) -> None:
-        self.pools = {"text": text_pool, "image_text": image_text_pool}
+        self.pools = pools
+        self.realtime_pools = realtime_pools
         self.settings = settings
         self.templates = templates
         self.http = httpx.AsyncClient(follow_redirects=False)
@@ -103,17 +104,36 @@ class Ingress:
             self.cached_health = CachedHealth(now, response, status_code)
         return self.cached_health.response, self.cached_health.status_code
 
+    def _deployments(self) -> dict[str, DeploymentHandle | None]:
+        """Every pool deployment by the name /v1/models shows: text, image_text, text_realtime ..."""
+        named = dict(self.pools)
+        named.update({f"{name}_realtime": handle for name, handle in self.realtime_pools.items() if handle})
+        return named
+
     async def models(self) -> dict:
         described = {}
-        for name, handle in self.pools.items():
+        for name, handle in self._deployments().items():
             if handle is None:
                 described[name] = {"pool": name, "available": False, "reason": "disabled in settings"}
                 continue
-            info = await handle.info.remote()
-            info["replicas"] = replica_count(handle.deployment_name)
-            info["pairs_sent"] = self.pairs_sent[name]
-            described[name] = info
+            replicas = await each_replica(handle, "info")
+            counters = {key: sum(r["counters"][key] for r in replicas) for key in replicas[0]["counters"]}
+            counters["largest_batch"] = max(r["counters"]["largest_batch"] for r in replicas)
+            described[name] = {
+                **replicas[0],
+                "counters": counters,
+                "replica_count": replica_count(handle.deployment_name),
+                "replicas": replicas,
+                "pairs_sent": self.pairs_sent.get(name, 0),
+            }
         return {"object": "list", "pools": described}
+
+    async def stats(self) -> dict:
+        pools = {}
+        for name, handle in self._deployments().items():
+            if handle is not None:
+                pools[name] = await each_replica(handle, "stats")
+        return {"object": "list", "pools": pools}
 
     # ---- the one internal path ----------------------------------------------------------
 
@@ -122,6 +142,7 @@ class Ingress:
         self._check_limits(job)
         query, documents = await self._load(job)
         pairs = [Pair(query, d, job.instruction, job.max_tokens_per_doc) for d in documents]
+        priority = job.priority or self.settings.default_priority
         by_pool: dict[str, list[int]] = {pool: [] for pool in POOLS}
         for i, pair in enumerate(pairs):
             by_pool["image_text" if pair.needs_image_model else "text"].append(i)
@@ -130,6 +151,8 @@ class Ingress:
             if not indices:
                 continue
             handle = self.pools[pool]
+            if priority == "realtime" and self.realtime_pools.get(pool) is not None:
+                handle = self.realtime_pools[pool]
             if handle is None:
                 raise PoolUnavailable(
                     f"this request has {len(indices)} {pool.replace('_', '-')} pair(s) but the {pool} pool is "
@@ -218,6 +241,19 @@ def document_out(document) -> dict:
     if isinstance(document, str):
         return {"text": document}
     return document.model_dump(exclude_none=True)
+
+
+async def each_replica(handle: DeploymentHandle, method: str) -> list[dict]:
+    """Ask every running replica of a deployment, not just one: a handle call goes to one replica,
+    so send a few calls at once (the router spreads them) until every replica has answered."""
+    expected = replica_count(handle.deployment_name) or 1
+    seen: dict[str, dict] = {}
+    for _ in range(5):
+        answers = await asyncio.gather(*(getattr(handle, method).remote() for _ in range(2 * expected)))
+        seen.update({answer["replica"]: answer for answer in answers})
+        if len(seen) >= expected:
+            break
+    return sorted(seen.values(), key=lambda answer: answer["replica"])
 
 
 def replica_count(deployment: str) -> int | None:

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from serve_app.errors import InvalidInput
 
 Strategy = Literal["strict", "balanced", "explore"]
+Priority = Literal["realtime", "batch"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class RerankJob:
     instruction: str | None = None
     max_tokens_per_doc: int | None = None
     truncate: bool = True
+    priority: Priority | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,11 @@ class RerankRequest(BaseModel):
         default=None, description="Name of an instruction in deploy/instruction_templates.json."
     )
     raw_scores: bool = Field(default=False, description="Also return the model's native score as `raw_score`.")
+    priority: Priority | None = Field(
+        default=None,
+        description="realtime: the pool's realtime variant, no waiting for other callers (where deployed); "
+        "batch: batched with other callers for throughput. Unset: setting default_priority.",
+    )
 
     @model_validator(mode="after")
     def _one_of_each(self) -> RerankRequest:
@@ -137,6 +144,7 @@ class RerankRequest(BaseModel):
             threshold=threshold,
             instruction=instruction,
             max_tokens_per_doc=self.max_tokens_per_doc,
+            priority=self.priority,
         )
 
 

@@ -36,8 +36,28 @@ class PoolSettings(BaseModel):
     accelerator_type: str | None = Field(
         default=None, description="Ray accelerator type to pin replicas to, e.g. A10G or L4."
     )
-    max_batch_size: int = Field(default=32, ge=1, description="Most pairs scored in one batch, counted across callers.")
-    batch_wait_timeout_s: float = Field(default=0.005, ge=0)
+    max_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="Most pairs per batch, counted across callers. Unset: the batch profile for the replica's GPU.",
+    )
+    batch_wait_timeout_s: float | None = Field(default=None, ge=0, description="Unset: from the batch profile.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto", description="auto: the profile's (bf16/fp16) on a GPU, float32 on the CPU."
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        default="sdpa", description="flash_attention_2 is used where flash-attn is installed, else sdpa."
+    )
+    quantize: Literal["int8"] | None = Field(
+        default=None,
+        description="int8: dynamic quantisation on CPU (bitsandbytes on GPU). Faster and smaller, costs some accuracy.",
+    )
+    overlap_preprocessing: bool = Field(
+        default=True, description="Tokenize the next batch while the previous one runs its forward pass."
+    )
+    realtime_replicas: int = Field(
+        default=0, ge=0, description="Replicas of a realtime variant: each call is its own batch, no wait."
+    )
     max_tokens_per_forward: int = Field(
         default=16384,
         ge=64,
@@ -55,6 +75,9 @@ class PoolSettings(BaseModel):
             "user_config": {"max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s},
         }
 
+    def realtime_options(self, name: str) -> dict:
+        return {**self.deployment_options(name), "num_replicas": self.realtime_replicas}
+
     def ray_actor_options(self) -> dict:
         options: dict = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
         if self.accelerator_type:
@@ -67,11 +90,9 @@ class TextPoolSettings(PoolSettings):
 
 
 class ImageTextPoolSettings(PoolSettings):
-    """Image pairs cost the vision tower's memory and time: a smaller cap, and half a CPU so that
-    ingress (0.5) + text (1) + image-text (0.5) fit a 2-core machine."""
+    """Half a CPU by default, so that ingress (0.5) + text (1) + image-text (0.5) fit a 2-core machine."""
 
     model: str = DEFAULT_IMAGE_TEXT_MODEL
-    max_batch_size: int = Field(default=8, ge=1)
     num_cpus: float = Field(default=0.5, ge=0)
 
 
@@ -117,6 +138,12 @@ class Settings(BaseSettings):
         default=128,
         ge=1,
         description="The ingress cuts a pool's pairs into calls of this many, to spread them over replicas.",
+    )
+    default_priority: Literal["batch", "realtime"] = Field(
+        default="batch", description="A request's `priority` when it gives none."
+    )
+    batch_profiles_path: Path = Field(
+        default=DEPLOY_DIR / "batch_profiles.yaml", description="(GPU kind, modality) -> batch cap, wait, dtype."
     )
     health_cache_s: float = Field(default=5.0, ge=0, description="How long /health reuses a measured latency.")
     health_timeout_s: float = Field(default=10.0, gt=0)

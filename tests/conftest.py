@@ -39,18 +39,45 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Worker nodes that declare GPUs they do not have: placement and batch sizing are tested on CPUs.
+GPU_NODES = {"A10G": 4, "RTX3060": 4, "B200": 2}
+
+
 @pytest.fixture(scope="session")
-def serve_url() -> Iterator[str]:
-    """One local Ray and one Serve HTTP proxy on 127.0.0.1 for the whole session."""
+def cluster() -> Iterator:
+    """One Ray cluster for the whole session: a CPU head and three declared-GPU nodes, all local."""
     import ray
+    from ray.cluster_utils import Cluster
+
+    local = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 16, "include_dashboard": False},
+    )
+    for kind, cpus in GPU_NODES.items():
+        local.add_node(num_cpus=cpus, num_gpus=1, resources={f"accelerator_type:{kind}": 1})
+    ray.init(address=local.address, log_to_driver=False)
+    local.wait_for_nodes()
+    yield local
+    ray.shutdown()
+    local.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_url(cluster) -> Iterator[str]:
+    """One Serve HTTP proxy on 127.0.0.1 for the whole session."""
     from ray import serve
 
     port = free_port()
-    ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
-    ray.shutdown()
+
+
+def node_with(kind: str) -> str:
+    import ray
+
+    (node,) = [n["NodeID"] for n in ray.nodes() if n["Alive"] and f"accelerator_type:{kind}" in n["Resources"]]
+    return node
 
 
 def deploy(name: str, args: dict) -> None:
@@ -78,13 +105,24 @@ def apps(serve_url, model_dirs, tmp_path_factory) -> dict[str, str]:
         },
         # Small limits, an API key, and an image-text model that cannot load.
         "guarded": {
-            "text": {"model": str(model_dirs["cross_encoder_2"])},
+            # Pinned to a GPU kind the profile table has no row for.
+            "text": {"model": str(model_dirs["cross_encoder_2"]), "num_gpus": 0.5, "accelerator_type": "B200"},
             "image_text": {"model": str(tmp_path_factory.mktemp("empty") / "no-such-model")},
             "api_key": "secret-key",
             "max_documents_per_request": 5,
             "max_text_chars": 200,
             "max_request_bytes": 4096,
             "max_image_bytes": 2048,
+        },
+        # Pools pinned to declared GPU kinds, batch caps from the profile table, a realtime variant.
+        "pinned": {
+            "text": {
+                "model": str(model_dirs["cross_encoder"]),
+                "num_gpus": 0.5,
+                "accelerator_type": "A10G",
+                "realtime_replicas": 1,
+            },
+            "image_text": {"model": str(model_dirs["clip"]), "num_gpus": 0.5, "accelerator_type": "RTX3060"},
         },
     }
     for name, args in specs.items():
@@ -101,6 +139,12 @@ def alpha(apps) -> Iterator[httpx.Client]:
 @pytest.fixture(scope="session")
 def beta(apps) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=apps["beta"], timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def pinned(apps) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=apps["pinned"], timeout=60) as client:
         yield client
 
 

@@ -32,7 +32,7 @@ def test_serve_config_args_are_settings_fields():
 
 def test_image_text_pool_keeps_its_own_defaults_when_partly_configured():
     settings = Settings(image_text={"num_replicas": 2})
-    assert settings.image_text.max_batch_size < settings.text.max_batch_size
+    assert settings.image_text.num_cpus < settings.text.num_cpus
     assert settings.image_text.model != settings.text.model
 
 

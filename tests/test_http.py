@@ -253,7 +253,7 @@ def test_models_lists_each_pool(alpha):
     assert pools["image_text"]["family"] == "dual_encoder"
     for pool in pools.values():
         assert pool["device"] == "cpu" and pool["dtype"] == "float32"
-        assert pool["replicas"] == 1
+        assert pool["replica_count"] == len(pool["replicas"]) == 1
         assert pool["max_batch_size"] >= 1
 
 
