@@ -118,7 +118,8 @@ def lookup_profile(rows: list[ProfileRow], gpu_kind: str, modality: str, model: 
     ]
     if not matches:
         return None
-    row = max(matches, key=lambda r: r.model is not None)
+    # An exact model beats a glob, a glob beats no model; among equals the first row wins.
+    row = max(matches, key=lambda r: 0 if r.model is None else 2 if r.model == model else 1)
     where = f"{row.gpu}/{row.modality}" + (f"/{row.model}" if row.model else "")
     return BatchProfile(row.max_batch_size, row.batch_wait_timeout_s, row.dtype, f"table: {where}")
 

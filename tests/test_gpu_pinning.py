@@ -87,3 +87,25 @@ def test_stats_show_memory_fill_latency_and_queue_per_replica(pinned):
     assert 0 < text["batch_latency_ms_p50"] <= text["batch_latency_ms_p95"]
     assert text["queued_pairs"] == 0
     assert text["node_id"] == node_with("A10G")
+
+
+def test_replica_figures_reach_prometheus_through_ray_metrics(pinned):
+    import time
+
+    import httpx
+    import ray
+
+    pinned.post("/v2/rerank", json={"query": QUERY, "documents": DOCUMENTS})
+    pinned.get("/v1/stats")  # sets the memory gauge
+    (port,) = [n["MetricsExportPort"] for n in ray.nodes() if n["NodeID"] == node_with("A10G")]
+    wanted = ("ray_rerank_pairs_scored", "ray_rerank_batch_latency_ms", "ray_rerank_memory_bytes")
+    deadline = time.monotonic() + 90  # Ray exports every few seconds
+    while True:
+        body = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        found = {
+            name for name in wanted for line in body.splitlines() if line.startswith(name) and 'pool="text"' in line
+        }
+        if found == set(wanted) or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert found == set(wanted)
