@@ -12,6 +12,10 @@ from pathlib import Path
 import torch
 import yaml
 
+from serve_app.scoring import LoadOptions, Scorer, load_scorer
+from serve_app.scoring.base import Logistic
+from serve_app.settings import PoolSettings
+
 PROFILES_PATH = Path(__file__).resolve().parent.parent / "deploy" / "batch_profiles.yaml"
 
 # torch.cuda.get_device_name() -> Ray's accelerator_type names. Longer names first: A100 before A10.
@@ -122,6 +126,43 @@ def lookup_profile(rows: list[ProfileRow], gpu_kind: str, modality: str, model: 
     row = max(matches, key=lambda r: 0 if r.model is None else 2 if r.model == model else 1)
     where = f"{row.gpu}/{row.modality}" + (f"/{row.model}" if row.model else "")
     return BatchProfile(row.max_batch_size, row.batch_wait_timeout_s, row.dtype, f"table: {where}")
+
+
+def choose_profile(rows: list[ProfileRow], where: Placement, modality: str, config: PoolSettings) -> BatchProfile:
+    """The table row for this GPU kind, the CPU row on a CPU node, or a marker ("derive") for a GPU
+    kind with no row: its cap is measured once the model is loaded. dtype: the config's, else the
+    row's on a GPU, float32 on the CPU."""
+    on_gpu = where.device.startswith("cuda")
+    found = lookup_profile(rows, where.gpu_kind, modality, config.model)
+    if found is None and not on_gpu:
+        cpu = lookup_profile(rows, "cpu", modality, config.model) or BatchProfile(8, 0.005, "float32", "default")
+        found = BatchProfile(
+            cpu.max_batch_size, cpu.batch_wait_timeout_s, "float32", f"{cpu.source} (no row for {where.gpu_kind})"
+        )
+    if found is None:
+        found = BatchProfile(8, 0.005, preferred_gpu_dtype(), "derive")
+    dtype = found.dtype if on_gpu else "float32"  # bf16/fp16 rows are for the card, not a CPU fallback
+    if config.dtype != "auto":
+        dtype = config.dtype
+    return BatchProfile(found.max_batch_size, found.batch_wait_timeout_s, dtype, found.source)
+
+
+def load_pool_scorer(config: PoolSettings, where: Placement, profile: BatchProfile, cache_dir: Path) -> Scorer:
+    """A pool's scorer as the service and the bulk job both load it."""
+    calibration = config.calibration and Logistic(config.calibration.scale, config.calibration.shift)
+    return load_scorer(
+        config.model,
+        LoadOptions(
+            device=where.device,
+            dtype=profile.torch_dtype(),
+            max_tokens_per_forward=config.max_tokens_per_forward,
+            calibration=calibration,
+            cache_dir=cache_dir,
+            shape_buckets=where.device.startswith("cuda"),
+            attn_implementation=config.attn_implementation,
+            quantize=config.quantize,
+        ),
+    )
 
 
 def derive_max_batch_size(free_bytes: int, bytes_per_pair: float, budget: float = 0.8, ceiling: int = 1024) -> int:

@@ -20,8 +20,8 @@ from ray.util import metrics
 from serve_app import hardware
 from serve_app.errors import InputTooLarge, InvalidInput, PoolUnavailable
 from serve_app.hardware import BatchProfile, ProfileRow
-from serve_app.scoring import Content, LoadOptions, ModelLoadError, Pair, PairTooLong, ScoringError, load_scorer
-from serve_app.scoring.base import BUCKET, Logistic
+from serve_app.scoring import Content, ModelLoadError, Pair, PairTooLong, ScoringError
+from serve_app.scoring.base import BUCKET
 from serve_app.settings import PoolSettings
 
 log = logging.getLogger("ray.serve")
@@ -85,7 +85,7 @@ class PoolReplica:
         self.config = config
         self.realtime = realtime
         self.placement = hardware.placement()
-        self.profile = self._profile(profiles)
+        self.profile = hardware.choose_profile(profiles, self.placement, pool, config)
         self.load_error: str | None = None
         self.scorer = None
         self.forward_lock = asyncio.Lock()
@@ -94,22 +94,8 @@ class PoolReplica:
         self.batch_latencies_ms: deque[float] = deque(maxlen=1000)
         self.batch_sizes: deque[int] = deque(maxlen=1000)
         self.metrics = PoolMetrics(pool)
-        calibration = config.calibration and Logistic(config.calibration.scale, config.calibration.shift)
-        on_gpu = self.placement.device.startswith("cuda")
         try:
-            self.scorer = load_scorer(
-                config.model,
-                LoadOptions(
-                    device=self.placement.device,
-                    dtype=self.profile.torch_dtype(),
-                    max_tokens_per_forward=config.max_tokens_per_forward,
-                    calibration=calibration,
-                    cache_dir=cache_dir,
-                    shape_buckets=on_gpu,
-                    attn_implementation=config.attn_implementation,
-                    quantize=config.quantize,
-                ),
-            )
+            self.scorer = hardware.load_pool_scorer(config, self.placement, self.profile, cache_dir)
         except ModelLoadError as exc:
             # The service stays up without this pool; /health and /v1/models say why.
             self.load_error = f"{exc}. Set {MODEL_SETTING.get(pool, 'the pool model')} to a local model directory."
@@ -123,25 +109,6 @@ class PoolReplica:
         self._warm_up()
 
     # ---- start-up: profile, derived cap, warm-up ------------------------------------------
-
-    def _profile(self, rows: list[ProfileRow]) -> BatchProfile:
-        """The table row for this GPU kind, a CPU row, or a marker to derive one once the model is loaded."""
-        kind, on_gpu = self.placement.gpu_kind, self.placement.device.startswith("cuda")
-        found = hardware.lookup_profile(rows, kind, self.pool, self.config.model)
-        if found is None and not on_gpu:
-            cpu = hardware.lookup_profile(rows, "cpu", self.pool, self.config.model)
-            found = BatchProfile(
-                cpu.max_batch_size if cpu else 8,
-                cpu.batch_wait_timeout_s if cpu else 0.005,
-                "float32",
-                f"{cpu.source if cpu else 'default'} (no row for {kind})",
-            )
-        if found is None:
-            found = BatchProfile(8, 0.005, hardware.preferred_gpu_dtype(), "derive")
-        dtype = found.dtype if on_gpu else "float32"  # bf16/fp16 rows are for the card, not a CPU fallback
-        if self.config.dtype != "auto":
-            dtype = self.config.dtype
-        return BatchProfile(found.max_batch_size, found.batch_wait_timeout_s, dtype, found.source)
 
     def _derive_profile(self) -> BatchProfile:
         """A GPU kind without a row: fit the activations of one probe batch into the free memory."""
