@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint install clean
+.PHONY: run test lint install clean nginx
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -20,8 +20,20 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python -m serve_app
 
-test: $(STAMP)
+test: $(STAMP) nginx
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# tests/test_nginx.py runs the load-balancer config (deploy/nginx.conf) through a real nginx, so `make test`
+# installs Debian's nginx where it is missing (sudo only when not root). `make run` does not need it.
+# nginx-light is bookworm's small flavour; later releases dropped it, hence the fallback to nginx.
+nginx:
+	@if command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx; then :; else \
+	  SUDO=$$(test "$$(id -u)" -eq 0 || echo sudo); \
+	  echo "nginx not found: installing Debian's nginx-light for tests/test_nginx.py"; \
+	  $$SUDO apt-get update -q && \
+	  { $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nginx-light || \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nginx; }; \
+	fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check serve_app tests bench

@@ -28,6 +28,7 @@ from serve_app.schemas import (
     ScoredDocument,
     TeiRank,
     TeiRerankRequest,
+    rank,
 )
 from serve_app.scoring import Content, Pair
 from serve_app.settings import Settings
@@ -171,13 +172,9 @@ class Ingress:
         for (chunk, _), chunk_scores in zip(calls, results):
             for i, value in zip(chunk, chunk_scores):
                 scores[i] = value
-        ranked = [ScoredDocument(i, calibrated, raw) for i, (raw, calibrated) in enumerate(scores)]
-        if job.threshold is not None:
-            ranked = [s for s in ranked if job.threshold.keeps(s.relevance_score)]
-        ranked.sort(key=lambda s: (-s.relevance_score, s.index))
-        if job.top_n is not None:
-            ranked = ranked[: job.top_n]
-        return ranked, {pool: len(indices) for pool, indices in by_pool.items() if indices}
+        return rank(scores, job.threshold, job.top_n), {
+            pool: len(indices) for pool, indices in by_pool.items() if indices
+        }
 
     def _check_limits(self, job: RerankJob) -> None:
         limit = self.settings.max_documents_per_request

@@ -60,6 +60,15 @@ class ScoredDocument:
     raw_score: float
 
 
+def rank(scores: list[tuple[float, float]], threshold: Threshold | None, top_n: int | None) -> list[ScoredDocument]:
+    """(raw, calibrated) per document -> kept by the threshold, best first (ties by index), cut to top_n."""
+    ranked = [ScoredDocument(i, calibrated, raw) for i, (raw, calibrated) in enumerate(scores)]
+    if threshold is not None:
+        ranked = [s for s in ranked if threshold.keeps(s.relevance_score)]
+    ranked.sort(key=lambda s: (-s.relevance_score, s.index))
+    return ranked[:top_n] if top_n is not None else ranked
+
+
 class ContentIn(BaseModel):
     """A document or query object: text, an image (base64, data URI or allow-listed URL), or both."""
 

@@ -49,14 +49,16 @@ def cluster() -> Iterator:
     import ray
     from ray.cluster_utils import Cluster
 
+    # The head runs the dashboard: its job server takes the bulk jobs, its state API finds actors.
     local = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 16, "include_dashboard": False},
+        head_node_args={"num_cpus": 16, "include_dashboard": True, "dashboard_port": free_port()},
     )
     for kind, cpus in GPU_NODES.items():
         local.add_node(num_cpus=cpus, num_gpus=1, resources={f"accelerator_type:{kind}": 1})
-    ray.init(address=local.address, log_to_driver=False)
+    context = ray.init(address=local.address, log_to_driver=False)
     local.wait_for_nodes()
+    local.dashboard_url = f"http://{context.dashboard_url}"
     yield local
     ray.shutdown()
     local.shutdown()

@@ -1,0 +1,541 @@
+"""Bulk reranking as a Ray job (`python -m serve_app.bulk`): every input row scored exactly once, resumable.
+
+Input rows (JSONL or Parquet, a file or a folder) are cut into shards. Ray Data reads each shard,
+splits its rows into pairs, and scores them on actor pools of the service's own scorers (one pool
+for text pairs, one for image-text pairs, batch sizes from the same GPU profiles). The driver
+gathers the scores of each row; once every row of a shard is in, the shard's results and errors are
+written and committed by an atomic rename. A rerun with the same output scores only the shards
+that are not committed yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import os
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from serve_app import hardware
+from serve_app.errors import RerankError
+from serve_app.media import decode_base64, is_url, open_image
+from serve_app.schemas import STRATEGIES, Threshold, rank
+from serve_app.scoring import Content, ModelLoadError, Pair, ScoringError
+from serve_app.settings import PoolSettings, Settings
+
+log = logging.getLogger("serve_app.bulk")
+
+POOLS = ("text", "image_text")
+PROGRESS_EVERY_S = 5.0
+EXPAND_CPUS = 0  # reading and splitting rows is light; a CPU share here could starve the actors
+RESULT_TYPE = pa.list_(
+    pa.struct([("index", pa.int32()), ("relevance_score", pa.float64()), ("raw_score", pa.float64())])
+)
+OUTPUT_SCHEMA = pa.schema([("id", pa.string()), ("results", RESULT_TYPE)])
+
+
+# ---- input: shards, rows, pairs ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A slice of one input file: byte range of a JSONL file, or one row group of a Parquet file."""
+
+    index: int
+    path: str
+    rows: int
+    start: int  # JSONL: byte offset; Parquet: row group
+    stop: int  # JSONL: byte offset; Parquet: unused
+
+
+def input_files(path: Path) -> list[Path]:
+    files = sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".parquet")) if path.is_dir() else [path]
+    if not files:
+        raise SystemExit(f"no .jsonl or .parquet files in {path}")
+    return files
+
+
+def plan_shards(files: list[Path], shard_rows: int) -> list[Shard]:
+    """Shards in a fixed order, so a rerun cuts the same input the same way."""
+    shards: list[Shard] = []
+    for path in files:
+        if path.suffix == ".parquet":
+            metadata = pq.ParquetFile(path).metadata
+            for group in range(metadata.num_row_groups):
+                shards.append(Shard(len(shards), str(path), metadata.row_group(group).num_rows, group, 0))
+            continue
+        with open(path, "rb") as f:
+            start, offset, rows = 0, 0, 0
+            for line in f:
+                offset += len(line)
+                if line.strip():
+                    rows += 1
+                if rows == shard_rows:
+                    shards.append(Shard(len(shards), str(path), rows, start, offset))
+                    start, rows = offset, 0
+            if rows:
+                shards.append(Shard(len(shards), str(path), rows, start, offset))
+    return shards
+
+
+def read_shard(shard: Shard) -> list[dict | str]:
+    """The shard's rows, parsed; a line that is not JSON stays a string (and becomes an error row)."""
+    if shard.path.endswith(".parquet"):
+        return pq.ParquetFile(shard.path).read_row_group(shard.start).to_pylist()
+    with open(shard.path, "rb") as f:
+        f.seek(shard.start)
+        lines = [line for line in f.read(shard.stop - shard.start).splitlines() if line.strip()]
+    rows: list[dict | str] = []
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            rows.append(f"not JSON: {exc}")
+    return rows
+
+
+class RowError(ValueError):
+    pass
+
+
+def image_bytes(value: str, settings: Settings, field: str) -> bytes:
+    """base64 / data URI, or a file inside the job's working directory."""
+    if is_url(value):
+        raise RowError(f"{field}: bulk jobs do not fetch URLs; give the image as base64 or a file path")
+    candidate = Path(value)
+    if len(value) < 1024 and candidate.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp"):
+        resolved = candidate.resolve()
+        if candidate.is_absolute() or not resolved.is_relative_to(Path.cwd().resolve()):
+            raise RowError(f"{field}: image paths must be relative and inside the job's working directory")
+        if not resolved.is_file():
+            raise RowError(f"{field}: no such image file {value}")
+        data = resolved.read_bytes()
+        if len(data) > settings.max_image_bytes:
+            raise RowError(f"{field}: image is larger than {settings.max_image_bytes} bytes (max_image_bytes)")
+        return data
+    return decode_base64(value, settings, field)
+
+
+def content_of(value: object, settings: Settings, field: str, check_images: bool) -> dict:
+    """A query or document as {"text", "image" (base64)}: checked like the HTTP API checks it."""
+    if isinstance(value, str):
+        value = {"text": value}
+    if not isinstance(value, dict) or not (value.get("text") or value.get("image")):
+        raise RowError(f"{field}: give a string, or an object with `text` and/or `image`")
+    text, image = value.get("text"), value.get("image")
+    if text is not None and len(text) > settings.max_text_chars:
+        raise RowError(f"{field}: text has {len(text)} characters; the limit is {settings.max_text_chars}")
+    if image:
+        data = image_bytes(image, settings, f"{field}.image")
+        if check_images:
+            open_image(data, settings, f"{field}.image")
+        image = base64.b64encode(data).decode()
+    return {"text": text, "image": image or None}
+
+
+def pool_of(query: dict, document: dict, pool: str) -> str:
+    if pool != "auto":
+        return pool
+    return "image_text" if query["image"] or document["image"] else "text"
+
+
+def expand(shard_item: dict, branch: str, pool: str, settings: Settings) -> list[dict]:
+    """Records of one shard. Branch "rows": one record per row (its id and pair count, or why it
+    cannot be scored); branch "text" / "image_text": the pairs that pool scores."""
+    shard = Shard(**shard_item)
+    records = []
+    for row_index, row in enumerate(read_shard(shard)):
+        base = {"shard": shard.index, "row": row_index, "doc": -1, "kind": "row", "id": "", "n_pairs": 0,
+                "payload": "", "error": "", "raw": 0.0, "score": 0.0}  # fmt: skip
+        try:
+            query, documents = parse_row(row, pool, settings, check_images=branch == "rows")
+        except (RowError, RerankError) as exc:
+            if branch == "rows":
+                records.append({**base, "id": row.get("id", "") if isinstance(row, dict) else "", "error": str(exc)})
+            continue
+        base["id"] = str(row["id"])
+        if branch == "rows":
+            records.append({**base, "n_pairs": len(documents)})
+            continue
+        for doc_index, document in enumerate(documents):
+            if pool_of(query, document, pool) == branch:
+                payload = json.dumps({"query": query, "document": document})
+                records.append({**base, "doc": doc_index, "kind": "pair", "payload": payload})
+    for record in records:
+        record["id"] = str(record["id"])
+    return records
+
+
+def parse_row(row: dict | str, pool: str, settings: Settings, check_images: bool) -> tuple[dict, list[dict]]:
+    """A row's query and documents, checked as the HTTP API checks a request."""
+    if not isinstance(row, dict):
+        raise RowError(str(row))
+    if not str(row.get("id", "")):
+        raise RowError("row has no `id`")
+    documents = row.get("documents")
+    if not isinstance(documents, list) or not documents:
+        raise RowError("`documents` must be a non-empty list")
+    if len(documents) > settings.max_documents_per_request:
+        raise RowError(f"{len(documents)} documents; the limit is {settings.max_documents_per_request}")
+    query = content_of(row.get("query"), settings, "query", check_images)
+    docs = [content_of(d, settings, f"documents[{i}]", check_images) for i, d in enumerate(documents)]
+    if pool == "text" and (query["image"] or any(d["image"] for d in docs)):
+        raise RowError("row has images but --pool text was asked for; use --pool auto or image_text")
+    return query, docs
+
+
+# ---- scoring actors -------------------------------------------------------------------------------
+
+
+class PairScorer:
+    """A Ray Data actor holding one pool's scorer, loaded as the service loads it."""
+
+    def __init__(self, pool: str, config: PoolSettings, settings: Settings, instruction: str | None) -> None:
+        self.pool = pool
+        self.config = config
+        self.settings = settings
+        self.instruction = instruction
+        where = hardware.placement()
+        rows = hardware.load_profile_rows(settings.batch_profiles_path)
+        profile = hardware.choose_profile(rows, where, pool, config)
+        self.load_error: str | None = None
+        try:
+            self.scorer = hardware.load_pool_scorer(config, where, profile, settings.model_cache_dir)
+        except ModelLoadError as exc:
+            # As in the service: the job goes on; this pool's pairs fail their rows, with the reason.
+            self.load_error = f"the {pool} model is unavailable: {exc}"
+
+    def _pair(self, payload: str) -> Pair:
+        sides = json.loads(payload)
+
+        def side(spec: dict, field: str) -> Content:
+            image = None
+            if spec["image"]:
+                image = open_image(base64.b64decode(spec["image"]), self.settings, field)
+            return Content(text=spec["text"], image=image)
+
+        return Pair(side(sides["query"], "query"), side(sides["document"], "document"), self.instruction)
+
+    def __call__(self, batch):
+        pairs, at = [], []
+        errors = list(batch["error"])
+        if self.load_error:
+            batch["error"] = [self.load_error] * len(errors)
+            return batch
+        for i, payload in enumerate(batch["payload"]):
+            try:
+                pairs.append(self._pair(payload))
+                at.append(i)
+            except (RerankError, ValueError) as exc:
+                errors[i] = str(exc)
+        raw_scores, scores = list(batch["raw"]), list(batch["score"])
+        for index_list, scored in self._score(pairs, at, errors):
+            for i, (raw, calibrated) in zip(index_list, scored):
+                raw_scores[i], scores[i] = raw, calibrated
+        batch["raw"], batch["score"], batch["error"] = raw_scores, scores, errors
+        return batch
+
+    def _score(self, pairs: list[Pair], at: list[int], errors: list[str]):
+        """Score the batch at once; if one pair cannot be scored, find it and score the rest."""
+        if not pairs:
+            return []
+        try:
+            self.scorer.check(pairs, truncate=True)
+            raw = self.scorer.score(pairs)
+            return [(at, list(zip(raw, self.scorer.calibrate(raw))))]
+        except ScoringError:
+            out = []
+            for pair, i in zip(pairs, at):
+                try:
+                    self.scorer.check([pair], truncate=True)
+                except ScoringError as exc:
+                    errors[i] = str(exc)
+                    continue
+                raw = self.scorer.score([pair])
+                out.append(([i], list(zip(raw, self.scorer.calibrate(raw)))))
+            return out
+
+
+# ---- output: shards committed atomically -------------------------------------------------------
+
+
+@dataclass
+class ShardResult:
+    """What has arrived for one shard: row records, and per pair a (raw, calibrated) score or an error."""
+
+    rows: int
+    headers: dict[int, dict] = field(default_factory=dict)
+    pairs: dict[tuple[int, int], tuple[float, float] | str] = field(default_factory=dict)
+
+    def complete(self) -> bool:
+        if len(self.headers) < self.rows:
+            return False
+        arrived: dict[int, int] = defaultdict(int)
+        for row, _ in self.pairs:
+            arrived[row] += 1
+        return all(h["error"] or arrived[row] >= h["n_pairs"] for row, h in self.headers.items())
+
+
+class Output:
+    """OUT/part-NNNNN.{parquet,jsonl} (one row per scored input row), OUT/errors/part-NNNNN.jsonl,
+    OUT/summary.json. A part file exists only once its shard is complete."""
+
+    def __init__(self, root: Path, fmt: str) -> None:
+        self.root = root
+        self.fmt = fmt
+        (root / "errors").mkdir(parents=True, exist_ok=True)
+        for stale in list(root.glob(".tmp-*")) + list((root / "errors").glob(".tmp-*")):
+            stale.unlink()  # a shard that was being written when the last run stopped
+
+    def part(self, shard: int) -> Path:
+        return self.root / f"part-{shard:05d}.{self.fmt}"
+
+    def committed(self, shard: int) -> bool:
+        return self.part(shard).exists()
+
+    def commit(self, shard: int, rows: list[dict], errors: list[dict]) -> None:
+        errors_path = self.root / "errors" / f"part-{shard:05d}.jsonl"
+        write_atomically(errors_path, "".join(json.dumps(e) + "\n" for e in errors).encode())
+        if self.fmt == "parquet":
+            tmp = self.root / f".tmp-{shard:05d}.parquet"
+            pq.write_table(pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA), tmp)
+            os.replace(tmp, self.part(shard))
+        else:
+            write_atomically(self.part(shard), "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+    def count_rows(self) -> tuple[int, int]:
+        """(output rows, error rows) over every committed shard."""
+        out = 0
+        for path in self.root.glob(f"part-*.{self.fmt}"):
+            if self.fmt == "parquet":
+                out += pq.ParquetFile(path).metadata.num_rows
+            else:
+                out += sum(1 for line in path.read_text().splitlines() if line.strip())
+        errors = sum(
+            sum(1 for line in path.read_text().splitlines() if line.strip())
+            for path in (self.root / "errors").glob("part-*.jsonl")
+        )
+        return out, errors
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+# ---- the job ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Options:
+    input: str
+    output: str
+    pool: str = "auto"
+    top_n: int | None = None
+    strategy: str | None = None
+    threshold: float | None = None
+    instruction_template: str | None = None
+    format: str = "parquet"
+    shard_rows: int = 256
+    text_actors: int = 1
+    image_actors: int = 1
+
+
+def parse_args(argv: list[str] | None) -> Options:
+    parser = argparse.ArgumentParser(prog="python -m serve_app.bulk", description=__doc__.splitlines()[0])
+    parser.add_argument("--input", required=True, help="JSONL or Parquet file, or a folder of them")
+    parser.add_argument("--output", required=True, help="output folder (rerun with the same one to resume)")
+    parser.add_argument("--pool", choices=["auto", "text", "image_text"], default="auto")
+    parser.add_argument("--top-n", type=int)
+    parser.add_argument("--strategy", choices=sorted(STRATEGIES))
+    parser.add_argument("--threshold", type=float)
+    parser.add_argument("--instruction-template")
+    parser.add_argument("--format", choices=["parquet", "jsonl"], default="parquet")
+    parser.add_argument("--shard-rows", type=int, default=256, help="JSONL rows per shard (Parquet: row groups)")
+    parser.add_argument("--text-actors", type=int, default=1)
+    parser.add_argument("--image-actors", type=int, default=1)
+    return Options(**vars(parser.parse_args(argv)))
+
+
+def batch_size_for(pool: str, config: PoolSettings, settings: Settings) -> int:
+    """The pool's cap on the GPU kind the actors will get (the CPU row without GPUs)."""
+    import ray
+
+    if config.max_batch_size:
+        return config.max_batch_size
+    kind = "cpu"
+    if config.num_gpus:
+        kinds = [key.split(":", 1)[1] for key in ray.cluster_resources() if key.startswith("accelerator_type:")]
+        kind = config.accelerator_type or (kinds[0] if kinds else "cpu")
+    rows = hardware.load_profile_rows(settings.batch_profiles_path)
+    profile = hardware.lookup_profile(rows, kind, pool, config.model) or hardware.lookup_profile(
+        rows, "cpu", pool, config.model
+    )
+    return profile.max_batch_size if profile else 32
+
+
+def check_job_file(root: Path, options: Options, shards: list[Shard]) -> None:
+    """A rerun must be the same job: same input cut the same way, same options."""
+    job = {"options": asdict(options), "shards": [asdict(s) for s in shards]}
+    path = root / "_job.json"
+    if path.exists():
+        if json.loads(path.read_text()) != job:
+            raise SystemExit(
+                f"{root} holds the output of a different job (input or options differ); use a new --output"
+            )
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, json.dumps(job, indent=1).encode())
+
+
+def run(options: Options, settings: Settings | None = None) -> dict:
+    import ray
+
+    settings = settings or Settings()
+    started = time.monotonic()
+    instruction = None
+    if options.instruction_template:
+        templates = settings.instruction_templates()
+        if options.instruction_template not in templates:
+            raise SystemExit(f"no instruction template {options.instruction_template!r}; known: {sorted(templates)}")
+        instruction = templates[options.instruction_template]
+    threshold = STRATEGIES[options.strategy] if options.strategy else None
+    if options.threshold is not None:
+        threshold = Threshold(options.threshold, inclusive=True)
+
+    shards = plan_shards(input_files(Path(options.input)), options.shard_rows)
+    out = Output(Path(options.output), options.format)
+    check_job_file(out.root, options, shards)
+    todo = [s for s in shards if not out.committed(s.index)]
+    rows_total = sum(s.rows for s in shards)
+    log.info("%d rows in %d shards; %d shards already committed", rows_total, len(shards), len(shards) - len(todo))
+    pairs_scored = 0
+    if todo:
+        if not ray.is_initialized():
+            ray.init()
+        pairs_scored = score_shards(
+            todo, out, options, settings, instruction, threshold, rows_total - sum(s.rows for s in todo), rows_total
+        )
+    rows_out, errors = out.count_rows()
+    elapsed = time.monotonic() - started
+    summary = {
+        "rows_in": rows_total,
+        "rows_out": rows_out,
+        "errors": errors,
+        "pairs": pairs_scored,
+        "shards": len(shards),
+        "shards_resumed": len(shards) - len(todo),
+        "elapsed_s": round(elapsed, 2),
+        "pairs_per_s": round(pairs_scored / elapsed, 1) if elapsed else None,
+    }
+    write_atomically(out.root / "summary.json", json.dumps(summary, indent=1).encode())
+    log.info("done: %s", summary)
+    return summary
+
+
+def score_shards(
+    todo: list[Shard],
+    out: Output,
+    options: Options,
+    settings: Settings,
+    instruction: str | None,
+    threshold: Threshold | None,
+    rows_done: int,
+    rows_total: int,
+) -> int:
+    import ray
+
+    # One block per shard: shards stream through and commit one by one instead of in a few large lumps.
+    items = ray.data.from_items([asdict(s) for s in todo], override_num_blocks=len(todo))
+
+    def records(branch: str):
+        kwargs = {"branch": branch, "pool": options.pool, "settings": settings}
+        return items.flat_map(expand, fn_kwargs=kwargs, num_cpus=EXPAND_CPUS)
+
+    datasets = [records("rows")]
+    has_gpus = bool(ray.cluster_resources().get("GPU", 0))
+    actors = {"text": options.text_actors, "image_text": options.image_actors}  # actor pool size per branch
+    for branch in POOLS if options.pool == "auto" else [options.pool]:
+        config: PoolSettings = getattr(settings, branch)
+        constructor = {"pool": branch, "config": config, "settings": settings, "instruction": instruction}
+        # Ray Data restarts a lost actor and retries its batch (max_restarts / max_task_retries -1 by default).
+        datasets.append(
+            records(branch).map_batches(
+                PairScorer,
+                fn_constructor_kwargs=constructor,
+                batch_size=batch_size_for(branch, config, settings),
+                batch_format="pandas",
+                compute=ray.data.ActorPoolStrategy(size=actors[branch]),
+                num_cpus=config.num_cpus,
+                num_gpus=config.num_gpus if has_gpus else 0,
+            )
+        )
+    dataset = datasets[0].union(*datasets[1:])
+
+    pending = {s.index: ShardResult(s.rows) for s in todo}
+    pairs_scored, last_log, started = 0, time.monotonic(), time.monotonic()
+    for batch in dataset.iter_batches(batch_size=None, batch_format="pandas"):
+        for record in batch.to_dict("records"):
+            result = pending.get(record["shard"])
+            if result is None:
+                continue  # its shard is already committed (a retried task's duplicate)
+            if record["kind"] == "row":
+                result.headers[record["row"]] = record
+                continue
+            key = (record["row"], record["doc"])
+            pairs_scored += key not in result.pairs
+            result.pairs[key] = record["error"] or (record["raw"], record["score"])
+        for shard_index in [i for i, r in pending.items() if r.complete()]:
+            rows_done += commit_shard(out, shard_index, pending.pop(shard_index), threshold, options.top_n)
+        if time.monotonic() - last_log > PROGRESS_EVERY_S:
+            last_log = time.monotonic()
+            rate = pairs_scored / (last_log - started)
+            row_rate = rows_done / (last_log - started)
+            eta = (rows_total - rows_done) / row_rate if row_rate else float("nan")
+            log.info("rows %d/%d, %.1f pairs/s, ETA %.0f s", rows_done, rows_total, rate, eta)
+    if pending:
+        raise RuntimeError(f"shards {sorted(pending)} did not receive all their pairs; rerun to resume")
+    return pairs_scored
+
+
+def commit_shard(out: Output, shard: int, result: ShardResult, threshold: Threshold | None, top_n: int | None) -> int:
+    rows, errors = [], []
+    for row in sorted(result.headers):
+        header = result.headers[row]
+        scores = [result.pairs[(row, doc)] for doc in range(header["n_pairs"])] if not header["error"] else []
+        error = header["error"] or next(
+            (f"documents[{doc}]: {s}" for doc, s in enumerate(scores) if isinstance(s, str)), ""
+        )
+        if error:
+            errors.append({"id": header["id"], "row": row, "shard": shard, "error": error})
+            continue
+        ranked = rank(scores, threshold, top_n)
+        rows.append(
+            {
+                "id": header["id"],
+                "results": [
+                    {"index": s.index, "relevance_score": s.relevance_score, "raw_score": s.raw_score} for s in ranked
+                ],
+            }
+        )
+    out.commit(shard, rows, errors)
+    return len(result.headers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    run(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Bulk reranking as a Ray job: every row exactly once, errors kept, resumable, scores as the service's."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from serve_app.bulk import Options, run
+from serve_app.settings import Settings
+from tests.conftest import b64, noise_image
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = "paris capital france city river dog car red blue house tree search model".split()
+
+
+def write_rows(path: Path, count: int, documents: int = 5, bad: tuple[int, ...] = ()) -> list[str]:
+    """JSONL rows with varied texts; rows in `bad` carry a broken image or an empty query."""
+    ids = []
+    with open(path, "w") as f:
+        for i in range(count):
+            docs: list = [" ".join(WORDS[(i + j + k) % len(WORDS)] for k in range(3 + j)) for j in range(documents)]
+            query = "what is the capital of france"
+            if i in bad:
+                if i % 2:
+                    docs[0] = {"image": "not base64!"}
+                else:
+                    query = ""
+            f.write(json.dumps({"id": f"row-{i}", "query": query, "documents": docs}) + "\n")
+            ids.append(f"row-{i}")
+    return ids
+
+
+def output_ids(out: Path) -> list[str]:
+    return [row["id"] for part in sorted(out.glob("part-*.parquet")) for row in pq.read_table(part).to_pylist()]
+
+
+def error_ids(out: Path) -> list[str]:
+    return [
+        json.loads(line)["id"]
+        for part in sorted((out / "errors").glob("part-*.jsonl"))
+        for line in part.read_text().splitlines()
+        if line.strip()
+    ]
+
+
+def assert_exactly_once(out: Path, ids: list[str], bad: list[str]) -> None:
+    scored, errors = output_ids(out), error_ids(out)
+    assert sorted(errors) == sorted(bad)
+    assert sorted(scored + errors) == sorted(ids)  # every id once: none lost, none twice
+
+
+@pytest.fixture(scope="module")
+def jobs(cluster):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(cluster.dashboard_url)
+
+
+def submit(jobs, model_dirs, args: list[str]) -> str:
+    """`ray job submit --working-dir . -- python -m serve_app.bulk ...`, through the job client."""
+    deadline = time.monotonic() + 120
+    while True:  # the head's job agent takes a while to come up after the cluster starts
+        try:
+            return _submit(jobs, model_dirs, args)
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+
+
+def _submit(jobs, model_dirs, args: list[str]) -> str:
+    return jobs.submit_job(
+        entrypoint="python -m serve_app.bulk " + " ".join(args),
+        runtime_env={
+            "working_dir": str(ROOT),
+            "excludes": [".venv", ".git", "bench/results", "*.pyc"],
+            "env_vars": {
+                "RERANK_TEXT__MODEL": str(model_dirs["cross_encoder"]),
+                "RERANK_IMAGE_TEXT__MODEL": str(model_dirs["clip"]),
+                "HF_HUB_OFFLINE": "1",
+            },
+        },
+    )
+
+
+def wait_for(jobs, job_id: str, states: set[str], timeout_s: float = 300) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = str(jobs.get_job_status(job_id).value)
+        if status in states:
+            return status
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} not {states} after {timeout_s} s:\n{jobs.get_job_logs(job_id)[-3000:]}")
+
+
+def wait_for_shards(out: Path, at_least: int, jobs, job_id: str) -> None:
+    deadline = time.monotonic() + 300
+    while len(list(out.glob("part-*.parquet"))) < at_least:
+        assert str(jobs.get_job_status(job_id).value) in ("PENDING", "RUNNING"), jobs.get_job_logs(job_id)[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+
+
+def test_submitted_job_writes_every_row_once_and_its_errors(jobs, model_dirs, tmp_path):
+    ids = write_rows(tmp_path / "in.jsonl", 60, bad=(5, 6, 41))
+    out = tmp_path / "out"
+    job = submit(jobs, model_dirs, ["--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--shard-rows", "16"])
+    assert wait_for(jobs, job, {"SUCCEEDED", "FAILED", "STOPPED"}) == "SUCCEEDED", jobs.get_job_logs(job)[-3000:]
+    assert_exactly_once(out, ids, ["row-5", "row-6", "row-41"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rows_in"] == 60 and summary["rows_out"] == 57 and summary["errors"] == 3
+    assert summary["pairs"] == 57 * 5 and summary["pairs_per_s"] > 0
+    logs = jobs.get_job_logs(job)
+    assert "rows 60/60" in logs or "done:" in logs
+
+
+def test_the_shipped_example_runs(jobs, model_dirs, tmp_path):
+    out = tmp_path / "out"
+    job = submit(
+        jobs, model_dirs, ["--input", "examples/bulk/queries.jsonl", "--output", str(out), "--format", "jsonl"]
+    )
+    assert wait_for(jobs, job, {"SUCCEEDED", "FAILED", "STOPPED"}) == "SUCCEEDED", jobs.get_job_logs(job)[-3000:]
+    rows = [json.loads(line) for line in (out / "part-00000.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["q1", "q2", "q3"]
+    assert len(rows[2]["results"]) == 2  # the image document was read from the working directory
+    assert error_ids(out) == ["q4"]
+
+
+def test_a_killed_scoring_actor_is_restarted_and_no_row_is_lost(jobs, model_dirs, tmp_path):
+    from ray.util.state import list_actors
+
+    ids = write_rows(tmp_path / "in.jsonl", 800, documents=6)
+    out = tmp_path / "out"
+    job = submit(jobs, model_dirs, ["--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--shard-rows", "25"])
+    wait_for_shards(out, 1, jobs, job)
+    scorers = list_actors(filters=[("class_name", "=", "MapWorker(MapBatches(PairScorer))"), ("state", "=", "ALIVE")])
+    assert scorers, "no scoring actor alive mid-job"
+    os.kill(scorers[0].pid, signal.SIGKILL)
+    killed_while_running = str(jobs.get_job_status(job).value) == "RUNNING"
+    assert wait_for(jobs, job, {"SUCCEEDED", "FAILED", "STOPPED"}) == "SUCCEEDED", jobs.get_job_logs(job)[-3000:]
+    assert killed_while_running
+    assert_exactly_once(out, ids, [])
+
+
+def test_an_interrupted_job_resumes_without_duplicates_or_gaps(jobs, model_dirs, tmp_path):
+    ids = write_rows(tmp_path / "in.jsonl", 800, documents=6, bad=(7,))
+    out = tmp_path / "out"
+    args = ["--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--shard-rows", "25"]
+    first = submit(jobs, model_dirs, args)
+    wait_for_shards(out, 2, jobs, first)
+    jobs.stop_job(first)
+    assert wait_for(jobs, first, {"STOPPED", "FAILED", "SUCCEEDED"}) == "STOPPED"
+    committed = len(list(out.glob("part-*.parquet")))
+    assert 2 <= committed < 32
+    second = submit(jobs, model_dirs, args)
+    assert wait_for(jobs, second, {"SUCCEEDED", "FAILED", "STOPPED"}) == "SUCCEEDED", jobs.get_job_logs(second)[-3000:]
+    assert_exactly_once(out, ids, ["row-7"])
+    assert json.loads((out / "summary.json").read_text())["shards_resumed"] >= committed
+
+
+def test_a_rerun_with_other_options_is_refused(model_dirs, tmp_path, cluster):
+    write_rows(tmp_path / "in.jsonl", 3)
+    settings = Settings(text={"model": str(model_dirs["cross_encoder"])})
+    run(Options(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out")), settings)
+    with pytest.raises(SystemExit, match="different job"):
+        run(Options(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out"), top_n=1), settings)
+
+
+def test_bulk_scores_equal_the_services(alpha, model_dirs, tmp_path, cluster):
+    image = b64(noise_image((24, 24), 3))
+    rows = [
+        {"id": "a", "query": "what is the capital of france", "documents": ["paris is the capital", "a red car"]},
+        {"id": "b", "query": "a red photo", "documents": [{"image": image}, "the dog", "berlin is a city"]},
+    ]
+    with open(tmp_path / "in.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    settings = Settings(text={"model": str(model_dirs["cross_encoder"])}, image_text={"model": str(model_dirs["clip"])})
+    run(Options(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out"), top_n=2), settings)
+    written = {r["id"]: r["results"] for r in pq.read_table(tmp_path / "out" / "part-00000.parquet").to_pylist()}
+    for row in rows:
+        served = alpha.post(
+            "/v2/rerank", json={"query": row["query"], "documents": row["documents"], "raw_scores": True, "top_n": 2}
+        ).json()["results"]
+        assert [r["index"] for r in written[row["id"]]] == [r["index"] for r in served]
+        for mine, theirs in zip(written[row["id"]], served):
+            assert mine["raw_score"] == pytest.approx(theirs["raw_score"], abs=1e-5)
+            assert mine["relevance_score"] == pytest.approx(theirs["relevance_score"], abs=1e-5)
