@@ -30,7 +30,7 @@ def error_body(kind: str, message: str, field: str | None) -> dict:
 
 
 async def rerank_error(request: Request, exc: RerankError) -> JSONResponse:
-    return JSONResponse(error_body(exc.kind, exc.message, exc.field), status_code=exc.status)
+    return JSONResponse(error_body(exc.kind, exc.message, exc.field), status_code=exc.status, headers=exc.headers())
 
 
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

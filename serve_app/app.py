@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from ray.serve import Application
+from ray.serve.config import BackpressureConfig
 
 from serve_app.hardware import load_profile_rows
 from serve_app.ingress import POOLS, Ingress
 from serve_app.replica import PoolReplica
-from serve_app.settings import Settings
+from serve_app.settings import Settings, replica_options
 
 
 def bind_pools(settings: Settings, realtime: bool) -> dict[str, Application | None]:
@@ -32,8 +33,11 @@ def build_app(args: dict | None = None) -> Application:
     """The application builder for `serve run`/`serve deploy`: args are Settings fields (env fills the rest)."""
     settings = Settings(**(args or {}))
     return Ingress.options(
-        num_replicas=settings.ingress_replicas,
+        **replica_options(settings.ingress_replicas, settings.ingress_autoscaling),
         max_ongoing_requests=settings.ingress_max_ongoing_requests,
+        max_queued_requests=settings.ingress_max_queued_requests,
+        # The proxy's own refusals (ingress queue full) carry Retry-After too.
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=settings.retry_after_s),
         ray_actor_options={"num_cpus": settings.ingress_num_cpus},
         logging_config={"log_level": settings.log_level},
     ).bind(

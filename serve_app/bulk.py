@@ -35,7 +35,10 @@ log = logging.getLogger("serve_app.bulk")
 
 POOLS = ("text", "image_text")
 PROGRESS_EVERY_S = 5.0
-EXPAND_CPUS = 0  # reading and splitting rows is light; a CPU share here could starve the actors
+# Reading and splitting rows is light: a small CPU share, and few at once, so the actors keep their CPUs
+# and the node is not flooded with worker processes (each one imports torch).
+EXPAND_CPUS = 0.1
+EXPAND_TASKS = 2
 RESULT_TYPE = pa.list_(
     pa.struct([("index", pa.int32()), ("relevance_score", pa.float64()), ("raw_score", pa.float64())])
 )
@@ -459,7 +462,8 @@ def score_shards(
 
     def records(branch: str):
         kwargs = {"branch": branch, "pool": options.pool, "settings": settings}
-        return items.flat_map(expand, fn_kwargs=kwargs, num_cpus=EXPAND_CPUS)
+        compute = ray.data.TaskPoolStrategy(size=EXPAND_TASKS)
+        return items.flat_map(expand, fn_kwargs=kwargs, num_cpus=EXPAND_CPUS, compute=compute)
 
     datasets = [records("rows")]
     has_gpus = bool(ray.cluster_resources().get("GPU", 0))

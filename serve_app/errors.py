@@ -14,6 +14,9 @@ class RerankError(Exception):
         self.message = message
         self.field = field
 
+    def headers(self) -> dict[str, str]:
+        return {}
+
     def __reduce__(self):
         # Keeps the field when the error crosses a Ray process boundary.
         return (type(self), (self.message, self.field))
@@ -39,3 +42,25 @@ class PoolUnavailable(RerankError):
 
     status = 503
     kind = "pool_unavailable"
+
+
+class Overloaded(RerankError):
+    """Every replica's queue is full: retry after `retry_after_s` seconds."""
+
+    status = 503
+    kind = "overloaded"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+    def __reduce__(self):
+        return (type(self), (self.message, self.retry_after_s))
+
+
+class DeadlineExceeded(RerankError):
+    status = 504
+    kind = "deadline_exceeded"

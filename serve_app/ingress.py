@@ -11,10 +11,11 @@ from dataclasses import dataclass
 import httpx
 from fastapi import FastAPI
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.api import build_api
-from serve_app.errors import InputTooLarge, InvalidInput, PoolUnavailable
+from serve_app.errors import DeadlineExceeded, InputTooLarge, InvalidInput, Overloaded, PoolUnavailable
 from serve_app.media import load_image
 from serve_app.replica import MODEL_SETTING
 from serve_app.schemas import (
@@ -139,7 +140,24 @@ class Ingress:
     # ---- the one internal path ----------------------------------------------------------
 
     async def _rerank(self, job: RerankJob) -> tuple[list[ScoredDocument], dict[str, int]]:
-        """The ranking (threshold and top_n applied) and how many pairs each pool scored."""
+        """The ranking (threshold and top_n applied) and how many pairs each pool scored, within the deadline.
+
+        Past the deadline, or when the client goes away (Serve cancels this task), the pending pool
+        calls are cancelled with it, and pairs still queued in a replica's batcher are never scored."""
+        try:
+            return await asyncio.wait_for(self._rank_pairs(job), self.settings.request_timeout_s)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"the request took longer than {self.settings.request_timeout_s} s (setting request_timeout_s); "
+                "send fewer documents per request or retry when the service is less busy"
+            ) from None
+        except BackPressureError:
+            raise Overloaded(
+                "every replica of a scoring pool is busy and its queue is full; retry after the Retry-After seconds",
+                self.settings.retry_after_s,
+            ) from None
+
+    async def _rank_pairs(self, job: RerankJob) -> tuple[list[ScoredDocument], dict[str, int]]:
         self._check_limits(job)
         query, documents = await self._load(job)
         pairs = [Pair(query, d, job.instruction, job.max_tokens_per_doc) for d in documents]
@@ -167,7 +185,13 @@ class Ingress:
                 chunk = indices[start : start + step]
                 calls.append((chunk, handle.score.remote([pairs[i] for i in chunk], job.truncate)))
         # Every pool's chunks are in flight at once; merge them back into document order.
-        results = await asyncio.gather(*(response for _, response in calls))
+        try:
+            results = await asyncio.gather(*(response for _, response in calls))
+        except BaseException:
+            # Cancelled (deadline, client gone) or one pool failed: the other calls' pairs are not needed.
+            for _, response in calls:
+                response.cancel()
+            raise
         scores: list[tuple[float, float]] = [(0.0, 0.0)] * len(pairs)
         for (chunk, _), chunk_scores in zip(calls, results):
             for i, value in zip(chunk, chunk_scores):
@@ -246,7 +270,10 @@ async def each_replica(handle: DeploymentHandle, method: str) -> list[dict]:
     expected = replica_count(handle.deployment_name) or 1
     seen: dict[str, dict] = {}
     for _ in range(5):
-        answers = await asyncio.gather(*(getattr(handle, method).remote() for _ in range(2 * expected)))
+        try:
+            answers = await asyncio.gather(*(getattr(handle, method).remote() for _ in range(2 * expected)))
+        except BackPressureError:
+            raise Overloaded("the pool's queues are full; ask again after the Retry-After seconds") from None
         seen.update({answer["replica"]: answer for answer in answers})
         if len(seen) >= expected:
             break

@@ -65,7 +65,7 @@ class PoolMetrics:
             "rerank_batch_latency_ms", "Prepare + forward time per batch.",
             boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000], tag_keys=("pool",),
         )  # fmt: skip
-        self.queue = metrics.Gauge("rerank_queued_pairs", "Pairs waiting for a batch.", tag_keys=("pool",))
+        self.queue = metrics.Gauge("rerank_pending_pairs", "Pairs waiting for or in a batch.", tag_keys=("pool",))
         self.memory = metrics.Gauge(
             "rerank_memory_bytes", "CUDA allocated bytes, or RSS on the CPU.", tag_keys=("pool", "kind")
         )
@@ -89,7 +89,7 @@ class PoolReplica:
         self.load_error: str | None = None
         self.scorer = None
         self.forward_lock = asyncio.Lock()
-        self.queued_pairs = 0
+        self.pending_pairs = 0
         self.calls = self.pairs = self.batches = self.largest_batch = 0
         self.batch_latencies_ms: deque[float] = deque(maxlen=1000)
         self.batch_sizes: deque[int] = deque(maxlen=1000)
@@ -179,9 +179,14 @@ class PoolReplica:
         if self.realtime:
             results = [await self._run([piece]) for piece in pieces]
             return [scored for result in results for scored in result[0]]
-        self.queued_pairs += len(pairs)
-        self.metrics.queue.set(self.queued_pairs)
-        results = await asyncio.gather(*(self._score_batch(piece) for piece in pieces))
+        self.pending_pairs += len(pairs)
+        self.metrics.queue.set(self.pending_pairs)
+        try:
+            results = await asyncio.gather(*(self._score_batch(piece) for piece in pieces))
+        finally:
+            # Also when the caller is cancelled: its queued pieces leave the batcher unscored.
+            self.pending_pairs -= len(pairs)
+            self.metrics.queue.set(self.pending_pairs)
         for piece in results:
             if isinstance(piece, Exception):  # this call failed on its own inside a shared batch
                 raise piece
@@ -189,8 +194,6 @@ class PoolReplica:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=pairs_in, max_concurrent_batches=2)
     async def _score_batch(self, calls: list[list[Pair]]) -> list[list[tuple[float, float]] | Exception]:
-        self.queued_pairs -= pairs_in(calls)
-        self.metrics.queue.set(self.queued_pairs)
         try:
             return await self._run(calls)
         except Exception:
@@ -294,7 +297,7 @@ class PoolReplica:
             "max_batch_size": getattr(self, "max_batch_size", None),
             "batch_latency_ms_p50": round(percentile(latencies, 0.5), 2) if latencies else None,
             "batch_latency_ms_p95": round(percentile(latencies, 0.95), 2) if latencies else None,
-            "queued_pairs": self.queued_pairs,
+            "pending_pairs": self.pending_pairs,
         }
 
 

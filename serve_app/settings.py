@@ -22,6 +22,25 @@ class Calibration(BaseModel):
     shift: float = 0.0
 
 
+class Autoscaling(BaseModel):
+    """Serve's autoscaling_config for one deployment: replicas follow ongoing requests per replica."""
+
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=4, ge=1)
+    target_ongoing_requests: float = Field(default=2.0, gt=0)
+    upscale_delay_s: float = Field(default=5.0, ge=0)
+    downscale_delay_s: float = Field(default=60.0, ge=0)
+    metrics_interval_s: float = Field(default=2.0, gt=0)
+    look_back_period_s: float = Field(default=10.0, gt=0)
+
+
+def replica_options(num_replicas: int, autoscaling: Autoscaling | None) -> dict:
+    """Serve options: a fixed replica count, or an autoscaling config (then Serve owns the count)."""
+    if autoscaling is None:
+        return {"num_replicas": num_replicas}
+    return {"num_replicas": "auto", "autoscaling_config": autoscaling.model_dump()}
+
+
 class PoolSettings(BaseModel):
     """One pool of scoring replicas: its model, its resources and its batch cap."""
 
@@ -30,6 +49,12 @@ class PoolSettings(BaseModel):
     max_ongoing_requests: int = Field(
         default=64, ge=1, description="Calls a replica takes at once; must exceed the calls one batch gathers."
     )
+    max_queued_requests: int = Field(
+        default=256,
+        ge=-1,
+        description="Calls waiting for a replica; beyond it callers get 503 + Retry-After. -1: no cap.",
+    )
+    autoscaling: Autoscaling | None = Field(default=None, description="Unset: num_replicas, fixed.")
     num_replicas: int = Field(default=1, ge=1)
     num_cpus: float = Field(default=1.0, ge=0)
     num_gpus: float = Field(default=0.0, ge=0)
@@ -69,14 +94,17 @@ class PoolSettings(BaseModel):
         """Serve deployment options for this pool."""
         return {
             "name": name,
-            "num_replicas": self.num_replicas,
+            **replica_options(self.num_replicas, self.autoscaling),
             "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
             "ray_actor_options": self.ray_actor_options(),
             "user_config": {"max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s},
         }
 
     def realtime_options(self, name: str) -> dict:
-        return {**self.deployment_options(name), "num_replicas": self.realtime_replicas}
+        options = self.deployment_options(name)
+        options.pop("autoscaling_config", None)
+        return {**options, "num_replicas": self.realtime_replicas}
 
     def ray_actor_options(self) -> dict:
         options: dict = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
@@ -115,6 +143,16 @@ class Settings(BaseSettings):
     ingress_max_ongoing_requests: int = Field(
         default=100, ge=1, description="HTTP requests one ingress replica takes at once."
     )
+    ingress_max_queued_requests: int = Field(
+        default=200, ge=-1, description="HTTP requests waiting for an ingress replica; beyond it: 503 + Retry-After."
+    )
+    ingress_autoscaling: Autoscaling | None = Field(default=None, description="Unset: ingress_replicas, fixed.")
+    request_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Deadline of one request; past it the caller gets 504 and its pairs are cancelled.",
+    )
+    retry_after_s: int = Field(default=1, ge=0, description="Retry-After (seconds) sent with 503 when queues are full.")
 
     max_documents_per_request: int = Field(default=1000, ge=1)
     max_text_chars: int = Field(default=20_000, ge=1, description="Characters per query or document text.")

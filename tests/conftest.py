@@ -30,6 +30,7 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
         "embedding": tiny_models.build_embedding(root / "embedding"),
         "clip": tiny_models.build_clip(root / "clip"),
         "blip": tiny_models.build_blip(root / "blip"),
+        "slow": tiny_models.build_slow_cross_encoder(root / "slow"),
     }
 
 
@@ -126,6 +127,20 @@ def apps(serve_url, model_dirs, tmp_path_factory) -> dict[str, str]:
             },
             "image_text": {"model": str(model_dirs["clip"]), "num_gpus": 0.5, "accelerator_type": "RTX3060"},
         },
+        # A slow model behind small queues and a short deadline: overload and timeout behaviour.
+        "tight": {
+            "text": {
+                "model": str(model_dirs["slow"]),
+                "max_batch_size": 4,
+                "max_ongoing_requests": 1,
+                "max_queued_requests": 1,
+            },
+            "image_text": {"enabled": False},
+            "ingress_max_ongoing_requests": 4,
+            "ingress_max_queued_requests": 2,
+            "request_timeout_s": 3,
+            "retry_after_s": 2,
+        },
     }
     for name, args in specs.items():
         deploy(name, args)
@@ -147,6 +162,12 @@ def beta(apps) -> Iterator[httpx.Client]:
 @pytest.fixture(scope="session")
 def pinned(apps) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=apps["pinned"], timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def tight(apps) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=apps["tight"], timeout=60) as client:
         yield client
 
 

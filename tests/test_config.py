@@ -26,7 +26,8 @@ def test_serve_config_args_are_settings_fields():
     config = yaml.safe_load((DEPLOY_DIR / "serve_config.yaml").read_text())
     args = config["applications"][0]["args"]
     settings = Settings(**args)
-    assert settings.text.max_batch_size == args["text"]["max_batch_size"]
+    assert settings.text.autoscaling.max_replicas == args["text"]["autoscaling"]["max_replicas"]
+    assert settings.request_timeout_s < config["http_options"]["request_timeout_s"]  # ours answers 504 first
     assert settings.image_text.model == args["image_text"]["model"]
 
 

@@ -85,7 +85,7 @@ def test_stats_show_memory_fill_latency_and_queue_per_replica(pinned):
     assert text["memory"]["device"] == "cpu" and text["memory"]["rss_bytes"] > 0
     assert text["batches"] >= 1 and text["mean_batch_fill_pairs"] > 0
     assert 0 < text["batch_latency_ms_p50"] <= text["batch_latency_ms_p95"]
-    assert text["queued_pairs"] == 0
+    assert text["pending_pairs"] == 0
     assert text["node_id"] == node_with("A10G")
 
 

@@ -32,27 +32,44 @@ SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 IMAGE_SIZE = 32
 
 
-def save_tokenizer(directory: Path) -> BertTokenizerFast:
+def save_tokenizer(directory: Path, max_length: int = 64) -> BertTokenizerFast:
     """A WordPiece tokenizer over letters, digits and a few words: every text tokenizes."""
     pieces = list(string.ascii_lowercase + string.digits + string.punctuation)
     vocab = SPECIALS + pieces + ["##" + c for c in string.ascii_lowercase + string.digits] + WORDS
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, model_max_length=64)
+    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, model_max_length=max_length)
     tokenizer.save_pretrained(directory)
     return tokenizer
 
 
 def _bert_config(vocab_size: int, **extra) -> BertConfig:
-    return BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        initializer_range=0.3,  # wide weights, so random models give scores that differ per pair
-        **extra,
+    sizes = {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 64,
+        "initializer_range": 0.3,  # wide weights, so random models give scores that differ per pair
+    }
+    return BertConfig(vocab_size=vocab_size, **{**sizes, **extra})
+
+
+def build_slow_cross_encoder(directory: Path) -> Path:
+    """MiniLM-L6-sized with 512 positions: seconds per request on one CPU, for deadline and overload tests."""
+    torch.manual_seed(0)
+    tokenizer = save_tokenizer(directory, max_length=512)
+    config = _bert_config(
+        len(tokenizer),
+        hidden_size=384,
+        num_hidden_layers=6,
+        num_attention_heads=12,
+        intermediate_size=1536,
+        max_position_embeddings=512,
+        initializer_range=0.02,
+        num_labels=1,
     )
+    BertForSequenceClassification(config).eval().save_pretrained(directory)
+    return directory
 
 
 def build_cross_encoder(directory: Path, num_labels: int = 1, seed: int = 0) -> Path:
