@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
 
 LONG = " ".join(["the capital city of france is paris"] * 50)  # ~350 tokens: slow on the slow model
 
@@ -62,3 +66,53 @@ def test_a_request_past_its_deadline_gets_504_and_the_service_recovers(tight):
     stats = wait_until_idle(tight)
     assert stats["pending_pairs"] == 0
     assert stats["pairs"] - before < 50  # most of the 100 pairs were cancelled, never scored
+
+
+def test_a_client_that_disconnects_cancels_its_pairs(tight):
+    before = wait_until_idle(tight)["pairs"]
+    with pytest.raises(httpx.ReadTimeout):
+        tight.post("/v2/rerank", json={"query": "capital of france", "documents": [LONG] * 100}, timeout=1.0)
+    assert wait_until_idle(tight)["pairs"] - before < 50  # the rest left the batcher unscored
+
+
+def test_a_new_config_deployed_under_load_completes_every_request(serve_url, model_dirs):
+    from ray import serve
+
+    from tests.conftest import deploy
+
+    model = str(model_dirs["cross_encoder"])
+    deploy("rolling", {"text": {"model": model, "max_batch_size": 8}, "image_text": {"enabled": False}})
+    stop, statuses = threading.Event(), []
+
+    def client() -> None:
+        with httpx.Client(base_url=f"{serve_url}/rolling", timeout=60) as http:
+            while not stop.is_set():
+                try:
+                    statuses.append(
+                        http.post("/v2/rerank", json={"query": "q", "documents": ["a", "b", "c"]}).status_code
+                    )
+                except httpx.HTTPError as exc:
+                    statuses.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(1)
+        # New init args (a rolling restart), another batch cap and one more replica, while the load runs.
+        deploy(
+            "rolling",
+            {"text": {"model": model, "max_batch_size": 4, "num_replicas": 2}, "image_text": {"enabled": False}},
+        )
+        time.sleep(1)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    try:
+        assert statuses and set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
+        text = httpx.get(f"{serve_url}/rolling/v1/models", timeout=30).json()["pools"]["text"]
+        assert text["replica_count"] == 2
+        assert {r["max_batch_size"] for r in text["replicas"]} == {4}
+    finally:
+        serve.delete("rolling")
