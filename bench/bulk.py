@@ -2,8 +2,9 @@
 
     .venv/bin/python -m bench.bulk [--rows 150] [--documents 20]
 
-Runs the raw forward (pairs tokenized once, then model forwards only, batches of the profile cap, torch
-on all cores) and the bulk job (Ray Data, two 1-CPU scoring actors) on the same pairs, in one run. The job
+Runs the raw forward (pairs tokenized once, then model forwards only, batches of the profile cap, one
+torch thread) and the bulk job (Ray Data, one scoring actor of 1 CPU, so one torch thread) on the same
+pairs, in one run: the same cores for the model on both sides. The job
 runs twice, at N and 2N rows; the difference cancels Ray's and the actors' start-up, leaving the
 steady-state rate. Prints both rates and their ratio; writes bench/results/bulk-<date>-<host>.json.
 """
@@ -52,6 +53,7 @@ def make_rows(count: int, documents: int, seed: int) -> list[dict]:
 
 
 def raw_forward_rate(rows: list[dict], model: str, batch: int) -> float:
+    torch.set_num_threads(1)  # what a 1-CPU actor gets (Ray sets OMP_NUM_THREADS from num_cpus)
     scorer = load_scorer(model)
     pairs = [Pair(Content(r["query"]), Content(d)) for r in rows for d in r["documents"]]
     prepared = [scorer.prepare(pairs[i : i + batch]) for i in range(0, len(pairs), batch)]
@@ -68,7 +70,7 @@ def bulk_seconds(rows: list[dict], workdir: Path, tag: str) -> float:
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
     env = {**os.environ, "RAY_ADDRESS": "local", "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "serve_app.bulk", "--input", str(source), "--output", str(workdir / f"out-{tag}"),
-               "--pool", "text", "--text-actors", "2", "--shard-rows", "10"]  # fmt: skip
+               "--pool", "text", "--text-actors", "1", "--shard-rows", "10"]  # fmt: skip
     start = time.perf_counter()
     subprocess.run(command, env=env, check=True, capture_output=True)
     return time.perf_counter() - start

@@ -35,9 +35,10 @@ log = logging.getLogger("serve_app.bulk")
 
 POOLS = ("text", "image_text")
 PROGRESS_EVERY_S = 5.0
-# Reading and splitting rows is light: a small CPU share, and few at once, so the actors keep their CPUs
-# and the node is not flooded with worker processes (each one imports torch).
-EXPAND_CPUS = 0.1
+# Reading and splitting rows is light: it reserves no CPU, so actors that take every CPU cannot starve
+# it (a deadlock), and only a few such tasks run at once, so the node is not flooded with worker
+# processes (each one imports torch).
+EXPAND_CPUS = 0
 EXPAND_TASKS = 2
 RESULT_TYPE = pa.list_(
     pa.struct([("index", pa.int32()), ("relevance_score", pa.float64()), ("raw_score", pa.float64())])
