@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -76,7 +77,8 @@ def submit(jobs, model_dirs, args: list[str]) -> str:
 
 def _submit(jobs, model_dirs, args: list[str]) -> str:
     return jobs.submit_job(
-        entrypoint="python -m serve_app.bulk " + " ".join(args),
+        # The README says `python`; here the interpreter running the tests, which need not be on PATH.
+        entrypoint=f"{sys.executable} -m serve_app.bulk " + " ".join(args),
         runtime_env={
             "working_dir": str(ROOT),
             "excludes": [".venv", ".git", "bench/results", "*.pyc"],
