@@ -146,7 +146,7 @@ class Ingress:
         calls are cancelled with it, and pairs still queued in a replica's batcher are never scored."""
         try:
             return await asyncio.wait_for(self._rank_pairs(job), self.settings.request_timeout_s)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # the builtin TimeoutError from 3.11 on
             raise DeadlineExceeded(
                 f"the request took longer than {self.settings.request_timeout_s} s (setting request_timeout_s); "
                 "send fewer documents per request or retry when the service is less busy"
@@ -165,20 +165,10 @@ class Ingress:
         by_pool: dict[str, list[int]] = {pool: [] for pool in POOLS}
         for i, pair in enumerate(pairs):
             by_pool["image_text" if pair.needs_image_model else "text"].append(i)
+        handles = {pool: self._handle(pool, priority, len(indices)) for pool, indices in by_pool.items() if indices}
         calls = []
-        for pool, indices in by_pool.items():
-            if not indices:
-                continue
-            handle = self.pools[pool]
-            if priority == "realtime" and self.realtime_pools.get(pool) is not None:
-                handle = self.realtime_pools[pool]
-            if handle is None:
-                raise PoolUnavailable(
-                    f"this request has {len(indices)} {pool.replace('_', '-')} pair(s) but the {pool} pool is "
-                    f"disabled; enable it (RERANK_{pool.upper()}__ENABLED=true) with a model "
-                    f"({MODEL_SETTING[pool]})",
-                    "documents",
-                )
+        for pool, handle in handles.items():
+            indices = by_pool[pool]
             self.pairs_sent[pool] += len(indices)
             step = self.settings.max_pairs_per_call
             for start in range(0, len(indices), step):
@@ -199,6 +189,19 @@ class Ingress:
         return rank(scores, job.threshold, job.top_n), {
             pool: len(indices) for pool, indices in by_pool.items() if indices
         }
+
+    def _handle(self, pool: str, priority: str, pairs: int) -> DeploymentHandle:
+        """The pool's realtime variant when asked for and deployed, else its batched deployment."""
+        handle = self.pools[pool]
+        if priority == "realtime" and self.realtime_pools.get(pool) is not None:
+            handle = self.realtime_pools[pool]
+        if handle is None:
+            raise PoolUnavailable(
+                f"this request has {pairs} {pool.replace('_', '-')} pair(s) but the {pool} pool is disabled; "
+                f"enable it (RERANK_{pool.upper()}__ENABLED=true) with a model ({MODEL_SETTING[pool]})",
+                "documents",
+            )
+        return handle
 
     def _check_limits(self, job: RerankJob) -> None:
         limit = self.settings.max_documents_per_request

@@ -41,7 +41,7 @@ def free_port() -> int:
 
 
 # Worker nodes that declare GPUs they do not have: placement and batch sizing are tested on CPUs.
-GPU_NODES = {"A10G": 4, "RTX3060": 4, "B200": 2}
+GPU_NODES = {"A10G": 4, "RTX3060": 4, "B200": 4}
 
 
 @pytest.fixture(scope="session")
