@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fnmatch
-import os
 import re
 import socket
 from dataclasses import asdict, dataclass
@@ -213,8 +212,3 @@ def reset_peak_memory() -> None:
 def peak_memory_bytes() -> int | None:
     stats = memory_stats()
     return stats.get("peak_allocated_bytes") or stats.get("peak_rss_bytes")
-
-
-def cpu_threads() -> int:
-    """Threads torch may use: Ray sets OMP_NUM_THREADS from the actor's num_cpus."""
-    return int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))

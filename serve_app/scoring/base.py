@@ -368,13 +368,6 @@ def to_device(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Te
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
-def padding_waste(batches: Sequence[dict[str, torch.Tensor]]) -> tuple[int, int]:
-    """(padded tokens, real tokens) over the batches' attention masks."""
-    padded = sum(b["attention_mask"].numel() for b in batches)
-    real = sum(int(b["attention_mask"].sum()) for b in batches)
-    return padded - real, real
-
-
 def text_pairs(pairs: Sequence[Pair], tokenizer, family: str) -> tuple[list[str], list[str]]:
     """Query texts (instruction first) and document texts (cut to max_document_tokens) of text pairs."""
     queries, documents = [], []
