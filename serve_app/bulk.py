@@ -278,14 +278,19 @@ class ShardResult:
     rows: int
     headers: dict[int, dict] = field(default_factory=dict)
     pairs: dict[tuple[int, int], tuple[float, float] | str] = field(default_factory=dict)
+    arrived: dict[int, int] = field(default_factory=lambda: defaultdict(int))  # distinct pairs per row
+
+    def add(self, key: tuple[int, int], value: tuple[float, float] | str) -> bool:
+        """Record a pair's result; True when it is new (a retried task may deliver it twice)."""
+        new = key not in self.pairs
+        self.pairs[key] = value
+        self.arrived[key[0]] += new
+        return new
 
     def complete(self) -> bool:
         if len(self.headers) < self.rows:
             return False
-        arrived: dict[int, int] = defaultdict(int)
-        for row, _ in self.pairs:
-            arrived[row] += 1
-        return all(h["error"] or arrived[row] >= h["n_pairs"] for row, h in self.headers.items())
+        return all(h["error"] or self.arrived[row] >= h["n_pairs"] for row, h in self.headers.items())
 
 
 class Output:
@@ -497,8 +502,7 @@ def score_shards(
                 result.headers[record["row"]] = record
                 continue
             key = (record["row"], record["doc"])
-            pairs_scored += key not in result.pairs
-            result.pairs[key] = record["error"] or (record["raw"], record["score"])
+            pairs_scored += result.add(key, record["error"] or (record["raw"], record["score"]))
         for shard_index in [i for i, r in pending.items() if r.complete()]:
             rows_done += commit_shard(out, shard_index, pending.pop(shard_index), threshold, options.top_n)
         if time.monotonic() - last_log > PROGRESS_EVERY_S:
