@@ -213,6 +213,7 @@ class PairScorer:
         self.load_error: str | None = None
         try:
             self.scorer = hardware.load_pool_scorer(config, where, profile, settings.model_cache_dir)
+            hardware.tune_forward_cost(self.scorer, pool, config, profile.max_batch_size)
         except ModelLoadError as exc:
             # As in the service: the job goes on; this pool's pairs fail their rows, with the reason.
             self.load_error = f"the {pool} model is unavailable: {exc}"

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import fnmatch
+import logging
 import re
 import socket
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import yaml
+from PIL import Image
 
-from serve_app.scoring import LoadOptions, Scorer, load_scorer
+from serve_app.scoring import Content, LoadOptions, Pair, Scorer, load_scorer
 from serve_app.scoring.base import Logistic
 from serve_app.settings import PoolSettings
+
+log = logging.getLogger(__name__)
 
 PROFILES_PATH = Path(__file__).resolve().parent.parent / "deploy" / "batch_profiles.yaml"
 
@@ -148,6 +153,8 @@ def choose_profile(rows: list[ProfileRow], where: Placement, modality: str, conf
 
 def load_pool_scorer(config: PoolSettings, where: Placement, profile: BatchProfile, cache_dir: Path) -> Scorer:
     """A pool's scorer as the service and the bulk job both load it."""
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
     calibration = config.calibration and Logistic(config.calibration.scale, config.calibration.shift)
     return load_scorer(
         config.model,
@@ -160,8 +167,51 @@ def load_pool_scorer(config: PoolSettings, where: Placement, profile: BatchProfi
             shape_buckets=where.device.startswith("cuda"),
             attn_implementation=config.attn_implementation,
             quantize=config.quantize,
+            forward_cost_tokens=config.forward_cost_tokens or 0,
         ),
     )
+
+
+def synthetic_pairs(pool: str, count: int, words: int) -> list[Pair]:
+    """Pairs of about `words` tokens for warm-up and memory probes (the tokenizer truncates the excess)."""
+    text = " ".join(["relevance"] * max(1, words))
+    if pool == "image_text":
+        image = Image.new("RGB", (224, 224), (90, 120, 150))
+        return [Pair(Content(text=text), Content(image=image)) for _ in range(count)]
+    return [Pair(Content(text="query"), Content(text=text)) for _ in range(count)]
+
+
+def tune_forward_cost(scorer: Scorer, pool: str, config: PoolSettings, max_batch_size: int) -> int:
+    """Set the scorer's forward_cost_tokens: the pool's setting, else measured (text pools), else left as is.
+
+    Measured as the time of a one-pair forward over the time per token of a large one: what a cut into
+    one more forward pass must save in padding to pay for itself.
+    """
+    if config.forward_cost_tokens is not None:
+        scorer.options.forward_cost_tokens = config.forward_cost_tokens
+    elif pool == "text":
+        scorer.options.forward_cost_tokens = measure_forward_cost_tokens(scorer, max_batch_size)
+    return scorer.options.forward_cost_tokens
+
+
+def measure_forward_cost_tokens(scorer: Scorer, max_batch_size: int, words: int = 60, repeats: int = 3) -> int:
+    def best_time(pairs: list[Pair]) -> tuple[float, int]:
+        prepared = scorer.prepare(pairs)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            scorer.forward(prepared)  # returns Python floats: the device has finished
+            times.append(time.perf_counter() - start)
+        return min(times), scorer.tokens(prepared).padded
+
+    small_s, small_tokens = best_time(synthetic_pairs("text", 1, words))
+    big_s, big_tokens = best_time(synthetic_pairs("text", max(2, min(max_batch_size, 64)), words))
+    per_token = (big_s - small_s) / max(1, big_tokens - small_tokens)
+    if per_token <= 0:
+        return 0
+    cost = int(min(1 << 16, max(0.0, small_s / per_token - small_tokens)))
+    log.info("forward costs %.2f ms + %.1f us/token: forward_cost_tokens=%d", small_s * 1e3, per_token * 1e6, cost)
+    return cost
 
 
 def derive_max_batch_size(free_bytes: int, bytes_per_pair: float, budget: float = 0.8, ceiling: int = 1024) -> int:

@@ -19,9 +19,9 @@ from ray.util import metrics
 
 from serve_app import hardware
 from serve_app.errors import InputTooLarge, InvalidInput, PoolUnavailable
-from serve_app.hardware import BatchProfile, ProfileRow
+from serve_app.hardware import BatchProfile, ProfileRow, synthetic_pairs
 from serve_app.scoring import Content, ModelLoadError, Pair, PairTooLong, ScoringError
-from serve_app.scoring.base import BUCKET
+from serve_app.scoring.base import BUCKET, TokenCount
 from serve_app.settings import PoolSettings
 
 log = logging.getLogger("ray.serve")
@@ -36,15 +36,6 @@ def probe_pair(pool: str) -> Pair:
     if pool == "image_text":
         return Pair(Content(text="a grey square"), Content(image=Image.new("RGB", (32, 32), (128, 128, 128))))
     return Pair(Content(text="health check"), Content(text="the service is scoring pairs"))
-
-
-def synthetic_pairs(pool: str, count: int, words: int) -> list[Pair]:
-    """Pairs of about `words` tokens for warm-up and memory probes (the tokenizer truncates the excess)."""
-    text = " ".join(["relevance"] * words)
-    if pool == "image_text":
-        image = Image.new("RGB", (224, 224), (90, 120, 150))
-        return [Pair(Content(text=text), Content(image=image)) for _ in range(count)]
-    return [Pair(Content(text="query"), Content(text=text)) for _ in range(count)]
 
 
 def pairs_in(calls: list[list[Pair]]) -> int:
@@ -91,6 +82,7 @@ class PoolReplica:
         self.forward_lock = asyncio.Lock()
         self.pending_pairs = 0
         self.calls = self.pairs = self.batches = self.largest_batch = 0
+        self.tokens = TokenCount()
         self.batch_latencies_ms: deque[float] = deque(maxlen=1000)
         self.batch_sizes: deque[int] = deque(maxlen=1000)
         self.metrics = PoolMetrics(pool)
@@ -107,6 +99,7 @@ class PoolReplica:
         self.batch_wait_timeout_s = self.profile.batch_wait_timeout_s
         self._apply_config(config.max_batch_size, config.batch_wait_timeout_s)
         self._warm_up()
+        hardware.tune_forward_cost(self.scorer, pool, config, self.max_batch_size)
 
     # ---- start-up: profile, derived cap, warm-up ------------------------------------------
 
@@ -134,11 +127,12 @@ class PoolReplica:
         if not self.placement.device.startswith("cuda"):
             self.scorer.score(synthetic_pairs(self.pool, self.max_batch_size, 8))
         else:
-            lengths = range(BUCKET, self.scorer.info.max_length + 1, BUCKET)
+            widths = range(BUCKET, self.scorer.info.max_length + 1, BUCKET)
             sizes = [1 << i for i in range(self.max_batch_size.bit_length()) if 1 << i <= self.max_batch_size]
-            for words in lengths:
+            for width in widths:
                 for size in sizes:
-                    self.scorer.score(synthetic_pairs(self.pool, size, words))
+                    # "query" + the words + 3 special tokens: exactly `width` tokens for a cross-encoder.
+                    self.scorer.score(synthetic_pairs(self.pool, size, width - 4))
         log.info("pool %s warmed up in %.1f s", self.pool, time.perf_counter() - start)
 
     def reconfigure(self, user_config: dict) -> None:
@@ -214,8 +208,9 @@ class PoolReplica:
                 raw = await asyncio.to_thread(self.scorer.forward, prepared)
         else:
             async with self.forward_lock:
-                raw = await asyncio.to_thread(self.scorer.score, flat)
-        self._record(len(flat), (time.perf_counter() - start) * 1000)
+                prepared = await asyncio.to_thread(self.scorer.prepare, flat)
+                raw = await asyncio.to_thread(self.scorer.forward, prepared)
+        self._record(len(flat), (time.perf_counter() - start) * 1000, self.scorer.tokens(prepared))
         scored = list(zip(raw, self.scorer.calibrate(raw)))
         out, offset = [], 0
         for call in calls:
@@ -229,8 +224,9 @@ class PoolReplica:
         except Exception as exc:  # noqa: BLE001 - handed back to that caller only
             return exc
 
-    def _record(self, pairs: int, ms: float) -> None:
+    def _record(self, pairs: int, ms: float, tokens: TokenCount) -> None:
         self.batches += 1
+        self.tokens += tokens
         self.pairs += pairs
         self.largest_batch = max(self.largest_batch, pairs)
         self.batch_sizes.append(pairs)
@@ -265,6 +261,8 @@ class PoolReplica:
             "max_batch_size": getattr(self, "max_batch_size", None),
             "batch_wait_timeout_s": 0.0 if self.realtime else getattr(self, "batch_wait_timeout_s", None),
             "max_batch_size_source": self.profile.source,
+            "forward_cost_tokens": self.scorer.options.forward_cost_tokens if self.scorer else None,
+            "torch_threads": torch.get_num_threads(),
             "pid": os.getpid(),
             "counters": {
                 "calls": self.calls,
@@ -294,6 +292,10 @@ class PoolReplica:
             "batches": self.batches,
             "pairs": self.pairs,
             "mean_batch_fill_pairs": round(statistics.fmean(self.batch_sizes), 2) if self.batch_sizes else None,
+            # Counted since start-up (warm-up excluded): differences between two readings give a window's figures.
+            "real_tokens": self.tokens.real,
+            "padded_tokens": self.tokens.padded,
+            "padding_waste": round(self.tokens.padded / self.tokens.real - 1, 4) if self.tokens.real else None,
             "max_batch_size": getattr(self, "max_batch_size", None),
             "batch_latency_ms_p50": round(percentile(latencies, 0.5), 2) if latencies else None,
             "batch_latency_ms_p95": round(percentile(latencies, 0.95), 2) if latencies else None,

@@ -88,6 +88,17 @@ class PoolSettings(BaseModel):
         ge=64,
         description="Padded tokens per forward pass; a batch sorted by length is cut to fit.",
     )
+    forward_cost_tokens: int | None = Field(
+        default=None,
+        ge=0,
+        description="What one more forward pass costs, in padded tokens; a sorted batch is cut where a cut saves "
+        "more padding than this. Unset: measured at start-up (text pools), 0 otherwise.",
+    )
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="Torch CPU threads per replica. Unset: Ray's OMP_NUM_THREADS, i.e. the replica's num_cpus.",
+    )
     calibration: Calibration | None = Field(default=None, description="Override of the family's raw -> 0..1 map.")
 
     def deployment_options(self, name: str) -> dict:

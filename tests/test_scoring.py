@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 
@@ -387,6 +388,38 @@ def test_length_groups_keeps_every_index_once_within_budget(max_tokens):
 
 def test_length_groups_of_nothing_is_empty():
     assert length_groups([], 64) == []
+
+
+def padded_cost(groups: list[list[int]], lengths: list[int], forward_cost: int) -> int:
+    return sum(forward_cost + len(g) * max(lengths[i] for i in g) for g in groups)
+
+
+def test_free_forwards_mean_no_padding():
+    lengths = [12, 40, 12, 7, 40, 40, 33, 7]
+    groups = length_groups(lengths, 10_000, forward_cost_tokens=0)
+    assert padded_cost(groups, lengths, 0) == sum(lengths)
+
+
+def test_costly_forwards_make_one_group_within_budget():
+    lengths = [12, 40, 12, 7, 40, 40, 33, 7]
+    assert length_groups(lengths, 10_000, forward_cost_tokens=100_000) == [sorted(range(8), key=lengths.__getitem__)]
+    # The budget still cuts: at most 2 pairs of width 40 per forward.
+    assert all(len(g) * max(lengths[i] for i in g) <= 80 for g in length_groups(lengths, 80, 100_000))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_length_groups_find_the_cheapest_cut(seed):
+    rng = random.Random(seed)
+    lengths = [rng.randint(5, 400) for _ in range(9)]
+    forward_cost = rng.choice([0, 50, 500, 5000])
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    # Brute force over every way to cut the sorted order into contiguous groups.
+    cheapest = min(
+        padded_cost([order[a:b] for a, b in zip((0, *cuts), (*cuts, len(order)))], lengths, forward_cost)
+        for k in range(len(order))
+        for cuts in itertools.combinations(range(1, len(order)), k)
+    )
+    assert padded_cost(length_groups(lengths, 10**9, forward_cost), lengths, forward_cost) == cheapest
 
 
 def test_scores_come_back_in_input_order(scorers):

@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from PIL.Image import Image
 
@@ -118,6 +119,7 @@ class Scorer(Protocol):
     """
 
     info: ScorerInfo
+    options: LoadOptions  # how batches are cut and shaped; a server may tune forward_cost_tokens once loaded
 
     def check(self, pairs: Sequence[Pair], truncate: bool) -> None:
         """Raise ScoringError when a pair cannot be scored as asked (cheap, before batching)."""
@@ -134,12 +136,38 @@ class Scorer(Protocol):
     def calibrate(self, raw_scores: Sequence[float]) -> list[float]:
         """Calibrated 0..1 scores: a monotone map of the raw ones."""
 
+    def tokens(self, prepared: Any) -> TokenCount:
+        """Real and padded text tokens of a prepared batch (padding waste = padded / real - 1)."""
+
+
+@dataclass(frozen=True)
+class TokenCount:
+    real: int = 0
+    padded: int = 0
+
+    def __add__(self, other: TokenCount) -> TokenCount:
+        return TokenCount(self.real + other.real, self.padded + other.padded)
+
+
+def count_tokens(batches: Sequence[dict[str, torch.Tensor]]) -> TokenCount:
+    """Tokens in padded text batches: real ones are those the attention mask keeps."""
+    real = padded = 0
+    for batch in batches:
+        mask = batch["attention_mask"]
+        real += int(mask.sum())
+        padded += mask.numel()
+    return TokenCount(real, padded)
+
 
 @dataclass
 class LoadOptions:
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
     max_tokens_per_forward: int = 16384
+    # What one more forward pass costs, in padded tokens: the fixed cost (kernel launches, Python) over the
+    # cost of one token. A batch sorted by length is cut where a new forward costs less than the padding it
+    # saves. Near 0 on a CPU, thousands on a large GPU; the replica measures it at start-up.
+    forward_cost_tokens: int = 0
     calibration: Calibrator | None = None
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "serve_app" / "models")
     # GPU kernels are chosen per shape: pad lengths to buckets and batches to powers of two, so the
@@ -152,7 +180,8 @@ class LoadOptions:
         return Shapes(BUCKET if self.shape_buckets else 1, self.shape_buckets)
 
 
-BUCKET = 64
+# Finer buckets pad less; each bucket is one more shape to warm at start-up (x power-of-two batch sizes).
+BUCKET = 16
 
 
 @dataclass(frozen=True)
@@ -316,19 +345,40 @@ def model_max_length(tokenizer, config_limit: int | None) -> int:
     return min(limits) if limits else 512
 
 
-def length_groups(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Indices sorted by length, cut so each group's padded size (count x longest) fits max_tokens."""
+def length_groups(
+    lengths: Sequence[int],
+    max_tokens: int,
+    forward_cost_tokens: int = 0,
+    width: Callable[[int], int] = int,
+) -> list[list[int]]:
+    """Indices sorted by length, cut into groups (forward passes) of least total cost.
+
+    A group costs `forward_cost_tokens` plus its padded size (count x width of its longest); no group's
+    padded size exceeds `max_tokens` unless a single pair does. Exact, by dynamic programming over the
+    sorted lengths (O(n^2) in numpy; n is one batch).
+    """
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n = len(order)
+    if n == 0:
+        return []
+    widths = [width(lengths[i]) for i in order]
+    best = np.zeros(n + 1)
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        # Sorted ascending: a group ending at j is as wide as its last member.
+        w = widths[j - 1]
+        first = max(0, j - max(1, max_tokens // max(w, 1)))
+        starts = np.arange(first, j)
+        costs = best[first:j] + forward_cost_tokens + (j - starts) * w
+        k = int(np.argmin(costs))
+        best[j] = costs[k]
+        cut[j] = first + k
     groups: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        # Sorted ascending, so the newcomer is the longest of the group.
-        if current and (len(current) + 1) * lengths[i] > max_tokens:
-            groups.append(current)
-            current = []
-        current.append(i)
-    if current:
-        groups.append(current)
+    j = n
+    while j > 0:
+        groups.append(order[cut[j] : j])
+        j = cut[j]
+    groups.reverse()
     return groups
 
 
@@ -346,13 +396,20 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def padded_groups(
-    encoding, max_tokens: int, pad_token_id: int, shapes: Shapes, max_length: int
+    encoding, options: LoadOptions, pad_token_id: int, max_length: int
 ) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
     """(indices, CPU tensors) for length-sorted groups of an unpadded tokenizer output."""
     input_ids = encoding["input_ids"]
     keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoding]
+    shapes = options.shapes()
     out = []
-    for sorted_group in length_groups([len(ids) for ids in input_ids], max_tokens):
+    groups = length_groups(
+        [len(ids) for ids in input_ids],
+        options.max_tokens_per_forward,
+        options.forward_cost_tokens,
+        width=lambda n: shapes.width(n, max_length),
+    )
+    for sorted_group in groups:
         for group in shapes.split(sorted_group):
             width = shapes.width(max(len(input_ids[i]) for i in group), max_length)
             batch = {}

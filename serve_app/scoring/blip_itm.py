@@ -13,7 +13,9 @@ from serve_app.scoring.base import (
     LoadOptions,
     Pair,
     ScorerInfo,
+    TokenCount,
     UnsupportedPair,
+    count_tokens,
     dtype_name,
     load_model,
     model_max_length,
@@ -35,6 +37,7 @@ class BlipItmScorer:
         self.model = load_model(BlipForImageTextRetrieval, model_dir, options)
         self.device = options.device
         self.dtype = options.dtype
+        self.options = options
         self.max_length = model_max_length(self.tokenizer, self.model.config.text_config.max_position_embeddings)
         self.calibrator = options.calibration or Identity()
         self.info = ScorerInfo(
@@ -114,3 +117,6 @@ class BlipItmScorer:
 
     def calibrate(self, raw_scores: Sequence[float]) -> list[float]:
         return [self.calibrator(r) for r in raw_scores]
+
+    def tokens(self, prepared: Prepared) -> TokenCount:
+        return count_tokens([tokens for tokens, _ in prepared])

@@ -13,6 +13,8 @@ from serve_app.scoring.base import (
     ModelLoadError,
     Pair,
     ScorerInfo,
+    TokenCount,
+    count_tokens,
     dtype_name,
     load_model,
     model_max_length,
@@ -35,8 +37,7 @@ class CrossEncoderScorer:
         if labels not in (1, 2):
             raise ModelLoadError(f"{model} has {labels} labels; a cross-encoder needs 1 (relevance) or 2 (no, yes)")
         self.device = options.device
-        self.shapes = options.shapes()
-        self.max_tokens_per_forward = options.max_tokens_per_forward
+        self.options = options
         self.max_length = model_max_length(self.tokenizer, self.model.config.max_position_embeddings)
         # Two labels: softmax's positive class equals sigmoid(l1 - l0), so that difference is the raw score.
         self.calibrator = options.calibration or Logistic()
@@ -65,7 +66,7 @@ class CrossEncoderScorer:
         queries, documents = text_pairs(pairs, self.tokenizer, "cross-encoder")
         encoding = self.tokenizer(queries, documents, truncation=True, max_length=self.max_length)
         pad = self.tokenizer.pad_token_id or 0
-        return len(pairs), padded_groups(encoding, self.max_tokens_per_forward, pad, self.shapes, self.max_length)
+        return len(pairs), padded_groups(encoding, self.options, pad, self.max_length)
 
     @torch.inference_mode()
     def forward(self, prepared: Prepared) -> list[float]:
@@ -83,3 +84,6 @@ class CrossEncoderScorer:
 
     def calibrate(self, raw_scores: Sequence[float]) -> list[float]:
         return [self.calibrator(r) for r in raw_scores]
+
+    def tokens(self, prepared: Prepared) -> TokenCount:
+        return count_tokens([batch for _, batch in prepared[1]])

@@ -15,7 +15,9 @@ from serve_app.scoring.base import (
     Logistic,
     Pair,
     ScorerInfo,
+    TokenCount,
     UnsupportedPair,
+    count_tokens,
     dtype_name,
     load_model,
     model_max_length,
@@ -54,8 +56,7 @@ class DualEncoderScorer:
         config = self.model.config
         self.device = options.device
         self.dtype = options.dtype
-        self.shapes = options.shapes()
-        self.max_tokens_per_forward = options.max_tokens_per_forward
+        self.options = options
         self.max_length = model_max_length(self.tokenizer, config.text_config.max_position_embeddings)
         # SigLIP was trained on text padded to its full length and learned its own sigmoid.
         self.pad_to_max_length = config.model_type.startswith("siglip")
@@ -113,9 +114,7 @@ class DualEncoderScorer:
                 groups.append((list(range(start, start + len(chunk))), dict(batch)))
             return groups
         encoding = self.tokenizer(texts, truncation=True, max_length=self.max_length)
-        groups = padded_groups(
-            encoding, self.max_tokens_per_forward, self.tokenizer.pad_token_id or 0, self.shapes, self.max_length
-        )
+        groups = padded_groups(encoding, self.options, self.tokenizer.pad_token_id or 0, self.max_length)
         for _, batch in groups:
             batch.pop("token_type_ids", None)
         return groups
@@ -178,3 +177,6 @@ class DualEncoderScorer:
 
     def calibrate(self, raw_scores: Sequence[float]) -> list[float]:
         return [self.calibrator(r) for r in raw_scores]
+
+    def tokens(self, prepared: Prepared) -> TokenCount:
+        return count_tokens([batch for _, batch in prepared.text_groups])

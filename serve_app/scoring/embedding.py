@@ -16,6 +16,8 @@ from serve_app.scoring.base import (
     Logistic,
     Pair,
     ScorerInfo,
+    TokenCount,
+    count_tokens,
     dtype_name,
     load_model,
     model_max_length,
@@ -52,8 +54,7 @@ class EmbeddingScorer:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = load_model(AutoModel, model_dir, options)
         self.device = options.device
-        self.shapes = options.shapes()
-        self.max_tokens_per_forward = options.max_tokens_per_forward
+        self.options = options
         limit = model_max_length(self.tokenizer, getattr(self.model.config, "max_position_embeddings", None))
         self.max_length = min(limit, sentence_transformers_max_length(model_dir) or limit)
         self.calibrator = options.calibration or EMBEDDING_CALIBRATION
@@ -83,7 +84,7 @@ class EmbeddingScorer:
     def prepare_texts(self, texts: Sequence[str]) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
         encoding = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)
         pad = self.tokenizer.pad_token_id or 0
-        return padded_groups(encoding, self.max_tokens_per_forward, pad, self.shapes, self.max_length)
+        return padded_groups(encoding, self.options, pad, self.max_length)
 
     @torch.inference_mode()
     def embed(self, count: int, groups: list[tuple[list[int], dict[str, torch.Tensor]]]) -> torch.Tensor:
@@ -119,3 +120,6 @@ class EmbeddingScorer:
 
     def calibrate(self, raw_scores: Sequence[float]) -> list[float]:
         return [self.calibrator(r) for r in raw_scores]
+
+    def tokens(self, prepared: Prepared) -> TokenCount:
+        return count_tokens([batch for _, batch in prepared.groups])
