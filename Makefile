@@ -5,7 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint install clean nginx
+INFINITY_VENV := .venv-infinity
+INFINITY_STAMP := $(INFINITY_VENV)/.installed
+
+.PHONY: run test bench lint install clean nginx
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +25,20 @@ run: $(STAMP)
 
 test: $(STAMP) nginx
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The benchmark (bench/compare.py): our service against the raw forward pass, sentence-transformers and
+# Infinity. Infinity pins an older transformers, so it gets a virtualenv of its own (torch pinned first, as
+# above; its torchvision wheel breaks BERT imports on CPU torch, so it goes). GPU=1: the same on the CUDA card.
+$(INFINITY_STAMP):
+	test -d $(INFINITY_VENV) || $(PYTHON) -m venv $(INFINITY_VENV)
+	$(INFINITY_VENV)/bin/pip install -q --upgrade pip
+	$(INFINITY_VENV)/bin/pip install -q torch==2.13.0
+	$(INFINITY_VENV)/bin/pip install -q "infinity-emb[all]==0.0.78" torch==2.13.0
+	$(INFINITY_VENV)/bin/pip uninstall -q -y torchvision
+	touch $@
+
+bench: $(STAMP) $(INFINITY_STAMP)
+	$(BIN)/python -m bench.compare $(if $(GPU),--gpu,)
 
 # tests/test_nginx.py runs the load-balancer config (deploy/nginx.conf) through a real nginx, so `make test`
 # installs Debian's nginx where it is missing (sudo only when not root). `make run` does not need it.
@@ -40,4 +57,4 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check serve_app tests bench
 
 clean:
-	rm -rf $(VENV) .run .pytest_cache
+	rm -rf $(VENV) $(INFINITY_VENV) .run .pytest_cache

@@ -7,7 +7,7 @@ import logging
 import re
 import socket
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -173,19 +173,20 @@ def load_pool_scorer(config: PoolSettings, where: Placement, profile: BatchProfi
 
 
 def synthetic_pairs(pool: str, count: int, words: int) -> list[Pair]:
-    """Pairs of about `words` tokens for warm-up and memory probes (the tokenizer truncates the excess)."""
+    """Distinct pairs of equal length, about `words` tokens, for warm-up and probes (the tokenizer truncates
+    the excess). Distinct, since bi-encoders embed each distinct text of a batch once."""
     text = " ".join(["relevance"] * max(1, words))
     if pool == "image_text":
         image = Image.new("RGB", (224, 224), (90, 120, 150))
-        return [Pair(Content(text=text), Content(image=image)) for _ in range(count)]
-    return [Pair(Content(text="query"), Content(text=text)) for _ in range(count)]
+        return [Pair(Content(text=f"{text} {i // 10 % 10} {i % 10}"), Content(image=image)) for i in range(count)]
+    return [Pair(Content(text="query"), Content(text=f"{text} {i // 10 % 10} {i % 10}")) for i in range(count)]
 
 
 def tune_forward_cost(scorer: Scorer, pool: str, config: PoolSettings, max_batch_size: int) -> int:
     """Set the scorer's forward_cost_tokens: the pool's setting, else measured (text pools), else left as is.
 
-    Measured as the time of a one-pair forward over the time per token of a large one: what a cut into
-    one more forward pass must save in padding to pay for itself.
+    Measured as the time of a short one-pair forward over the time per token of a large one: what a cut
+    into one more forward pass must save in padding to pay for itself.
     """
     if config.forward_cost_tokens is not None:
         scorer.options.forward_cost_tokens = config.forward_cost_tokens
@@ -195,6 +196,8 @@ def tune_forward_cost(scorer: Scorer, pool: str, config: PoolSettings, max_batch
 
 
 def measure_forward_cost_tokens(scorer: Scorer, max_batch_size: int, words: int = 60, repeats: int = 3) -> int:
+    """The fixed cost of a forward (one short pair) over the cost per token (many pairs of `words`)."""
+
     def best_time(pairs: list[Pair]) -> tuple[float, int]:
         prepared = scorer.prepare(pairs)
         times = []
@@ -204,8 +207,13 @@ def measure_forward_cost_tokens(scorer: Scorer, max_batch_size: int, words: int 
             times.append(time.perf_counter() - start)
         return min(times), scorer.tokens(prepared).padded
 
-    small_s, small_tokens = best_time(synthetic_pairs("text", 1, words))
-    big_s, big_tokens = best_time(synthetic_pairs("text", max(2, min(max_batch_size, 64)), words))
+    # One forward per measurement: no cuts while measuring what a cut costs.
+    options, scorer.options = scorer.options, replace(scorer.options, forward_cost_tokens=1 << 30)
+    try:
+        small_s, small_tokens = best_time(synthetic_pairs("text", 1, 4))
+        big_s, big_tokens = best_time(synthetic_pairs("text", max(2, min(max_batch_size, 64)), words))
+    finally:
+        scorer.options = options
     per_token = (big_s - small_s) / max(1, big_tokens - small_tokens)
     if per_token <= 0:
         return 0

@@ -1,0 +1,695 @@
+"""One run, one machine: our reranker against the raw forward pass, sentence-transformers and Infinity.
+
+    python -m bench.compare            # what `make bench` runs (CPU)
+    python -m bench.compare --gpu      # `make bench GPU=1`: the same table on the card, plus MFU
+    python -m bench.compare --readme bench/results/X.json   # rewrite the README table from a result
+
+For each model (the default text model, a MiniLM-L6-sized cross-encoder, a tiny CLIP for the image-text
+path) the same requests go through: (1) the raw forward pass at its best batch size, (2) sentence-
+transformers, (3) Infinity on 127.0.0.1 (its own virtualenv), (4) our Serve handle, (5) our HTTP API at
+concurrency 1, 8 and 32. Writes bench/results/<date>-<host>.json and .png and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import logging
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+import httpx
+
+from bench import dataset
+from bench.inprocess import percentile
+
+log = logging.getLogger("bench.compare")
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+INFINITY_BIN = ROOT / ".venv-infinity" / "bin" / "infinity_emb"
+README_START, README_END = "<!-- bench:table -->", "<!-- /bench:table -->"
+CONCURRENCY = (1, 8, 32)
+# Dense bf16 peak of the card, from the vendor's datasheet (SXM parts); matmuls reach ~790 TFLOP/s there.
+BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 70e12}
+
+
+@dataclass
+class Row:
+    model: str
+    system: str
+    concurrency: int | None
+    pairs: int
+    seconds: float
+    pairs_per_s: float
+    latency_ms_p50: float | None
+    latency_ms_p95: float | None
+    peak_memory_bytes: int | None
+    padding_waste: float | None = None
+    mean_batch_fill: float | None = None
+    flops_per_s: float | None = None
+    note: str = ""
+    ratio_to_raw: float | None = None
+    ratio_to_infinity: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+# ---- models and requests ----------------------------------------------------------------------------------
+
+
+def prepare_models(cache: Path) -> dict[str, Path]:
+    """The default text model (real weights, from its package), a MiniLM-L6-sized cross-encoder with random
+    weights (ms-marco-MiniLM-L-6-v2's config; costs what the real one costs) and a tiny CLIP."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from serve_app.scoring.base import resolve_model_dir
+    from serve_app.settings import DEFAULT_TEXT_MODEL, Settings
+    from tests.tiny_models import build_clip
+
+    embedding = Path(resolve_model_dir(DEFAULT_TEXT_MODEL, Settings().model_cache_dir))
+    cross_encoder = cache / "minilm-l6-cross-encoder-random"
+    if not (cross_encoder / "model.safetensors").exists():
+        import torch
+
+        torch.manual_seed(0)
+        config = BertConfig(
+            vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
+            max_position_embeddings=512, num_labels=1, architectures=["BertForSequenceClassification"],
+        )  # fmt: skip
+        BertForSequenceClassification(config).eval().save_pretrained(cross_encoder)
+        for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+            if (embedding / name).exists():
+                shutil.copy(embedding / name, cross_encoder / name)
+    clip = cache / "tiny-clip"
+    if not (clip / "config.json").exists():
+        build_clip(clip)
+    return {"embedding": embedding, "cross_encoder": cross_encoder, "clip": clip}
+
+
+def image_requests(requests: list[dataset.BenchRequest], seed: int = 0) -> list[dict]:
+    """The same queries against images: one PNG of a few coloured shapes per document."""
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    out = []
+    for request in requests:
+        images = []
+        for _ in request.documents:
+            image = Image.new("RGB", (96, 96), tuple(rng.randrange(256) for _ in range(3)))
+            draw = ImageDraw.Draw(image)
+            for _ in range(3):
+                x, y = rng.randrange(80), rng.randrange(80)
+                draw.ellipse((x, y, x + 16, y + 16), fill=tuple(rng.randrange(256) for _ in range(3)))
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            images.append(base64.b64encode(buffer.getvalue()).decode())
+        out.append({"query": request.query, "images": images})
+    return out
+
+
+def pairs_of(requests: list[dict]) -> int:
+    return sum(len(r.get("documents") or r["images"]) for r in requests)
+
+
+# ---- (1) and (2): in fresh processes ------------------------------------------------------------------------
+
+
+def run_inprocess(system: str, family: str, model: Path, requests_file: Path, plan: Plan) -> dict:
+    command = [
+        sys.executable, "-m", "bench.inprocess", "--system", system, "--family", family, "--model", str(model),
+        "--requests", str(requests_file), "--device", plan.device, "--dtype", plan.dtype,
+        "--batch-sizes", plan.batch_sizes if system == "raw" else str(plan.best_batch.get(family, 32)),
+        "--latency-requests", str(plan.latency_requests), "--repeats", str(plan.repeats),
+    ]  # fmt: skip
+    log.info("%s / %s ...", family, system)
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=plan.step_timeout_s)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if system == "raw":
+        plan.best_batch[family] = result["batch_size"]
+    return result
+
+
+# ---- (3) Infinity -------------------------------------------------------------------------------------------
+
+
+class Infinity:
+    """infinity_emb v2 serving the cross-encoder and the embedding model on 127.0.0.1 (torch engine)."""
+
+    def __init__(self, models: dict[str, Path], plan: Plan) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {
+            **os.environ, "DO_NOT_TRACK": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0", "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+        }  # fmt: skip
+        command = [str(INFINITY_BIN), "v2"]
+        for name in ("cross_encoder", "embedding"):
+            command += ["--model-id", str(models[name]), "--served-model-name", name]
+        command += [
+            "--host", "127.0.0.1", "--port", str(self.port), "--engine", "torch", "--device", plan.infinity_device,
+            "--batch-size", str(plan.best_batch.get("cross_encoder", 32)), "--no-bettertransformer", "--no-compile",
+        ]  # fmt: skip
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="infinity-", suffix=".log", delete=False)
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"Infinity exited: {Path(self.log.name).read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise RuntimeError(f"Infinity did not become healthy in 180 s: {Path(self.log.name).read_text()[-2000:]}")
+
+    def peak_memory_bytes(self) -> int | None:
+        return peak_rss(self.process.pid)
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+    async def score(self, client: httpx.AsyncClient, family: str, request: dict) -> None:
+        if family == "cross_encoder":
+            body = {"model": family, "query": request["query"], "documents": request["documents"]}
+            response = await client.post(f"{self.url}/rerank", json=body)
+            response.raise_for_status()
+            assert len(response.json()["results"]) == len(request["documents"])
+            return
+        # A bi-encoder behind Infinity: embed the query and documents, cosine on the client.
+        body = {"model": family, "input": [request["query"], *request["documents"]]}
+        response = await client.post(f"{self.url}/embeddings", json=body)
+        response.raise_for_status()
+        vectors = [item["embedding"] for item in response.json()["data"]]
+        query = vectors[0]
+        [sum(a * b for a, b in zip(query, v)) for v in vectors[1:]]
+
+
+def peak_rss(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def drive(call, requests: list[dict], concurrency: int) -> tuple[float, list[float]]:
+    """Send every request with at most `concurrency` in flight; (wall seconds, per-request latencies in ms)."""
+    queue = list(enumerate(requests))
+    latencies = [0.0] * len(requests)
+
+    async def worker() -> None:
+        while queue:
+            i, request = queue.pop(0)
+            start = time.perf_counter()
+            await call(request)
+            latencies[i] = (time.perf_counter() - start) * 1000
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return time.perf_counter() - start, latencies
+
+
+def client_for(concurrency: int) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    return httpx.AsyncClient(timeout=600, limits=limits)
+
+
+async def bench_infinity(infinity: Infinity, family: str, sets: RequestSets, plan: Plan) -> list[Row]:
+    rows = []
+    async with client_for(max(CONCURRENCY)) as client:
+        await drive(lambda r: infinity.score(client, family, r), sets.text[:2], 2)  # warm-up
+        for concurrency in CONCURRENCY:
+            requests = sets.latency if concurrency == 1 else sets.text
+            seconds, latencies = await drive(lambda r: infinity.score(client, family, r), requests, concurrency)
+            rows.append(load_row(family, "infinity", concurrency, requests, seconds, latencies))
+    peak = infinity.peak_memory_bytes()
+    for row in rows:
+        row.peak_memory_bytes = peak
+        row.note = "peak: whole server, both models"
+    return rows
+
+
+def load_row(model: str, system: str, concurrency: int | None, requests: list[dict], seconds: float, latencies) -> Row:
+    pairs = pairs_of(requests)
+    return Row(
+        model=model,
+        system=system,
+        concurrency=concurrency,
+        pairs=pairs,
+        seconds=round(seconds, 3),
+        pairs_per_s=round(pairs / seconds, 2),
+        latency_ms_p50=round(percentile(latencies, 0.5), 2),
+        latency_ms_p95=round(percentile(latencies, 0.95), 2),
+        peak_memory_bytes=None,
+    )
+
+
+# ---- (4) and (5): our service -------------------------------------------------------------------------------
+
+
+class Service:
+    """Our application, one per model family (the pools hold the model), on a local Ray instance."""
+
+    def __init__(self, models: dict[str, Path], plan: Plan) -> None:
+        import ray
+        from ray import serve
+
+        from serve_app.app import build_app
+
+        self.serve = serve
+        self.port = free_port()
+        ray.init(
+            address="local", num_cpus=plan.ray_cpus, num_gpus=plan.gpus, include_dashboard=False,
+            logging_level="WARNING", log_to_driver=False,
+        )  # fmt: skip
+        serve.start(http_options={"host": "127.0.0.1", "port": self.port})
+        self.apps = {}
+        for family in ("cross_encoder", "embedding"):
+            text = {"model": str(models[family]), **plan.pool_options}
+            image_text = {"model": str(models["clip"]), **plan.image_pool_options}
+            args = {"text": text, "image_text": image_text, "log_level": "WARNING", **plan.ingress_options}
+            serve.run(build_app(args), name=family, route_prefix=f"/{family}")
+            self.apps[family] = f"http://127.0.0.1:{self.port}/{family}"
+        self.apps["clip"] = self.apps["cross_encoder"]
+
+    def handle(self, family: str):
+        return self.serve.get_app_handle("cross_encoder" if family == "clip" else family)
+
+    def stats(self, family: str) -> dict:
+        pool = "image_text" if family == "clip" else "text"
+        replicas = httpx.get(f"{self.apps[family]}/v1/stats", timeout=60).json()["pools"][pool]
+        keys = ("batches", "pairs", "real_tokens", "padded_tokens")
+        total = {key: sum(r[key] or 0 for r in replicas) for key in keys}
+        memory = [r["memory"] for r in replicas]
+        total["peak_memory_bytes"] = max(
+            (m.get("peak_allocated_bytes") or m.get("peak_rss_bytes") or 0) for m in memory
+        )
+        return total
+
+    def stop(self) -> None:
+        import ray
+
+        self.serve.shutdown()
+        ray.shutdown()
+
+
+def body_of(request: dict) -> dict:
+    if "images" in request:
+        return {"query": request["query"], "documents": [{"image": image} for image in request["images"]]}
+    return {"query": request["query"], "documents": request["documents"]}
+
+
+async def bench_service(service: Service, family: str, requests_by_use: RequestSets, plan: Plan) -> list[Row]:
+    from serve_app.schemas import RerankRequest
+
+    sets = requests_by_use.images if family == "clip" else requests_by_use.text
+    latency_set = requests_by_use.image_latency if family == "clip" else requests_by_use.latency
+    handle = service.handle(family)
+
+    async def via_handle(request: dict) -> None:
+        answer = await handle.rerank.remote(RerankRequest(**body_of(request)), False, "v2")
+        assert len(answer.results) == pairs_of([request])
+
+    rows = []
+    async with client_for(max(CONCURRENCY)) as client:
+
+        async def via_http(request: dict) -> None:
+            response = await client.post(f"{service.apps[family]}/v2/rerank", json=body_of(request))
+            response.raise_for_status()
+            assert len(response.json()["results"]) == pairs_of([request])
+
+        await drive(via_http, sets[:4], 4)  # warm-up: connections, first batches
+        await drive(via_handle, sets[:4], 4)
+        phases = [("serve_handle", max(CONCURRENCY), via_handle, sets)] + [
+            ("http", c, via_http, latency_set if c == 1 else sets) for c in CONCURRENCY
+        ]
+        for system, concurrency, call, requests in phases:
+            before = service.stats(family)
+            seconds, latencies = await drive(call, requests, concurrency)
+            after = service.stats(family)
+            row = load_row(family, system, concurrency, requests, seconds, latencies)
+            delta = {key: after[key] - before[key] for key in ("batches", "pairs", "real_tokens", "padded_tokens")}
+            row.mean_batch_fill = round(delta["pairs"] / delta["batches"], 2) if delta["batches"] else None
+            if delta["real_tokens"]:
+                row.padding_waste = round(delta["padded_tokens"] / delta["real_tokens"] - 1, 4)
+            row.peak_memory_bytes = after["peak_memory_bytes"]
+            row.note = "peak: the pool replica"
+            row.extra = {"batches": delta["batches"], "padded_tokens": delta["padded_tokens"]}
+            if plan.flops_per_token and family == "cross_encoder":
+                row.flops_per_s = round(delta["padded_tokens"] * plan.flops_per_token / seconds)
+            rows.append(row)
+    return rows
+
+
+# ---- the plan, the run, the table ---------------------------------------------------------------------------
+
+
+@dataclass
+class RequestSets:
+    text: list[dict]
+    latency: list[dict]
+    images: list[dict]
+    image_latency: list[dict]
+
+
+@dataclass
+class Plan:
+    device: str = "cpu"
+    dtype: str = "float32"
+    infinity_device: str = "cpu"
+    batch_sizes: str = "8,32"
+    requests: int = 48
+    max_documents: int = 20
+    latency_requests: int = 12
+    repeats: int = 1
+    ray_cpus: int = 6
+    gpus: int = 0
+    step_timeout_s: int = 600
+    pool_options: dict = field(default_factory=dict)
+    image_pool_options: dict = field(default_factory=dict)
+    ingress_options: dict = field(default_factory=dict)
+    best_batch: dict = field(default_factory=dict)
+    flops_per_token: float | None = None
+
+
+def cpu_plan() -> Plan:
+    cores = os.cpu_count() or 1
+    # The text replica computes with every core, as the raw pass does (Ray would give it num_cpus=1 thread).
+    return Plan(pool_options={"torch_threads": cores}, image_pool_options={"torch_threads": cores})
+
+
+def gpu_plan() -> Plan:
+    return Plan(
+        device="cuda",
+        dtype="bfloat16",
+        infinity_device="cuda",
+        batch_sizes="32,64,128,256,512",
+        requests=400,
+        max_documents=40,
+        latency_requests=32,
+        repeats=3,
+        ray_cpus=16,
+        gpus=1,
+        pool_options={"num_gpus": 0.45, "max_tokens_per_forward": 131072},
+        image_pool_options={"num_gpus": 0.05},
+        ingress_options={"ingress_replicas": 4, "max_pairs_per_call": 256},
+    )
+
+
+def machine() -> dict:
+    import torch
+
+    info = {
+        "host": socket.gethostname(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    try:
+        info["cpu"] = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def bf16_peak(gpu_name: str | None) -> float | None:
+    for kind, peak in BF16_PEAK.items():
+        if gpu_name and kind in gpu_name:
+            return peak
+    return None
+
+
+def add_ratios(rows: list[Row]) -> None:
+    for model in {r.model for r in rows}:
+        mine = [r for r in rows if r.model == model]
+        raw = next((r for r in mine if r.system == "raw"), None)
+        infinity = [r for r in mine if r.system == "infinity"]
+        best_infinity = max(infinity, key=lambda r: r.pairs_per_s) if infinity else None
+        for r in mine:
+            if raw:
+                r.ratio_to_raw = round(r.pairs_per_s / raw.pairs_per_s, 3)
+            if best_infinity:
+                r.ratio_to_infinity = round(r.pairs_per_s / best_infinity.pairs_per_s, 3)
+
+
+def goals(rows: list[Row]) -> list[dict]:
+    """The issue's goals, per text model, each with the figures it was judged on."""
+    out = []
+    for model in ("embedding", "cross_encoder"):
+        find = {(r.system, r.concurrency): r for r in rows if r.model == model}
+        raw, http32, http1 = find.get(("raw", None)), find.get(("http", 32)), find.get(("http", 1))
+        infinity = [r for r in rows if r.model == model and r.system == "infinity"]
+        if not (raw and http32 and http1):
+            continue
+        out.append(
+            goal(model, "HTTP c=32 throughput >= 0.9x raw forward", http32.pairs_per_s / raw.pairs_per_s, 0.9, "x")
+        )
+        if infinity:
+            best = max(infinity, key=lambda r: r.pairs_per_s)
+            out.append(
+                goal(
+                    model,
+                    "HTTP c=32 throughput >= 1.2x Infinity (its best)",
+                    http32.pairs_per_s / best.pairs_per_s,
+                    1.2,
+                    "x",
+                )
+            )
+        added = http1.latency_ms_p50 - raw.latency_ms_p50
+        out.append(goal(model, "added p50 latency at c=1 <= 10 ms over raw", added, 10, "ms", lower=True))
+        if http32.padding_waste is not None:
+            out.append(goal(model, "padding waste <= 10%", http32.padding_waste * 100, 10, "%", lower=True))
+    return out
+
+
+def goal(model: str, what: str, value: float, target: float, unit: str, lower: bool = False) -> dict:
+    met = value <= target if lower else value >= target
+    return {"model": model, "goal": what, "value": round(value, 3), "target": target, "unit": unit, "met": met}
+
+
+def fmt(value, spec: str = ".1f", empty: str = "-") -> str:
+    return empty if value is None else format(value, spec)
+
+
+def table(rows: list[Row]) -> str:
+    lines = [
+        "| model | system | conc. | pairs/s | x raw | x Infinity | p50 ms | p95 ms | peak MiB | padding | batch fill |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        peak = r.peak_memory_bytes / 2**20 if r.peak_memory_bytes else None
+        padding = f"{r.padding_waste * 100:.1f}%" if r.padding_waste is not None else "-"
+        lines.append(
+            f"| {r.model} | {r.system} | {fmt(r.concurrency, 'd')} | {r.pairs_per_s:.1f} "
+            f"| {fmt(r.ratio_to_raw, '.2f')} "
+            f"| {fmt(r.ratio_to_infinity, '.2f')} | {fmt(r.latency_ms_p50)} | {fmt(r.latency_ms_p95)} "
+            f"| {fmt(peak, '.0f')} | {padding} | {fmt(r.mean_batch_fill)} |"
+        )
+    return "\n".join(lines)
+
+
+def goals_table(found: list[dict]) -> str:
+    lines = ["| model | goal | measured | met |", "|---|---|---|---|"]
+    for g in found:
+        lines.append(f"| {g['model']} | {g['goal']} | {g['value']:.2f} {g['unit']} | {'yes' if g['met'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in result["rows"]))
+    fig, axes = plt.subplots(2, len(models), figsize=(5 * len(models), 7), squeeze=False)
+    for column, model in enumerate(models):
+        rows = [r for r in result["rows"] if r["model"] == model]
+        labels = [r["system"] + (f"\nc={r['concurrency']}" if r["concurrency"] else "") for r in rows]
+        colours = ["tab:green" if r["system"] in ("http", "serve_handle") else "tab:grey" for r in rows]
+        top, bottom = axes[0][column], axes[1][column]
+        top.bar(labels, [r["pairs_per_s"] for r in rows], color=colours)
+        top.set_title(f"{model}: pairs/s")
+        bottom.bar(labels, [r["latency_ms_p50"] or 0 for r in rows], color=colours, label="p50")
+        bottom.scatter(labels, [r["latency_ms_p95"] or 0 for r in rows], color="black", marker="_", s=300, label="p95")
+        bottom.set_title(f"{model}: latency per request (ms)")
+        bottom.legend()
+        for ax in (top, bottom):
+            ax.tick_params(axis="x", labelsize=7, rotation=45)
+    fig.suptitle(
+        f"{result['date']} {result['machine']['host']}: {result['machine'].get('gpu') or result['machine']['cpu']}"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def render_readme(result_path: Path, readme: Path = ROOT / "README.md") -> str:
+    """The README's bench section from one result file (the test checks they agree)."""
+    result = json.loads(result_path.read_text())
+    rows = [Row(**r) for r in result["rows"]]
+    section = "\n".join(
+        [
+            README_START,
+            f"Run `{result['command']}` on {result['date']}: {result['machine']['cpu']}, "
+            f"{result['machine']['cores']} cores"
+            + (f", {result['machine']['gpu']}" if result["machine"].get("gpu") else "")
+            + f"; {result['dataset']['pairs']} pairs in {result['dataset']['requests']} requests"
+            + f" ({result['dataset']['source']}). Result: `{result_path.relative_to(ROOT)}`.",
+            "",
+            table(rows),
+            "",
+            goals_table(result["goals"]),
+            "",
+            f"![benchmark]({result_path.with_suffix('.png').relative_to(ROOT)})",
+            README_END,
+        ]
+    )
+    text = readme.read_text()
+    start, end = text.index(README_START), text.index(README_END) + len(README_END)
+    return text[:start] + section + text[end:]
+
+
+def run(plan: Plan, gpu: bool, skip_infinity: bool) -> dict:
+    models = prepare_models(ROOT / "bench" / ".cache")
+    requests = dataset.load_requests(plan.requests, seed=0, max_documents=plan.max_documents)
+    text = [{"query": r.query, "documents": r.documents} for r in requests]
+    images = image_requests(requests[: max(8, plan.requests // 4)])
+    sets = RequestSets(text, text[: plan.latency_requests], images, images[: plan.latency_requests // 2])
+    scratch = Path(tempfile.mkdtemp(prefix="bench-"))
+    (scratch / "text.json").write_text(json.dumps(sets.text))
+    (scratch / "images.json").write_text(json.dumps(sets.images))
+    if gpu:
+        from transformers import AutoConfig
+
+        from bench.inprocess import bert_flops
+
+        config = AutoConfig.from_pretrained(models["cross_encoder"])
+        plan.flops_per_token = bert_flops(config, 1, 1)  # the per-token part; attention adds a few percent more
+
+    rows: list[Row] = []
+    for family, file in (("cross_encoder", "text.json"), ("embedding", "text.json"), ("clip", "images.json")):
+        systems = ("raw",) if family == "clip" else ("raw", "sentence_transformers")
+        for system in systems:
+            result = run_inprocess(system, family, models[family], scratch / file, plan)
+            rows.append(
+                Row(
+                    model=family, system=system, concurrency=None, pairs=result["pairs"], seconds=result["seconds"],
+                    pairs_per_s=result["pairs_per_s"], latency_ms_p50=result["latency_ms_p50"],
+                    latency_ms_p95=result["latency_ms_p95"], peak_memory_bytes=result["peak_memory_bytes"],
+                    padding_waste=result["padding_waste"], flops_per_s=result["flops_per_s"],
+                    note=f"batch {result['batch_size']}, one process",
+                    extra={"batch_size_sweep": result["batch_size_sweep"], "torch_threads": result["torch_threads"]},
+                )
+            )  # fmt: skip
+    if skip_infinity or not INFINITY_BIN.exists():
+        log.warning("Infinity skipped (%s)", "asked" if skip_infinity else f"{INFINITY_BIN} not installed")
+    else:
+        infinity = Infinity(models, plan)
+        try:
+            for family in ("cross_encoder", "embedding"):
+                rows += asyncio.run(bench_infinity(infinity, family, sets, plan))
+        finally:
+            infinity.stop()
+    service = Service(models, plan)
+    try:
+        for family in ("cross_encoder", "embedding", "clip"):
+            rows += asyncio.run(bench_service(service, family, sets, plan))
+    finally:
+        service.stop()
+    order = {"cross_encoder": 0, "embedding": 1, "clip": 2}
+    rows.sort(key=lambda r: order[r.model])
+    add_ratios(rows)
+    info = machine()
+    peak = bf16_peak(info.get("gpu"))
+    if peak:
+        for r in rows:
+            if r.flops_per_s:
+                r.extra["mfu_bf16"] = round(r.flops_per_s / peak, 4)
+    summary = dataset.summary(requests)
+    return {
+        "date": date.today().isoformat(),
+        "command": "make bench GPU=1" if gpu else "make bench",
+        "machine": info,
+        "dataset": {**summary, "source": dataset.source_description(), "image_requests": len(images)},
+        "models": {
+            "embedding": "sentence-transformers/all-MiniLM-L6-v2 (real weights, from its PyPI package)",
+            "cross_encoder": "MiniLM-L6-sized BertForSequenceClassification, random weights "
+            "(config of cross-encoder/ms-marco-MiniLM-L-6-v2: same cost as the real one)",
+            "clip": "tiny random CLIP (tests/tiny_models.py), image documents",
+        },
+        "plan": {k: v for k, v in plan.__dict__.items() if k != "best_batch"} | {"best_batch": plan.best_batch},
+        "rows": [r.__dict__ for r in rows],
+        "goals": goals(rows),
+        "bf16_peak_flops": peak,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gpu", action="store_true", help="the same on the CUDA device, plus MFU")
+    parser.add_argument("--skip-infinity", action="store_true")
+    parser.add_argument("--requests", type=int, help="requests in the throughput set (default: the plan's)")
+    parser.add_argument("--out", type=Path, help="result path (default bench/results/<date>-<host>.json)")
+    parser.add_argument("--readme", type=Path, help="only rewrite the README table from this result file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    if args.readme:
+        (ROOT / "README.md").write_text(render_readme(args.readme.resolve()))
+        return
+    plan = gpu_plan() if args.gpu else cpu_plan()
+    if args.requests:
+        plan.requests = args.requests
+    started = time.perf_counter()
+    result = run(plan, args.gpu, args.skip_infinity)
+    result["wall_s"] = round(time.perf_counter() - started, 1)
+    out = args.out or RESULTS / f"{result['date']}-{result['machine']['host']}{'-gpu' if args.gpu else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, out.with_suffix(".png"))
+    rows = [Row(**r) for r in result["rows"]]
+    print(table(rows))
+    print()
+    print(goals_table(result["goals"]))
+    print(f"\nwrote {out} and {out.with_suffix('.png')} in {result['wall_s']} s")
+
+
+if __name__ == "__main__":
+    main()
