@@ -71,20 +71,30 @@ class Row:
 # ---- models and requests ----------------------------------------------------------------------------------
 
 
-def prepare_models(cache: Path) -> dict[str, Path]:
+def prepare_models(cache: Path, embedding_dir: Path | None = None) -> dict[str, Path]:
     """The default text model (real weights, from its package), a MiniLM-L6-sized cross-encoder with random
-    weights (ms-marco-MiniLM-L-6-v2's config; costs what the real one costs) and a tiny CLIP."""
-    from transformers import BertConfig, BertForSequenceClassification
+    weights (ms-marco-MiniLM-L-6-v2's config; costs what the real one costs) and a tiny CLIP.
+
+    `embedding_dir` without weights (a machine without the model's package): random weights from its config.
+    """
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
 
     from serve_app.scoring.base import resolve_model_dir
     from serve_app.settings import DEFAULT_TEXT_MODEL, Settings
     from tests.tiny_models import build_clip
 
-    embedding = Path(resolve_model_dir(DEFAULT_TEXT_MODEL, Settings().model_cache_dir))
-    cross_encoder = cache / "minilm-l6-cross-encoder-random"
+    embedding = embedding_dir or Path(resolve_model_dir(DEFAULT_TEXT_MODEL, Settings().model_cache_dir))
+    if not (embedding / "model.safetensors").exists():
+        random_embedding = cache / "all-MiniLM-L6-v2-random"
+        if not (random_embedding / "model.safetensors").exists():
+            shutil.copytree(embedding, random_embedding, dirs_exist_ok=True)
+            torch.manual_seed(0)
+            BertModel(BertConfig.from_pretrained(embedding)).eval().save_pretrained(random_embedding)
+        embedding = random_embedding
+    # "MiniLM" in the name: the batch profiles' *MiniLM* rows apply, as they would to the real model.
+    cross_encoder = cache / "MiniLM-L6-cross-encoder-random"
     if not (cross_encoder / "model.safetensors").exists():
-        import torch
-
         torch.manual_seed(0)
         config = BertConfig(
             vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
@@ -586,9 +596,18 @@ def render_readme(result_path: Path, readme: Path = ROOT / "README.md") -> str:
     return text[:start] + section + text[end:]
 
 
-def run(plan: Plan, gpu: bool, skip_infinity: bool) -> dict:
-    models = prepare_models(ROOT / "bench" / ".cache")
+def load_requests(plan: Plan, requests_file: Path | None) -> tuple[list[dataset.BenchRequest], dict]:
+    """The plan's requests, from the dataset package or from a file written by --dump-requests."""
+    if requests_file:
+        saved = json.loads(requests_file.read_text())
+        return [dataset.BenchRequest(r["query"], r["documents"]) for r in saved["requests"]], saved["dataset"]
     requests = dataset.load_requests(plan.requests, seed=0, max_documents=plan.max_documents)
+    return requests, {**dataset.summary(requests), "source": dataset.source_description()}
+
+
+def run(plan: Plan, gpu: bool, skip_infinity: bool, embedding_dir: Path | None, requests_file: Path | None) -> dict:
+    models = prepare_models(ROOT / "bench" / ".cache", embedding_dir)
+    requests, described = load_requests(plan, requests_file)
     text = [{"query": r.query, "documents": r.documents} for r in requests]
     images = image_requests(requests[: max(8, plan.requests // 4)])
     sets = RequestSets(text, text[: plan.latency_requests], images, images[: plan.latency_requests // 2])
@@ -642,14 +661,14 @@ def run(plan: Plan, gpu: bool, skip_infinity: bool) -> dict:
         for r in rows:
             if r.flops_per_s:
                 r.extra["mfu_bf16"] = round(r.flops_per_s / peak, 4)
-    summary = dataset.summary(requests)
     return {
         "date": date.today().isoformat(),
         "command": "make bench GPU=1" if gpu else "make bench",
         "machine": info,
-        "dataset": {**summary, "source": dataset.source_description(), "image_requests": len(images)},
+        "dataset": {**described, "image_requests": len(images)},
         "models": {
-            "embedding": "sentence-transformers/all-MiniLM-L6-v2 (real weights, from its PyPI package)",
+            "embedding": "sentence-transformers/all-MiniLM-L6-v2 "
+            + ("(random weights from its config)" if "random" in models["embedding"].name else "(real weights)"),
             "cross_encoder": "MiniLM-L6-sized BertForSequenceClassification, random weights "
             "(config of cross-encoder/ms-marco-MiniLM-L-6-v2: same cost as the real one)",
             "clip": "tiny random CLIP (tests/tiny_models.py), image documents",
@@ -668,6 +687,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, help="requests in the throughput set (default: the plan's)")
     parser.add_argument("--out", type=Path, help="result path (default bench/results/<date>-<host>.json)")
     parser.add_argument("--readme", type=Path, help="only rewrite the README table from this result file")
+    parser.add_argument("--embedding-dir", type=Path, help="the default text model's directory (no weights: random)")
+    parser.add_argument("--requests-file", type=Path, help="requests written by --dump-requests")
+    parser.add_argument("--dump-requests", type=Path, help="only write the plan's requests to this file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -677,8 +699,13 @@ def main(argv: list[str] | None = None) -> None:
     plan = gpu_plan() if args.gpu else cpu_plan()
     if args.requests:
         plan.requests = args.requests
+    if args.dump_requests:
+        requests, described = load_requests(plan, None)
+        saved = {"dataset": described, "requests": [r.__dict__ for r in requests]}
+        args.dump_requests.write_text(json.dumps(saved))
+        return
     started = time.perf_counter()
-    result = run(plan, args.gpu, args.skip_infinity)
+    result = run(plan, args.gpu, args.skip_infinity, args.embedding_dir, args.requests_file)
     result["wall_s"] = round(time.perf_counter() - started, 1)
     out = args.out or RESULTS / f"{result['date']}-{result['machine']['host']}{'-gpu' if args.gpu else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

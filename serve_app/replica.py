@@ -184,6 +184,9 @@ class PoolReplica:
         if self.realtime:
             results = [await self._run([piece]) for piece in pieces]
             return [scored for result in results for scored in result[0]]
+        # Nothing queued or running: a batch would only wait for company, so it starts at once. Busy: the
+        # batch forming now waits (the profile's wait) and fills while the device finishes the last one.
+        self._score_batch.set_batch_wait_timeout_s(self.batch_wait_timeout_s if self.pending_pairs else 0.0)
         self.pending_pairs += len(pairs)
         self.metrics.queue.set(self.pending_pairs)
         try:
