@@ -42,7 +42,6 @@ log = logging.getLogger("bench.compare")
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 INFINITY_BIN = ROOT / ".venv-infinity" / "bin" / "infinity_emb"
-README_START, README_END = "<!-- bench:table -->", "<!-- /bench:table -->"
 CONCURRENCY = (1, 8, 32)
 # Dense bf16 peak of the card, from the vendor's datasheet (SXM parts); matmuls reach ~790 TFLOP/s there.
 BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 70e12}
@@ -144,6 +143,7 @@ def run_inprocess(system: str, family: str, model: Path, requests_file: Path, pl
         "--requests", str(requests_file), "--device", plan.device, "--dtype", plan.dtype,
         "--batch-sizes", plan.batch_sizes if system == "raw" else str(plan.best_batch.get(family, 32)),
         "--latency-requests", str(plan.latency_requests), "--repeats", str(plan.repeats),
+        "--sweep-requests", str(plan.sweep_requests),
     ]  # fmt: skip
     log.info("%s / %s ...", family, system)
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=plan.step_timeout_s)
@@ -401,6 +401,7 @@ class Plan:
     requests: int = 48
     max_documents: int = 20
     latency_requests: int = 12
+    sweep_requests: int = 6
     repeats: int = 1
     ray_cpus: int = 6
     gpus: int = 0
@@ -427,10 +428,11 @@ def gpu_plan() -> Plan:
         requests=400,
         max_documents=40,
         latency_requests=32,
+        sweep_requests=100,
         repeats=3,
         ray_cpus=16,
         gpus=1,
-        pool_options={"num_gpus": 0.45, "max_tokens_per_forward": 131072},
+        pool_options={"num_gpus": 0.4, "max_tokens_per_forward": 131072},
         image_pool_options={"num_gpus": 0.05},
         ingress_options={"ingress_replicas": 4, "max_pairs_per_call": 256},
     )
@@ -571,28 +573,33 @@ def plot(result: dict, path: Path) -> None:
 
 
 def render_readme(result_path: Path, readme: Path = ROOT / "README.md") -> str:
-    """The README's bench section from one result file (the test checks they agree)."""
+    """The README with its section for this result's kind (cpu or gpu) rendered from the result file; the
+    README's tables are never typed by hand (tests/test_bench_readme.py checks they agree)."""
     result = json.loads(result_path.read_text())
+    kind = "gpu" if "GPU=1" in result["command"] else "cpu"
+    start_marker, end_marker = f"<!-- bench:{kind} -->", f"<!-- /bench:{kind} -->"
     rows = [Row(**r) for r in result["rows"]]
+    where = f"{result['machine']['cpu']}, {result['machine']['cores']} cores"
+    if result["machine"].get("gpu"):
+        where = f"{result['machine']['gpu']} ({where})"
+    relative = result_path.resolve().relative_to(ROOT)
     section = "\n".join(
         [
-            README_START,
-            f"Run `{result['command']}` on {result['date']}: {result['machine']['cpu']}, "
-            f"{result['machine']['cores']} cores"
-            + (f", {result['machine']['gpu']}" if result["machine"].get("gpu") else "")
-            + f"; {result['dataset']['pairs']} pairs in {result['dataset']['requests']} requests"
-            + f" ({result['dataset']['source']}). Result: `{result_path.relative_to(ROOT)}`.",
+            start_marker,
+            f"`{result['command']}` on {result['date']}, {where}: {result['dataset']['pairs']} pairs in "
+            f"{result['dataset']['requests']} requests ({result['dataset']['source']}); `{relative}`, "
+            f"{result['wall_s']} s.",
             "",
             table(rows),
             "",
             goals_table(result["goals"]),
             "",
-            f"![benchmark]({result_path.with_suffix('.png').relative_to(ROOT)})",
-            README_END,
+            f"![benchmark]({relative.with_suffix('.png')})",
+            end_marker,
         ]
     )
     text = readme.read_text()
-    start, end = text.index(README_START), text.index(README_END) + len(README_END)
+    start, end = text.index(start_marker), text.index(end_marker) + len(end_marker)
     return text[:start] + section + text[end:]
 
 
@@ -600,7 +607,8 @@ def load_requests(plan: Plan, requests_file: Path | None) -> tuple[list[dataset.
     """The plan's requests, from the dataset package or from a file written by --dump-requests."""
     if requests_file:
         saved = json.loads(requests_file.read_text())
-        return [dataset.BenchRequest(r["query"], r["documents"]) for r in saved["requests"]], saved["dataset"]
+        requests = [dataset.BenchRequest(r["query"], r["documents"]) for r in saved["requests"][: plan.requests]]
+        return requests, {**dataset.summary(requests), "source": saved["dataset"]["source"]}
     requests = dataset.load_requests(plan.requests, seed=0, max_documents=plan.max_documents)
     return requests, {**dataset.summary(requests), "source": dataset.source_description()}
 
@@ -690,13 +698,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--embedding-dir", type=Path, help="the default text model's directory (no weights: random)")
     parser.add_argument("--requests-file", type=Path, help="requests written by --dump-requests")
     parser.add_argument("--dump-requests", type=Path, help="only write the plan's requests to this file")
+    parser.add_argument("--gpu-plan-on-cpu", action="store_true", help="smoke-test the GPU plan's plumbing on the CPU")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.readme:
         (ROOT / "README.md").write_text(render_readme(args.readme.resolve()))
         return
-    plan = gpu_plan() if args.gpu else cpu_plan()
+    plan = gpu_plan() if args.gpu or args.gpu_plan_on_cpu else cpu_plan()
+    if args.gpu_plan_on_cpu:
+        plan.device = plan.infinity_device = "cpu"
+        plan.dtype, plan.batch_sizes, plan.sweep_requests, plan.latency_requests = "float32", "32,64", 4, 4
     if args.requests:
         plan.requests = args.requests
     if args.dump_requests:

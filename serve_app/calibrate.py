@@ -511,7 +511,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         LoadOptions(
             device=machine.device,
             dtype=hardware.DTYPES[machine.dtype],
-            max_tokens_per_forward=pool_settings.max_tokens_per_forward,
+            max_tokens_per_forward=pool_settings.max_tokens_per_forward
+            or (None if on_gpu else hardware.CPU_MAX_TOKENS_PER_FORWARD),
             cache_dir=settings.model_cache_dir,
         ),
     )

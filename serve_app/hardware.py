@@ -20,6 +20,8 @@ from serve_app.settings import PoolSettings
 
 log = logging.getLogger(__name__)
 
+CPU_MAX_TOKENS_PER_FORWARD = 16384
+
 PROFILES_PATH = Path(__file__).resolve().parent.parent / "deploy" / "batch_profiles.yaml"
 
 # torch.cuda.get_device_name() -> Ray's accelerator_type names. Longer names first: A100 before A10.
@@ -153,6 +155,7 @@ def choose_profile(rows: list[ProfileRow], where: Placement, modality: str, conf
 
 def load_pool_scorer(config: PoolSettings, where: Placement, profile: BatchProfile, cache_dir: Path) -> Scorer:
     """A pool's scorer as the service and the bulk job both load it."""
+    on_gpu = where.device.startswith("cuda")
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     calibration = config.calibration and Logistic(config.calibration.scale, config.calibration.shift)
@@ -161,10 +164,10 @@ def load_pool_scorer(config: PoolSettings, where: Placement, profile: BatchProfi
         LoadOptions(
             device=where.device,
             dtype=profile.torch_dtype(),
-            max_tokens_per_forward=config.max_tokens_per_forward,
+            max_tokens_per_forward=config.max_tokens_per_forward or (None if on_gpu else CPU_MAX_TOKENS_PER_FORWARD),
             calibration=calibration,
             cache_dir=cache_dir,
-            shape_buckets=where.device.startswith("cuda"),
+            shape_buckets=on_gpu,
             attn_implementation=config.attn_implementation,
             quantize=config.quantize,
             forward_cost_tokens=config.forward_cost_tokens or 0,
@@ -211,7 +214,8 @@ def measure_forward_cost_tokens(scorer: Scorer, max_batch_size: int, words: int 
     options, scorer.options = scorer.options, replace(scorer.options, forward_cost_tokens=1 << 30)
     try:
         small_s, small_tokens = best_time(synthetic_pairs("text", 1, 4))
-        big_s, big_tokens = best_time(synthetic_pairs("text", max(2, min(max_batch_size, 64)), words))
+        # A full batch: on a large GPU anything smaller is still launch-bound and shows no per-token cost.
+        big_s, big_tokens = best_time(synthetic_pairs("text", max(2, max_batch_size), words))
     finally:
         scorer.options = options
     per_token = (big_s - small_s) / max(1, big_tokens - small_tokens)

@@ -139,7 +139,8 @@ class PoolReplica:
             self.scorer.score(synthetic_pairs(self.pool, self.max_batch_size, 8))
         else:
             widths = range(BUCKET, self.scorer.info.max_length + 1, BUCKET)
-            sizes = [1 << i for i in range(self.max_batch_size.bit_length()) if 1 << i <= self.max_batch_size]
+            # Rows are padded to powers of two: up to the first one at or above the cap.
+            sizes = [1 << i for i in range((self.max_batch_size - 1).bit_length() + 1)]
             for width in widths:
                 for size in sizes:
                     # "query" + the words + 2 digits + 3 special tokens: exactly `width` tokens for a cross-encoder.

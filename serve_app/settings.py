@@ -83,10 +83,11 @@ class PoolSettings(BaseModel):
     realtime_replicas: int = Field(
         default=0, ge=0, description="Replicas of a realtime variant: each call is its own batch, no wait."
     )
-    max_tokens_per_forward: int = Field(
-        default=16384,
+    max_tokens_per_forward: int | None = Field(
+        default=None,
         ge=64,
-        description="Padded tokens per forward pass; a batch sorted by length is cut to fit.",
+        description="Padded tokens per forward pass; a batch sorted by length is cut to fit. Unset: 16384 on "
+        "the CPU, no limit on a GPU (the batch cap was sized for the card's memory at full length).",
     )
     forward_cost_tokens: int | None = Field(
         default=None,

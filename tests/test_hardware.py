@@ -68,12 +68,12 @@ def test_derived_cap_is_the_largest_power_of_two_that_fits(free_gib, mib_per_pai
     assert derive_max_batch_size(int(free_gib * 2**30), mib_per_pair * 2**20) == cap
 
 
-def test_shape_buckets_round_lengths_and_cut_batches_to_powers_of_two():
+def test_shape_buckets_round_lengths_and_pad_rows_to_powers_of_two():
     shapes = Shapes(BUCKET, power_of_two_batches=True)
     assert shapes.width(1, 512) == BUCKET and shapes.width(BUCKET + 1, 512) == 2 * BUCKET
     assert shapes.width(500, 512) == 512
-    assert [len(piece) for piece in shapes.split(list(range(13)))] == [8, 4, 1]
-    assert Shapes().split(list(range(13))) == [list(range(13))]
+    assert [shapes.rows(n) for n in (1, 2, 3, 13, 16, 17)] == [1, 2, 4, 16, 16, 32]
+    assert Shapes().rows(13) == 13
 
 
 def test_padded_groups_only_make_warmed_shapes(model_dirs):
@@ -84,9 +84,11 @@ def test_padded_groups_only_make_warmed_shapes(model_dirs):
     encoding = tokenizer(texts, truncation=True, max_length=64)
     groups = padded_groups(encoding, LoadOptions(max_tokens_per_forward=10_000, shape_buckets=True), 0, max_length=64)
     assert sorted(i for group, _ in groups for i in group) == list(range(len(texts)))
-    for _, batch in groups:
+    for group, batch in groups:
         batch_size, width = batch["input_ids"].shape
-        assert width % BUCKET == 0 and batch_size & (batch_size - 1) == 0
+        assert width % BUCKET == 0 and batch_size & (batch_size - 1) == 0 and batch_size >= len(group)
+        # Padding rows repeat a real row of the group: no row is all padding.
+        assert bool(batch["attention_mask"].sum(1).gt(0).all())
 
 
 PAIRS = [Pair(Content("what is the capital of france"), Content(d)) for d in ("paris is the capital", "a red car")]

@@ -119,4 +119,4 @@ class BlipItmScorer:
         return [self.calibrator(r) for r in raw_scores]
 
     def tokens(self, prepared: Prepared) -> TokenCount:
-        return count_tokens([tokens for tokens, _ in prepared])
+        return count_tokens([(None, tokens) for tokens, _ in prepared])

@@ -86,4 +86,4 @@ class CrossEncoderScorer:
         return [self.calibrator(r) for r in raw_scores]
 
     def tokens(self, prepared: Prepared) -> TokenCount:
-        return count_tokens([batch for _, batch in prepared[1]])
+        return count_tokens(prepared[1])

@@ -179,4 +179,4 @@ class DualEncoderScorer:
         return [self.calibrator(r) for r in raw_scores]
 
     def tokens(self, prepared: Prepared) -> TokenCount:
-        return count_tokens([batch for _, batch in prepared.text_groups])
+        return count_tokens(prepared.text_groups)

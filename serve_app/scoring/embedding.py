@@ -122,4 +122,4 @@ class EmbeddingScorer:
         return [self.calibrator(r) for r in raw_scores]
 
     def tokens(self, prepared: Prepared) -> TokenCount:
-        return count_tokens([batch for _, batch in prepared.groups])
+        return count_tokens(prepared.groups)
