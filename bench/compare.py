@@ -137,11 +137,24 @@ def pairs_of(requests: list[dict]) -> int:
 # ---- (1) and (2): in fresh processes ------------------------------------------------------------------------
 
 
-def run_inprocess(system: str, family: str, model: Path, requests_file: Path, plan: Plan) -> dict:
+def inprocess_row(family: str, system: str, result: dict) -> Row:
+    return Row(
+        model=family, system=system, concurrency=None, pairs=result["pairs"], seconds=result["seconds"],
+        pairs_per_s=result["pairs_per_s"], latency_ms_p50=result["latency_ms_p50"],
+        latency_ms_p95=result["latency_ms_p95"], peak_memory_bytes=result["peak_memory_bytes"],
+        padding_waste=result["padding_waste"], flops_per_s=result["flops_per_s"],
+        note=f"batch {result['batch_size']}, one process",
+        extra={"batch_size_sweep": result["batch_size_sweep"], "torch_threads": result["torch_threads"]},
+    )  # fmt: skip
+
+
+def run_inprocess(system: str, family: str, model: Path, requests_file: Path, plan: Plan, sweep: bool = True) -> dict:
+    """One baseline in a fresh process; raw's best batch size is kept for the others (and for `sweep=False`)."""
+    sizes = plan.batch_sizes if system == "raw" and sweep else str(plan.best_batch.get(family, 32))
     command = [
         sys.executable, "-m", "bench.inprocess", "--system", system, "--family", family, "--model", str(model),
         "--requests", str(requests_file), "--device", plan.device, "--dtype", plan.dtype,
-        "--batch-sizes", plan.batch_sizes if system == "raw" else str(plan.best_batch.get(family, 32)),
+        "--batch-sizes", sizes,
         "--latency-requests", str(plan.latency_requests), "--repeats", str(plan.repeats),
         "--sweep-requests", str(plan.sweep_requests),
     ]  # fmt: skip
@@ -150,7 +163,7 @@ def run_inprocess(system: str, family: str, model: Path, requests_file: Path, pl
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    if system == "raw":
+    if system == "raw" and sweep:
         plan.best_batch[family] = result["batch_size"]
     return result
 
@@ -506,6 +519,14 @@ def goals(rows: list[Row]) -> list[dict]:
             )
         added = http1.latency_ms_p50 - raw.latency_ms_p50
         out.append(goal(model, "added p50 latency at c=1 <= 10 ms over raw", added, 10, "ms", lower=True))
+        beside = find.get(("raw_beside_idle_ray", None))
+        if beside:  # the same goals against the raw pass measured with Ray's processes running beside it
+            ratio = http32.pairs_per_s / beside.pairs_per_s
+            out.append(goal(model, "(control) HTTP c=32 >= 0.9x raw beside idle Ray", ratio, 0.9, "x"))
+            added = http1.latency_ms_p50 - beside.latency_ms_p50
+            out.append(
+                goal(model, "(control) added p50 at c=1 <= 10 ms over raw beside idle Ray", added, 10, "ms", True)
+            )
         if http32.padding_waste is not None:
             out.append(goal(model, "padding waste <= 10%", http32.padding_waste * 100, 10, "%", lower=True))
     return out
@@ -521,9 +542,11 @@ def fmt(value, spec: str = ".1f", empty: str = "-") -> str:
 
 
 def table(rows: list[Row]) -> str:
+    mfu = any("mfu_bf16" in r.extra for r in rows)
     lines = [
-        "| model | system | conc. | pairs/s | x raw | x Infinity | p50 ms | p95 ms | peak MiB | padding | batch fill |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | system | conc. | pairs/s | x raw | x Infinity | p50 ms | p95 ms | peak MiB | padding | batch fill |"
+        + (" MFU bf16 |" if mfu else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if mfu else ""),
     ]
     for r in rows:
         peak = r.peak_memory_bytes / 2**20 if r.peak_memory_bytes else None
@@ -533,6 +556,7 @@ def table(rows: list[Row]) -> str:
             f"| {fmt(r.ratio_to_raw, '.2f')} "
             f"| {fmt(r.ratio_to_infinity, '.2f')} | {fmt(r.latency_ms_p50)} | {fmt(r.latency_ms_p95)} "
             f"| {fmt(peak, '.0f')} | {padding} | {fmt(r.mean_batch_fill)} |"
+            + (f" {fmt(r.extra.get('mfu_bf16'), '.2%')} |" if mfu else "")
         )
     return "\n".join(lines)
 
@@ -576,7 +600,7 @@ def render_readme(result_path: Path, readme: Path = ROOT / "README.md") -> str:
     """The README with its section for this result's kind (cpu or gpu) rendered from the result file; the
     README's tables are never typed by hand (tests/test_bench_readme.py checks they agree)."""
     result = json.loads(result_path.read_text())
-    kind = "gpu" if "GPU=1" in result["command"] else "cpu"
+    kind = "gpu" if result["plan"]["device"] == "cuda" else "cpu"
     start_marker, end_marker = f"<!-- bench:{kind} -->", f"<!-- /bench:{kind} -->"
     rows = [Row(**r) for r in result["rows"]]
     where = f"{result['machine']['cpu']}, {result['machine']['cores']} cores"
@@ -635,16 +659,7 @@ def run(plan: Plan, gpu: bool, skip_infinity: bool, embedding_dir: Path | None, 
         systems = ("raw",) if family == "clip" else ("raw", "sentence_transformers")
         for system in systems:
             result = run_inprocess(system, family, models[family], scratch / file, plan)
-            rows.append(
-                Row(
-                    model=family, system=system, concurrency=None, pairs=result["pairs"], seconds=result["seconds"],
-                    pairs_per_s=result["pairs_per_s"], latency_ms_p50=result["latency_ms_p50"],
-                    latency_ms_p95=result["latency_ms_p95"], peak_memory_bytes=result["peak_memory_bytes"],
-                    padding_waste=result["padding_waste"], flops_per_s=result["flops_per_s"],
-                    note=f"batch {result['batch_size']}, one process",
-                    extra={"batch_size_sweep": result["batch_size_sweep"], "torch_threads": result["torch_threads"]},
-                )
-            )  # fmt: skip
+            rows.append(inprocess_row(family, system, result))
     if skip_infinity or not INFINITY_BIN.exists():
         log.warning("Infinity skipped (%s)", "asked" if skip_infinity else f"{INFINITY_BIN} not installed")
     else:
@@ -656,6 +671,11 @@ def run(plan: Plan, gpu: bool, skip_infinity: bool, embedding_dir: Path | None, 
             infinity.stop()
     service = Service(models, plan)
     try:
+        # A control: the raw pass again, with Ray and the (idle) service beside it. On a small machine
+        # Ray's own processes take a share of the cores that no server on Ray can have back.
+        for family in ("cross_encoder", "embedding"):
+            result = run_inprocess("raw", family, models[family], scratch / "text.json", plan, sweep=False)
+            rows.append(inprocess_row(family, "raw_beside_idle_ray", result))
         for family in ("cross_encoder", "embedding", "clip"):
             rows += asyncio.run(bench_service(service, family, sets, plan))
     finally:
@@ -671,7 +691,7 @@ def run(plan: Plan, gpu: bool, skip_infinity: bool, embedding_dir: Path | None, 
                 r.extra["mfu_bf16"] = round(r.flops_per_s / peak, 4)
     return {
         "date": date.today().isoformat(),
-        "command": "make bench GPU=1" if gpu else "make bench",
+        "command": "python -m bench.compare " + " ".join(sys.argv[1:]) if sys.argv[1:] else "make bench",
         "machine": info,
         "dataset": {**described, "image_requests": len(images)},
         "models": {

@@ -13,12 +13,14 @@ README = ROOT / "README.md"
 
 
 def results_named_in_readme() -> list[Path]:
-    return [ROOT / name for name in re.findall(r"`(bench/results/[^`]+\.json)`", README.read_text())]
+    """The result files the README's bench:cpu and bench:gpu sections are rendered from."""
+    sections = re.findall(r"<!-- bench:(?:cpu|gpu) -->(.*?)<!-- /bench:", README.read_text(), re.S)
+    return [ROOT / name for section in sections for name in re.findall(r"`(bench/results/[^`]+\.json)`", section)]
 
 
-def test_readme_names_a_committed_cpu_result():
+def test_readme_names_committed_cpu_and_gpu_results():
     named = results_named_in_readme()
-    assert named and all(path.exists() and path.with_suffix(".png").exists() for path in named)
+    assert len(named) == 2 and all(path.exists() and path.with_suffix(".png").exists() for path in named)
 
 
 @pytest.mark.parametrize("result", results_named_in_readme(), ids=lambda p: p.name)
