@@ -445,7 +445,7 @@ def gpu_plan() -> Plan:
         repeats=3,
         ray_cpus=16,
         gpus=1,
-        pool_options={"num_gpus": 0.4, "max_tokens_per_forward": 131072},
+        pool_options={"num_gpus": 0.4},
         image_pool_options={"num_gpus": 0.05},
         ingress_options={"ingress_replicas": 4, "max_pairs_per_call": 256},
     )

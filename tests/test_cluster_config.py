@@ -108,7 +108,8 @@ def test_head_is_cpu_only_and_each_pool_has_a_gpu_worker_type_it_fits(cluster, g
 
 
 def test_cluster_installs_the_project_like_the_makefile_and_deploys_it(cluster):
-    (makefile_torch,) = re.findall(r"pip install -q (torch==\S+)", (ROOT / "Makefile").read_text())
+    # The service's own install ($(BIN)/pip), not the benchmark's Infinity virtualenv.
+    (makefile_torch,) = re.findall(r"\$\(BIN\)/pip install -q (torch==\S+)", (ROOT / "Makefile").read_text())
     setup = cluster["setup_commands"]
     torch_step = next(i for i, cmd in enumerate(setup) if "torch==" in cmd)
     assert makefile_torch in setup[torch_step].split()  # the same pin as `make install`
