@@ -226,6 +226,8 @@ class Ingress:
 
     async def _load(self, job: RerankJob) -> tuple[Content, list[Content]]:
         """Decode every image of the job at once; each document keeps its text."""
+        if job.query.image is None and all(d.image is None for d in job.documents):
+            return Content(text=job.query.text), [Content(text=d.text) for d in job.documents]
 
         async def content(spec: ContentSpec, field: str) -> Content:
             if spec.image is None:
