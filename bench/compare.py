@@ -391,6 +391,11 @@ async def bench_service(service: Service, family: str, requests_by_use: RequestS
             if plan.flops_per_token and family == "cross_encoder":
                 row.flops_per_s = round(delta["padded_tokens"] * plan.flops_per_token / seconds)
             rows.append(row)
+    # What the replicas measured at start-up decides how batches were cut: keep it beside the figures.
+    pool = "image_text" if family == "clip" else "text"
+    replicas = httpx.get(f"{service.apps[family]}/v1/models", timeout=60).json()["pools"][pool]["replicas"]
+    for row in rows:
+        row.extra["forward_cost_tokens"] = sorted({r["forward_cost_tokens"] for r in replicas})
     return rows
 
 

@@ -198,7 +198,7 @@ def tune_forward_cost(scorer: Scorer, pool: str, config: PoolSettings, max_batch
     return scorer.options.forward_cost_tokens
 
 
-def measure_forward_cost_tokens(scorer: Scorer, max_batch_size: int, words: int = 60, repeats: int = 3) -> int:
+def measure_forward_cost_tokens(scorer: Scorer, max_batch_size: int, words: int = 60, repeats: int = 5) -> int:
     """The fixed cost of a forward (one short pair) over the cost per token (many pairs of `words`)."""
 
     def best_time(pairs: list[Pair]) -> tuple[float, int]:
