@@ -225,8 +225,9 @@ class Infinity:
         response = await client.post(f"{self.url}/embeddings", json=body)
         response.raise_for_status()
         vectors = [item["embedding"] for item in response.json()["data"]]
-        query = vectors[0]
-        [sum(a * b for a, b in zip(query, v)) for v in vectors[1:]]
+        # The ranking a client of Infinity computes itself (Infinity's vectors are unit length).
+        scores = [sum(a * b for a, b in zip(vectors[0], v)) for v in vectors[1:]]
+        assert len(scores) == len(request["documents"])
 
 
 def peak_rss(pid: int) -> int | None:

@@ -143,7 +143,7 @@ class PoolReplica:
             sizes = [1 << i for i in range((self.max_batch_size - 1).bit_length() + 1)]
             for width in widths:
                 for size in sizes:
-                    # "query" + the words + 2 digits + 3 special tokens: exactly `width` tokens for a cross-encoder.
+                    # "query" + the words + 2 digits + 3 special tokens: `width` tokens for a BERT cross-encoder.
                     self.scorer.score(synthetic_pairs(self.pool, size, width - 6))
         log.info("pool %s warmed up in %.1f s", self.pool, time.perf_counter() - start)
 
