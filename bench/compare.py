@@ -81,7 +81,7 @@ def prepare_models(cache: Path, embedding_dir: Path | None = None) -> dict[str, 
 
     from serve_app.scoring.base import resolve_model_dir
     from serve_app.settings import DEFAULT_TEXT_MODEL, Settings
-    from tests.tiny_models import build_clip
+    from tests.tiny_models import MINILM_L6_SIZES, build_clip
 
     embedding = embedding_dir or Path(resolve_model_dir(DEFAULT_TEXT_MODEL, Settings().model_cache_dir))
     if not (embedding / "model.safetensors").exists():
@@ -95,10 +95,7 @@ def prepare_models(cache: Path, embedding_dir: Path | None = None) -> dict[str, 
     cross_encoder = cache / "MiniLM-L6-cross-encoder-random"
     if not (cross_encoder / "model.safetensors").exists():
         torch.manual_seed(0)
-        config = BertConfig(
-            vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
-            max_position_embeddings=512, num_labels=1, architectures=["BertForSequenceClassification"],
-        )  # fmt: skip
+        config = BertConfig(vocab_size=30522, num_labels=1, **MINILM_L6_SIZES)
         BertForSequenceClassification(config).eval().save_pretrained(cross_encoder)
         for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
             if (embedding / name).exists():
@@ -649,69 +646,70 @@ def run(plan: Plan, gpu: bool, skip_infinity: bool, embedding_dir: Path | None, 
     text = [{"query": r.query, "documents": r.documents} for r in requests]
     images = image_requests(requests[: max(8, plan.requests // 4)])
     sets = RequestSets(text, text[: plan.latency_requests], images, images[: plan.latency_requests // 2])
-    scratch = Path(tempfile.mkdtemp(prefix="bench-"))
-    (scratch / "text.json").write_text(json.dumps(sets.text))
-    (scratch / "images.json").write_text(json.dumps(sets.images))
-    if gpu:
-        from transformers import AutoConfig
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:  # request files for the in-process runs
+        scratch = Path(tmp)
+        (scratch / "text.json").write_text(json.dumps(sets.text))
+        (scratch / "images.json").write_text(json.dumps(sets.images))
+        if gpu:
+            from transformers import AutoConfig
 
-        from bench.inprocess import bert_flops
+            from bench.inprocess import bert_flops
 
-        config = AutoConfig.from_pretrained(models["cross_encoder"])
-        plan.flops_per_token = bert_flops(config, 1, 1)  # the per-token part; attention adds a few percent more
+            config = AutoConfig.from_pretrained(models["cross_encoder"])
+            plan.flops_per_token = bert_flops(config, 1, 1)  # the per-token part; attention adds a few percent more
 
-    rows: list[Row] = []
-    for family, file in (("cross_encoder", "text.json"), ("embedding", "text.json"), ("clip", "images.json")):
-        systems = ("raw",) if family == "clip" else ("raw", "sentence_transformers")
-        for system in systems:
-            result = run_inprocess(system, family, models[family], scratch / file, plan)
-            rows.append(inprocess_row(family, system, result))
-    if skip_infinity or not INFINITY_BIN.exists():
-        log.warning("Infinity skipped (%s)", "asked" if skip_infinity else f"{INFINITY_BIN} not installed")
-    else:
-        infinity = Infinity(models, plan)
+        rows: list[Row] = []
+        for family, file in (("cross_encoder", "text.json"), ("embedding", "text.json"), ("clip", "images.json")):
+            systems = ("raw",) if family == "clip" else ("raw", "sentence_transformers")
+            for system in systems:
+                result = run_inprocess(system, family, models[family], scratch / file, plan)
+                rows.append(inprocess_row(family, system, result))
+        if skip_infinity or not INFINITY_BIN.exists():
+            log.warning("Infinity skipped (%s)", "asked" if skip_infinity else f"{INFINITY_BIN} not installed")
+        else:
+            infinity = Infinity(models, plan)
+            try:
+                for family in ("cross_encoder", "embedding"):
+                    rows += asyncio.run(bench_infinity(infinity, family, sets, plan))
+            finally:
+                infinity.stop()
+        service = Service(models, plan)
         try:
+            # A control: the raw pass again, with Ray and the (idle) service beside it. On a small machine
+            # Ray's own processes take a share of the cores that no server on Ray can have back.
             for family in ("cross_encoder", "embedding"):
-                rows += asyncio.run(bench_infinity(infinity, family, sets, plan))
+                result = run_inprocess("raw", family, models[family], scratch / "text.json", plan, sweep=False)
+                rows.append(inprocess_row(family, "raw_beside_idle_ray", result))
+            for family in ("cross_encoder", "embedding", "clip"):
+                rows += asyncio.run(bench_service(service, family, sets, plan))
         finally:
-            infinity.stop()
-    service = Service(models, plan)
-    try:
-        # A control: the raw pass again, with Ray and the (idle) service beside it. On a small machine
-        # Ray's own processes take a share of the cores that no server on Ray can have back.
-        for family in ("cross_encoder", "embedding"):
-            result = run_inprocess("raw", family, models[family], scratch / "text.json", plan, sweep=False)
-            rows.append(inprocess_row(family, "raw_beside_idle_ray", result))
-        for family in ("cross_encoder", "embedding", "clip"):
-            rows += asyncio.run(bench_service(service, family, sets, plan))
-    finally:
-        service.stop()
-    order = {"cross_encoder": 0, "embedding": 1, "clip": 2}
-    rows.sort(key=lambda r: order[r.model])
-    add_ratios(rows)
-    info = machine()
-    peak = bf16_peak(info.get("gpu"))
-    if peak:
-        for r in rows:
-            if r.flops_per_s:
-                r.extra["mfu_bf16"] = round(r.flops_per_s / peak, 4)
-    return {
-        "date": date.today().isoformat(),
-        "command": "python -m bench.compare " + " ".join(sys.argv[1:]) if sys.argv[1:] else "make bench",
-        "machine": info,
-        "dataset": {**described, "image_requests": len(images)},
-        "models": {
-            "embedding": "sentence-transformers/all-MiniLM-L6-v2 "
-            + ("(random weights from its config)" if "random" in models["embedding"].name else "(real weights)"),
-            "cross_encoder": "MiniLM-L6-sized BertForSequenceClassification, random weights "
-            "(config of cross-encoder/ms-marco-MiniLM-L-6-v2: same cost as the real one)",
-            "clip": "tiny random CLIP (tests/tiny_models.py), image documents",
-        },
-        "plan": {k: v for k, v in plan.__dict__.items() if k != "best_batch"} | {"best_batch": plan.best_batch},
-        "rows": [r.__dict__ for r in rows],
-        "goals": goals(rows),
-        "bf16_peak_flops": peak,
-    }
+            service.stop()
+        order = {"cross_encoder": 0, "embedding": 1, "clip": 2}
+        rows.sort(key=lambda r: order[r.model])
+        add_ratios(rows)
+        info = machine()
+        peak = bf16_peak(info.get("gpu"))
+        if peak:
+            for r in rows:
+                if r.flops_per_s:
+                    r.extra["mfu_bf16"] = round(r.flops_per_s / peak, 4)
+        return {
+            "date": date.today().isoformat(),
+            "command": "python -m bench.compare " + " ".join(sys.argv[1:]) if sys.argv[1:] else "make bench",
+            "machine": info,
+            "dataset": {**described, "image_requests": len(images)},
+            "models": {
+                "embedding": "sentence-transformers/all-MiniLM-L6-v2 "
+                + ("(random weights from its config)" if "random" in models["embedding"].name else "(real weights)"),
+                "cross_encoder": "MiniLM-L6-sized BertForSequenceClassification, random weights "
+                "(config of cross-encoder/ms-marco-MiniLM-L-6-v2: same cost as the real one)",
+                "clip": "tiny random CLIP (tests/tiny_models.py), image documents",
+            },
+            "plan": {k: v for k, v in plan.__dict__.items() if k != "best_batch"} | {"best_batch": plan.best_batch},
+            "rows": [r.__dict__ for r in rows],
+            "goals": goals(rows),
+            "bf16_peak_flops": peak,
+        }
 
 
 def main(argv: list[str] | None = None) -> None:

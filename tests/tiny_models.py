@@ -30,6 +30,14 @@ WORDS = (
 ).split()
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 IMAGE_SIZE = 32
+# The sizes of MiniLM-L6 (all-MiniLM-L6-v2, ms-marco-MiniLM-L-6-v2): random weights of these cost what real ones do.
+MINILM_L6_SIZES = {
+    "hidden_size": 384,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 12,
+    "intermediate_size": 1536,
+    "max_position_embeddings": 512,
+}
 
 
 def save_tokenizer(directory: Path, max_length: int = 64) -> BertTokenizerFast:
@@ -58,16 +66,7 @@ def build_slow_cross_encoder(directory: Path) -> Path:
     """MiniLM-L6-sized with 512 positions: seconds per request on one CPU, for deadline and overload tests."""
     torch.manual_seed(0)
     tokenizer = save_tokenizer(directory, max_length=512)
-    config = _bert_config(
-        len(tokenizer),
-        hidden_size=384,
-        num_hidden_layers=6,
-        num_attention_heads=12,
-        intermediate_size=1536,
-        max_position_embeddings=512,
-        initializer_range=0.02,
-        num_labels=1,
-    )
+    config = _bert_config(len(tokenizer), **MINILM_L6_SIZES, initializer_range=0.02, num_labels=1)
     BertForSequenceClassification(config).eval().save_pretrained(directory)
     return directory
 
