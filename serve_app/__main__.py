@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 from pathlib import Path
 
+from serve_app.ports import port_free
 from serve_app.settings import Settings
 
 PID_FILE = Path(".run/serve_app.pid")
@@ -32,16 +32,6 @@ def running_pid() -> int | None:
     if cmdline.exists() and b"serve_app" not in cmdline.read_bytes():
         return None  # the pid was reused by an unrelated process
     return pid
-
-
-def port_free(host: str, port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def main() -> int:

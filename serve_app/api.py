@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import hmac
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 
 from serve_app.errors import RerankError, Unauthorized
-from serve_app.schemas import HealthResponse, RerankRequest, RerankResponse, TeiRank, TeiRerankRequest
+from serve_app.schemas import (
+    HealthResponse,
+    RerankRequest,
+    RerankResponse,
+    TeiRank,
+    TeiRerankRequest,
+    describe_errors,
+)
 from serve_app.settings import Settings
-
-if TYPE_CHECKING:
-    from serve_app.ingress import Ingress
 
 DESCRIPTION = (
     "Scores (query, document) pairs with text and image-text models and returns a ranking. "
@@ -34,10 +39,8 @@ async def rerank_error(request: Request, exc: RerankError) -> JSONResponse:
 
 
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = exc.errors()
-    fields = [".".join(str(part) for part in e["loc"] if part != "body") or "body" for e in errors]
-    message = "; ".join(f"{field}: {e['msg']}" for field, e in zip(fields, errors))
-    return JSONResponse(error_body("invalid_input", message, fields[0] if fields else None), status_code=422)
+    message, field = describe_errors(exc.errors())
+    return JSONResponse(error_body("invalid_input", message, field), status_code=422)
 
 
 class RequestSizeLimit:
@@ -103,14 +106,46 @@ def api_key_check(settings: Settings):
     return Depends(check)
 
 
-def build_api(ingress: Ingress) -> FastAPI:
-    """One FastAPI app per ingress replica, built with its settings; routes delegate to the ingress."""
+class RerankService(Protocol):
+    """What the routes call: the ingress deployment, or anything that answers the same."""
+
+    settings: Settings
+
+    async def rerank(self, request: RerankRequest, return_documents: bool, api_version: str) -> RerankResponse: ...
+
+    async def rerank_tei(self, request: TeiRerankRequest) -> list[TeiRank]: ...
+
+    async def health(self) -> tuple[HealthResponse, int]: ...
+
+    async def models(self) -> dict: ...
+
+    async def stats(self) -> dict: ...
+
+
+def build_api(ingress: RerankService) -> FastAPI:
+    """One FastAPI app per ingress replica, built with its settings; routes delegate to the ingress.
+
+    With an API key set, every route but /health needs it, the schema (/openapi.json) and /docs included."""
     settings = ingress.settings
-    app = FastAPI(title="Multimodal reranker", description=DESCRIPTION, version="0.1.0")
+    app = FastAPI(
+        title="Multimodal reranker", description=DESCRIPTION, version="0.1.0", docs_url=None, redoc_url=None,
+        openapi_url=None,
+    )  # fmt: skip
     app.add_middleware(RequestSizeLimit, limit=settings.max_request_bytes)
     app.add_exception_handler(RerankError, rerank_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     authorized = [api_key_check(settings)]
+
+    # FastAPI's own /docs and /openapi.json take no dependencies: these two do what they do, behind the key.
+    @app.get("/openapi.json", include_in_schema=False, dependencies=authorized)
+    async def openapi(request: Request) -> JSONResponse:
+        root = request.scope.get("root_path", "").rstrip("/")  # Serve's route prefix, where there is one
+        return JSONResponse({**app.openapi(), **({"servers": [{"url": root}]} if root else {})})
+
+    @app.get("/docs", include_in_schema=False, dependencies=authorized)
+    async def docs(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title=f"{app.title} - Swagger UI")
 
     @app.post("/v2/rerank", response_model=RerankResponse, response_model_exclude_none=True, dependencies=authorized)
     async def rerank_v2(request: RerankRequest) -> RerankResponse:

@@ -6,25 +6,27 @@ from ray.serve import Application
 from ray.serve.config import BackpressureConfig
 
 from serve_app.hardware import load_profile_rows
-from serve_app.ingress import POOLS, Ingress
+from serve_app.ingress import Ingress
 from serve_app.replica import PoolReplica
-from serve_app.settings import Settings, replica_options
+from serve_app.settings import POOLS, Settings, replica_options
 
 
 def bind_pools(settings: Settings, realtime: bool) -> dict[str, Application | None]:
     """One deployment per enabled pool (or per pool with realtime replicas, for the realtime variant)."""
     profiles = load_profile_rows(settings.batch_profiles_path)
     bound: dict[str, Application | None] = {}
-    for name in POOLS:
-        pool = getattr(settings, name)
-        if not pool.enabled or (realtime and pool.realtime_replicas == 0):
-            bound[name] = None
+    for pool in POOLS:
+        pool_settings = settings.pool(pool)
+        if not pool_settings.enabled or (realtime and pool_settings.realtime_replicas == 0):
+            bound[pool] = None
             continue
         options = (
-            pool.realtime_options(f"{name}_realtime_pool") if realtime else pool.deployment_options(f"{name}_pool")
+            pool_settings.realtime_options(f"{pool}_realtime_pool")
+            if realtime
+            else pool_settings.deployment_options(f"{pool}_pool")
         )
-        bound[name] = PoolReplica.options(**options, logging_config={"log_level": settings.log_level}).bind(
-            name, pool, settings.model_cache_dir, profiles, realtime
+        bound[pool] = PoolReplica.options(**options, logging_config={"log_level": settings.log_level}).bind(
+            pool, pool_settings, settings.model_cache_dir, profiles, realtime
         )
     return bound
 

@@ -23,17 +23,27 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import ValidationError
 
-from serve_app import hardware
+from serve_app import hardware, pools
 from serve_app.errors import RerankError
+from serve_app.hardware import Placement
 from serve_app.media import decode_base64, is_url, open_image
-from serve_app.schemas import STRATEGIES, Threshold, rank
-from serve_app.scoring import Content, ModelLoadError, Pair, ScoringError
-from serve_app.settings import PoolSettings, Settings
+from serve_app.schemas import (
+    STRATEGIES,
+    BulkRow,
+    ContentSpec,
+    RerankJob,
+    Threshold,
+    check_limits,
+    describe_errors,
+    rank,
+)
+from serve_app.scoring.types import Content, ModelLoadError, Pair, Score, ScoringError
+from serve_app.settings import POOLS, PoolSettings, Settings
 
 log = logging.getLogger("serve_app.bulk")
 
-POOLS = ("text", "image_text")
 PROGRESS_EVERY_S = 5.0
 # Reading and splitting rows is light: it reserves no CPU, so actors that take every CPU cannot starve
 # it (a deadlock), and only a few such tasks run at once, so the node is not flooded with worker
@@ -128,21 +138,15 @@ def image_bytes(value: str, settings: Settings, field: str) -> bytes:
     return decode_base64(value, settings, field)
 
 
-def content_of(value: object, settings: Settings, field: str, check_images: bool) -> dict:
-    """A query or document as {"text", "image" (base64)}: checked like the HTTP API checks it."""
-    if isinstance(value, str):
-        value = {"text": value}
-    if not isinstance(value, dict) or not (value.get("text") or value.get("image")):
-        raise RowError(f"{field}: give a string, or an object with `text` and/or `image`")
-    text, image = value.get("text"), value.get("image")
-    if text is not None and len(text) > settings.max_text_chars:
-        raise RowError(f"{field}: text has {len(text)} characters; the limit is {settings.max_text_chars}")
-    if image:
-        data = image_bytes(image, settings, f"{field}.image")
+def content_of(spec: ContentSpec, settings: Settings, field: str, check_images: bool) -> dict:
+    """A query or document as {"text", "image" (base64)}; an image path is read, and decoded when checked."""
+    image = None
+    if spec.image is not None:
+        data = image_bytes(spec.image, settings, f"{field}.image")
         if check_images:
             open_image(data, settings, f"{field}.image")
         image = base64.b64encode(data).decode()
-    return {"text": text, "image": image or None}
+    return {"text": spec.text, "image": image}
 
 
 def pool_of(query: dict, document: dict, pool: str) -> str:
@@ -151,75 +155,101 @@ def pool_of(query: dict, document: dict, pool: str) -> str:
     return "image_text" if query["image"] or document["image"] else "text"
 
 
-def expand(shard_item: dict, branch: str, pool: str, settings: Settings) -> list[dict]:
-    """Records of one shard. Branch "rows": one record per row (its id and pair count, or why it
-    cannot be scored); branch "text" / "image_text": the pairs that pool scores."""
+@dataclass(frozen=True)
+class ParsedRow:
+    id: str
+    job: RerankJob
+    query: dict
+    documents: list[dict]
+
+
+def with_defaults(row: dict, options: Options) -> dict:
+    """The row, with the job's options where it leaves them unset (a row's own top_n, strategy or
+    threshold, instruction or template win)."""
+    merged = dict(row)
+    if merged.get("top_n") is None:
+        merged["top_n"] = options.top_n
+    if merged.get("strategy") is None and merged.get("threshold") is None:
+        merged.update(strategy=options.strategy, threshold=options.threshold)
+    if merged.get("instruction") is None and merged.get("instruction_template") is None:
+        merged["instruction_template"] = options.instruction_template
+    return merged
+
+
+def parse_row(
+    row: dict | str, options: Options, settings: Settings, templates: dict[str, str], check_images: bool
+) -> ParsedRow:
+    """A row as the HTTP API reads a request: the same model, conversion and limits."""
+    if not isinstance(row, dict):
+        raise RowError(str(row))
+    try:
+        request = BulkRow.model_validate(with_defaults(row, options))
+    except ValidationError as exc:
+        raise RowError(describe_errors(exc.errors())[0]) from None
+    job = request.to_job(templates)
+    check_limits(job, settings)
+    query = content_of(job.query, settings, "query", check_images)
+    documents = [content_of(d, settings, f"documents[{i}]", check_images) for i, d in enumerate(job.documents)]
+    if options.pool == "text" and (query["image"] or any(d["image"] for d in documents)):
+        raise RowError("row has images but --pool text was asked for; use --pool auto or image_text")
+    return ParsedRow(str(request.id), job, query, documents)
+
+
+def expand(
+    shard_item: dict, branch: str, options: Options, settings: Settings, templates: dict[str, str]
+) -> list[dict]:
+    """Records of one shard. Branch "rows": one record per row (its id, pair count and ranking options, or
+    why it cannot be scored); branch "text" / "image_text": the pairs that pool scores."""
     shard = Shard(**shard_item)
     records = []
     for row_index, row in enumerate(read_shard(shard)):
         base = {"shard": shard.index, "row": row_index, "doc": -1, "kind": "row", "id": "", "n_pairs": 0,
-                "payload": "", "error": "", "raw": 0.0, "score": 0.0}  # fmt: skip
+                "ranking": "", "payload": "", "error": "", "raw": 0.0, "score": 0.0}  # fmt: skip
         try:
-            query, documents = parse_row(row, pool, settings, check_images=branch == "rows")
+            parsed = parse_row(row, options, settings, templates, check_images=branch == "rows")
         except (RowError, RerankError) as exc:
             if branch == "rows":
-                records.append({**base, "id": row.get("id", "") if isinstance(row, dict) else "", "error": str(exc)})
+                records.append(
+                    {**base, "id": str(row.get("id", "")) if isinstance(row, dict) else "", "error": str(exc)}
+                )
             continue
-        base["id"] = str(row["id"])
+        base["id"] = parsed.id
         if branch == "rows":
-            records.append({**base, "n_pairs": len(documents)})
+            threshold = parsed.job.threshold
+            ranking = {"top_n": parsed.job.top_n, "threshold": asdict(threshold) if threshold else None}
+            records.append({**base, "n_pairs": len(parsed.documents), "ranking": json.dumps(ranking)})
             continue
-        for doc_index, document in enumerate(documents):
-            if pool_of(query, document, pool) == branch:
-                payload = json.dumps({"query": query, "document": document})
-                records.append({**base, "doc": doc_index, "kind": "pair", "payload": payload})
-    for record in records:
-        record["id"] = str(record["id"])
+        for doc_index, document in enumerate(parsed.documents):
+            if pool_of(parsed.query, document, options.pool) == branch:
+                payload = {
+                    "query": parsed.query,
+                    "document": document,
+                    "instruction": parsed.job.instruction,
+                    "max_tokens_per_doc": parsed.job.max_tokens_per_doc,
+                }
+                records.append({**base, "doc": doc_index, "kind": "pair", "payload": json.dumps(payload)})
     return records
-
-
-def parse_row(row: dict | str, pool: str, settings: Settings, check_images: bool) -> tuple[dict, list[dict]]:
-    """A row's query and documents, checked as the HTTP API checks a request."""
-    if not isinstance(row, dict):
-        raise RowError(str(row))
-    if not str(row.get("id", "")):
-        raise RowError("row has no `id`")
-    documents = row.get("documents")
-    if not isinstance(documents, list) or not documents:
-        raise RowError("`documents` must be a non-empty list")
-    if len(documents) > settings.max_documents_per_request:
-        raise RowError(f"{len(documents)} documents; the limit is {settings.max_documents_per_request}")
-    query = content_of(row.get("query"), settings, "query", check_images)
-    docs = [content_of(d, settings, f"documents[{i}]", check_images) for i, d in enumerate(documents)]
-    if pool == "text" and (query["image"] or any(d["image"] for d in docs)):
-        raise RowError("row has images but --pool text was asked for; use --pool auto or image_text")
-    return query, docs
 
 
 # ---- scoring actors -------------------------------------------------------------------------------
 
 
 class PairScorer:
-    """A Ray Data actor holding one pool's scorer, loaded as the service loads it."""
+    """A Ray Data actor holding one pool's scorer, loaded as the service loads it (pools.load_pool)."""
 
-    def __init__(self, pool: str, config: PoolSettings, settings: Settings, instruction: str | None) -> None:
-        self.pool = pool
-        self.config = config
+    def __init__(self, pool: str, settings: Settings) -> None:
         self.settings = settings
-        self.instruction = instruction
-        where = hardware.placement()
-        rows = hardware.load_profile_rows(settings.batch_profiles_path)
-        profile = hardware.choose_profile(rows, where, pool, config)
+        self.scorer = None
         self.load_error: str | None = None
+        rows = hardware.load_profile_rows(settings.batch_profiles_path)
         try:
-            self.scorer = hardware.load_pool_scorer(config, where, profile, settings.model_cache_dir)
-            hardware.tune_forward_cost(self.scorer, pool, config, profile.max_batch_size)
+            self.scorer = pools.load_pool(pool, settings.pool(pool), rows, settings.model_cache_dir).scorer
         except ModelLoadError as exc:
             # As in the service: the job goes on; this pool's pairs fail their rows, with the reason.
             self.load_error = f"the {pool} model is unavailable: {exc}"
 
     def _pair(self, payload: str) -> Pair:
-        sides = json.loads(payload)
+        fields = json.loads(payload)
 
         def side(spec: dict, field: str) -> Content:
             image = None
@@ -227,7 +257,12 @@ class PairScorer:
                 image = open_image(base64.b64decode(spec["image"]), self.settings, field)
             return Content(text=spec["text"], image=image)
 
-        return Pair(side(sides["query"], "query"), side(sides["document"], "document"), self.instruction)
+        return Pair(
+            side(fields["query"], "query"),
+            side(fields["document"], "document"),
+            fields["instruction"],
+            fields["max_tokens_per_doc"],
+        )
 
     def __call__(self, batch):
         pairs, at = [], []
@@ -243,19 +278,18 @@ class PairScorer:
                 errors[i] = str(exc)
         raw_scores, scores = list(batch["raw"]), list(batch["score"])
         for index_list, scored in self._score(pairs, at, errors):
-            for i, (raw, calibrated) in zip(index_list, scored):
-                raw_scores[i], scores[i] = raw, calibrated
+            for i, score in zip(index_list, scored):
+                raw_scores[i], scores[i] = score.raw, score.relevance
         batch["raw"], batch["score"], batch["error"] = raw_scores, scores, errors
         return batch
 
-    def _score(self, pairs: list[Pair], at: list[int], errors: list[str]):
+    def _score(self, pairs: list[Pair], at: list[int], errors: list[str]) -> list[tuple[list[int], list[Score]]]:
         """Score the batch at once; if one pair cannot be scored, find it and score the rest."""
         if not pairs:
             return []
         try:
             self.scorer.check(pairs, truncate=True)
-            raw = self.scorer.score(pairs)
-            return [(at, list(zip(raw, self.scorer.calibrate(raw))))]
+            return [(at, self.scorer.calibrate(self.scorer.score(pairs)))]
         except ScoringError:
             out = []
             for pair, i in zip(pairs, at):
@@ -264,8 +298,7 @@ class PairScorer:
                 except ScoringError as exc:
                     errors[i] = str(exc)
                     continue
-                raw = self.scorer.score([pair])
-                out.append(([i], list(zip(raw, self.scorer.calibrate(raw)))))
+                out.append(([i], self.scorer.calibrate(self.scorer.score([pair]))))
             return out
 
 
@@ -274,14 +307,14 @@ class PairScorer:
 
 @dataclass
 class ShardResult:
-    """What has arrived for one shard: row records, and per pair a (raw, calibrated) score or an error."""
+    """What has arrived for one shard: row records, and per pair a score or an error."""
 
     rows: int
     headers: dict[int, dict] = field(default_factory=dict)
-    pairs: dict[tuple[int, int], tuple[float, float] | str] = field(default_factory=dict)
+    pairs: dict[tuple[int, int], Score | str] = field(default_factory=dict)
     arrived: dict[int, int] = field(default_factory=lambda: defaultdict(int))  # distinct pairs per row
 
-    def add(self, key: tuple[int, int], value: tuple[float, float] | str) -> bool:
+    def add(self, key: tuple[int, int], value: Score | str) -> bool:
         """Record a pair's result; True when it is new (a retried task may deliver it twice)."""
         new = key not in self.pairs
         self.pairs[key] = value
@@ -373,24 +406,25 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--shard-rows", type=int, default=256, help="JSONL rows per shard (Parquet: row groups)")
     parser.add_argument("--text-actors", type=int, default=1)
     parser.add_argument("--image-actors", type=int, default=1)
-    return Options(**vars(parser.parse_args(argv)))
+    args = parser.parse_args(argv)
+    if args.strategy is not None and args.threshold is not None:
+        parser.error("give --strategy or --threshold, not both")
+    return Options(**vars(args))
 
 
-def batch_size_for(pool: str, config: PoolSettings, settings: Settings) -> int:
-    """The pool's cap on the GPU kind the actors will get (the CPU row without GPUs)."""
+def batch_size_for(pool: str, pool_settings: PoolSettings, settings: Settings) -> int:
+    """The pool's cap as its replicas pick it (hardware.choose_profile), on the GPU kind the actors will get."""
     import ray
 
-    if config.max_batch_size:
-        return config.max_batch_size
-    kind = "cpu"
-    if config.num_gpus:
+    kind, device = "cpu", "cpu"
+    if pool_settings.num_gpus and ray.cluster_resources().get("GPU"):
         kinds = [key.split(":", 1)[1] for key in ray.cluster_resources() if key.startswith("accelerator_type:")]
-        kind = config.accelerator_type or (kinds[0] if kinds else "cpu")
+        kind, device = pool_settings.accelerator_type or (kinds[0] if kinds else "cpu"), "cuda:0"
     rows = hardware.load_profile_rows(settings.batch_profiles_path)
-    profile = hardware.lookup_profile(rows, kind, pool, config.model) or hardware.lookup_profile(
-        rows, "cpu", pool, config.model
-    )
-    return profile.max_batch_size if profile else 32
+    where = Placement(device, node="", gpu_kind=kind, gpu_name=None)
+    profile = hardware.choose_profile(rows, where, pool, pool_settings)
+    # A kind with no row: its actors derive their cap from the card; they are handed the fallback's batches.
+    return profile.overridden(pool_settings.max_batch_size, None).max_batch_size
 
 
 def check_job_file(root: Path, options: Options, shards: list[Shard]) -> None:
@@ -412,15 +446,9 @@ def run(options: Options, settings: Settings | None = None) -> dict:
 
     settings = settings or Settings()
     started = time.monotonic()
-    instruction = None
-    if options.instruction_template:
-        templates = settings.instruction_templates()
-        if options.instruction_template not in templates:
-            raise SystemExit(f"no instruction template {options.instruction_template!r}; known: {sorted(templates)}")
-        instruction = templates[options.instruction_template]
-    threshold = STRATEGIES[options.strategy] if options.strategy else None
-    if options.threshold is not None:
-        threshold = Threshold(options.threshold, inclusive=True)
+    templates = settings.instruction_templates()
+    if options.instruction_template and options.instruction_template not in templates:
+        raise SystemExit(f"no instruction template {options.instruction_template!r}; known: {sorted(templates)}")
 
     shards = plan_shards(input_files(Path(options.input)), options.shard_rows)
     out = Output(Path(options.output), options.format)
@@ -432,9 +460,7 @@ def run(options: Options, settings: Settings | None = None) -> dict:
     if todo:
         if not ray.is_initialized():
             ray.init()
-        pairs_scored = score_shards(
-            todo, out, options, settings, instruction, threshold, rows_total - sum(s.rows for s in todo), rows_total
-        )
+        pairs_scored = score_shards(todo, out, options, settings, templates, rows_total - sum(s.rows for s in todo))
     rows_out, errors = out.count_rows()
     elapsed = time.monotonic() - started
     summary = {
@@ -457,37 +483,36 @@ def score_shards(
     out: Output,
     options: Options,
     settings: Settings,
-    instruction: str | None,
-    threshold: Threshold | None,
+    templates: dict[str, str],
     rows_done: int,
-    rows_total: int,
 ) -> int:
     import ray
+
+    rows_total = rows_done + sum(s.rows for s in todo)
 
     # One block per shard: shards stream through and commit one by one instead of in a few large lumps.
     items = ray.data.from_items([asdict(s) for s in todo], override_num_blocks=len(todo))
 
     def records(branch: str):
-        kwargs = {"branch": branch, "pool": options.pool, "settings": settings}
+        kwargs = {"branch": branch, "options": options, "settings": settings, "templates": templates}
         compute = ray.data.TaskPoolStrategy(size=EXPAND_TASKS)
         return items.flat_map(expand, fn_kwargs=kwargs, num_cpus=EXPAND_CPUS, compute=compute)
 
     datasets = [records("rows")]
     has_gpus = bool(ray.cluster_resources().get("GPU", 0))
     actors = {"text": options.text_actors, "image_text": options.image_actors}  # actor pool size per branch
-    for branch in POOLS if options.pool == "auto" else [options.pool]:
-        config: PoolSettings = getattr(settings, branch)
-        constructor = {"pool": branch, "config": config, "settings": settings, "instruction": instruction}
+    for pool in POOLS if options.pool == "auto" else [options.pool]:
+        pool_settings = settings.pool(pool)
         # Ray Data restarts a lost actor and retries its batch (max_restarts / max_task_retries -1 by default).
         datasets.append(
-            records(branch).map_batches(
+            records(pool).map_batches(
                 PairScorer,
-                fn_constructor_kwargs=constructor,
-                batch_size=batch_size_for(branch, config, settings),
+                fn_constructor_kwargs={"pool": pool, "settings": settings},
+                batch_size=batch_size_for(pool, pool_settings, settings),
                 batch_format="pandas",
-                compute=ray.data.ActorPoolStrategy(size=actors[branch]),
-                num_cpus=config.num_cpus,
-                num_gpus=config.num_gpus if has_gpus else 0,
+                compute=ray.data.ActorPoolStrategy(size=actors[pool]),
+                num_cpus=pool_settings.num_cpus,
+                num_gpus=pool_settings.num_gpus if has_gpus else 0,
             )
         )
     dataset = datasets[0].union(*datasets[1:])
@@ -503,9 +528,9 @@ def score_shards(
                 result.headers[record["row"]] = record
                 continue
             key = (record["row"], record["doc"])
-            pairs_scored += result.add(key, record["error"] or (record["raw"], record["score"]))
+            pairs_scored += result.add(key, record["error"] or Score(record["raw"], record["score"]))
         for shard_index in [i for i, r in pending.items() if r.complete()]:
-            rows_done += commit_shard(out, shard_index, pending.pop(shard_index), threshold, options.top_n)
+            rows_done += commit_shard(out, shard_index, pending.pop(shard_index))
         if time.monotonic() - last_log > PROGRESS_EVERY_S:
             last_log = time.monotonic()
             rate = pairs_scored / (last_log - started)
@@ -517,7 +542,8 @@ def score_shards(
     return pairs_scored
 
 
-def commit_shard(out: Output, shard: int, result: ShardResult, threshold: Threshold | None, top_n: int | None) -> int:
+def commit_shard(out: Output, shard: int, result: ShardResult) -> int:
+    """Write a complete shard: each row ranked with its own top_n and threshold, or its error."""
     rows, errors = [], []
     for row in sorted(result.headers):
         header = result.headers[row]
@@ -528,7 +554,9 @@ def commit_shard(out: Output, shard: int, result: ShardResult, threshold: Thresh
         if error:
             errors.append({"id": header["id"], "row": row, "shard": shard, "error": error})
             continue
-        ranked = rank(scores, threshold, top_n)
+        ranking = json.loads(header["ranking"])
+        threshold = Threshold(**ranking["threshold"]) if ranking["threshold"] else None
+        ranked = rank(scores, threshold, ranking["top_n"])
         rows.append(
             {
                 "id": header["id"],

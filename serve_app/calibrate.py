@@ -2,17 +2,18 @@
 
     python -m serve_app.calibrate --pool text [--batch-sizes 1,2,4,...] [--dry-run]
 
-For each batch size it times the raw forward (`scorer.forward` on a batch prepared once) and the path a
-replica serves (`scorer.score`: tokenize, sort, pad, forward), records the peak memory, picks the knee (the
-largest size before doubling gains < 5% throughput or memory passes the budget), prints a table, writes the
-row into deploy/batch_profiles.yaml (unless --dry-run), and saves a plot and the sweep as JSON.
+The scorer loads as a replica of the pool loads it (`pools.load_pool`: the pool's settings, this machine's
+profile row, dtype, shapes and measured forward cost). For each batch size it times the raw forward
+(`scorer.forward` on a batch prepared once) and the path a replica serves (`scorer.score`: tokenize, sort,
+pad, forward), records the peak memory, picks the knee (the largest size before doubling gains < 5%
+throughput or memory passes the budget), prints a table, writes the row into the calibrated rows file
+beside the profiles (`batch_profiles.calibrated.yaml`, unless --dry-run), and saves a plot and the sweep as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import fnmatch
 import json
 import logging
 import os
@@ -28,13 +29,14 @@ from pathlib import Path
 import torch
 import yaml
 
-from serve_app import hardware
+from serve_app import hardware, pools
 from serve_app.hardware import ProfileRow
-from serve_app.scoring.base import Content, LoadOptions, Pair, Scorer, load_scorer, truncate_to_tokens
+from serve_app.scoring.batching import truncate_to_tokens
+from serve_app.scoring.types import Content, Pair, Scorer
+from serve_app.settings import POOLS, Settings
 
 log = logging.getLogger(__name__)
 
-POOLS = ("text", "image_text")
 MIN_GAIN = 0.05  # doubling the batch must buy at least this much more throughput
 CPU_BATCH_LIMIT_S = 5.0  # on a CPU, stop the sweep after a batch slower than this
 BATCH_WAIT_TIMEOUT_S = 0.005
@@ -75,12 +77,12 @@ class Machine:
     dtype: str  # key of hardware.DTYPES
 
 
-def this_machine() -> Machine:
-    """cuda:0 in the preferred GPU dtype when CUDA is there, else the CPU in float32."""
-    if torch.cuda.is_available():
-        where = hardware.placement()
-        return Machine(where.device, where.gpu_kind, where.gpu_name or where.gpu_kind, hardware.preferred_gpu_dtype())
-    return Machine("cpu", "cpu", f"{cpu_name()} ({torch.get_num_threads()} threads)", "float32")
+def this_machine(loaded: pools.PoolScorer) -> Machine:
+    """The device the pool's scorer loaded on, in the dtype it computes in (the profile's, or the pool's)."""
+    where = loaded.placement
+    if where.device.startswith("cuda"):
+        return Machine(where.device, where.gpu_kind, where.gpu_name or where.gpu_kind, loaded.profile.dtype)
+    return Machine("cpu", "cpu", f"{cpu_name()} ({torch.get_num_threads()} threads)", loaded.profile.dtype)
 
 
 def cpu_name() -> str:
@@ -263,126 +265,37 @@ def why_knee(rows: Sequence[SweepRow], knee: SweepRow, budget_bytes: int | None)
 # --- the profile row ---------------------------------------------------------------------------------------------
 
 
-def _scalar(value: object) -> str:
-    """A YAML flow scalar: numbers bare, strings double-quoted (JSON strings are YAML strings)."""
-    if isinstance(value, bool) or value is None:
-        return json.dumps(value)
-    if isinstance(value, (int, float)):
-        return repr(value)
-    text = str(value)
-    if re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]*", text) and yaml.safe_load(text) == text:
-        return text  # plain words (cpu, text, float32) stay bare, as in the hand-written rows
-    return json.dumps(text, ensure_ascii=False)
+CALIBRATED_HEADER = """\
+# Written by `python -m serve_app.calibrate`: one row per (GPU kind, pool, model) measured on that device.
+# Merged with the hand-written profiles beside it; a row here wins a tie with a row there. Edit by rerunning.
+"""
 
 
 def format_row(row: ProfileRow) -> str:
-    """One line of flow-style YAML, keys in the order the table's rows use."""
-    fields = {
-        "gpu": row.gpu,
-        "modality": row.modality,
-        "model": row.model,
-        "max_batch_size": row.max_batch_size,
-        "batch_wait_timeout_s": row.batch_wait_timeout_s,
-        "dtype": row.dtype,
-        "source": row.source,
-    }
-    return "- {" + ", ".join(f"{k}: {_scalar(v)}" for k, v in fields.items() if v is not None) + "}"
-
-
-@dataclass
-class _Block:
-    start: int  # index of the row's first line in the file's lines
-    end: int  # one past its last line
-    row: dict
-
-
-def _row_blocks(lines: list[str], after: int) -> list[_Block]:
-    """The list items after the `profiles:` line: a `- ` line plus the lines indented deeper than its dash."""
-    blocks: list[_Block] = []
-    i = after
-    while i < len(lines):
-        match = re.match(r"^(\s*)- ", lines[i])
-        if not match:
-            i += 1
-            continue
-        indent = len(match.group(1))
-        end = i + 1
-        while end < len(lines):
-            line = lines[end]
-            stripped = line.strip()
-            if not stripped or stripped.startswith("#") or len(line) - len(line.lstrip()) <= indent:
-                break
-            end += 1
-        item = yaml.safe_load("".join(lines[i:end]))
-        if not (isinstance(item, list) and len(item) == 1 and isinstance(item[0], dict)):
-            raise ValueError(f"cannot read the profile row at line {i + 1}: {''.join(lines[i:end])!r}")
-        blocks.append(_Block(i, end, item[0]))
-        i = end
-    return blocks
+    """One row as flow-style YAML, unset fields left out."""
+    fields = {k: v for k, v in asdict(row).items() if v is not None}
+    return yaml.safe_dump(fields, default_flow_style=True, sort_keys=False, allow_unicode=True, width=1 << 16).strip()
 
 
 def write_profile_row(path: Path, row: ProfileRow) -> str:
-    """Put `row` into the profiles file: replace the row with the same gpu, modality and model, else add it.
-
-    Only that row's lines change: the header, comments and other rows stay as written. The new row goes
-    before any model-glob row of the same gpu and modality that also matches its model (lookup_profile takes
-    the first model row that matches, so the exact row must come first), else where the old row was, else
-    at the end. Returns "replaced" or "added".
-    """
+    """Put `row` into the calibrated rows file at `path`: replace the row of the same GPU kind, pool and model,
+    else add it. Returns "replaced" or "added". The whole file is machine-written, so it is rewritten."""
     if row.model is None:
         raise ValueError("a calibrated row names its model")
-    text = path.read_text() if path.exists() else "profiles:\n"
-    lines = text.splitlines(keepends=True)
-    if lines and not lines[-1].endswith("\n"):
-        lines[-1] += "\n"
-    header = next((i for i, line in enumerate(lines) if re.match(r"^profiles:\s*(#.*)?$", line)), None)
-    if header is None:
-        raise ValueError(f"{path} has no block-style `profiles:` list to add a row to")
-    blocks = _row_blocks(lines, header + 1)
-    indent = re.match(r"^(\s*)", lines[blocks[0].start]).group(1) if blocks else "  "
-    new_line = indent + format_row(row) + "\n"
 
-    def same_slot(item: dict) -> bool:
-        return (
-            str(item.get("gpu", "")).lower() == row.gpu.lower()
-            and item.get("modality") == row.modality
-            and item.get("model") == row.model
-        )
+    def same(other: ProfileRow) -> bool:
+        return (other.gpu.lower(), other.pool, other.model) == (row.gpu.lower(), row.pool, row.model)
 
-    old = next((b for b in blocks if same_slot(b.row)), None)
-    shadowing = next(
-        (
-            b
-            for b in blocks
-            if b is not old
-            and str(b.row.get("gpu", "")).lower() == row.gpu.lower()
-            and b.row.get("modality") == row.modality
-            and b.row.get("model") is not None
-            and fnmatch.fnmatch(row.model, str(b.row["model"]))
-        ),
-        None,
-    )
-    if old is not None:
-        del lines[old.start : old.end]
-        removed = old.end - old.start
-        if shadowing is not None and shadowing.start > old.start:
-            shadowing = _Block(shadowing.start - removed, shadowing.end - removed, shadowing.row)
-    if shadowing is not None and (old is None or shadowing.start < old.start):
-        at = shadowing.start
-    elif old is not None:
-        at = old.start
-    else:
-        at = blocks[-1].end if blocks else header + 1
-    lines.insert(at, new_line)
-    new_text = "".join(lines)
-    # Refuse to write a file the service could not load.
-    rows = [ProfileRow(**item) for item in yaml.safe_load(new_text)["profiles"]]
-    if row not in rows:
-        raise AssertionError("the written row does not read back as written")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(new_text)
+    rows = hardware.read_rows(path)
+    done = "replaced" if any(same(r) for r in rows) else "added"
+    rows = [r for r in rows if not same(r)] + [row]
+    document = {"profiles": [{k: v for k, v in asdict(r).items() if v is not None} for r in rows]}
+    text = CALIBRATED_HEADER + yaml.safe_dump(document, sort_keys=False, allow_unicode=True, width=1 << 16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
     tmp.replace(path)
-    return "replaced" if old is not None else "added"
+    return done
 
 
 def profile_row(pool: str, model: str, machine: Machine, knee: SweepRow, today: datetime.date) -> ProfileRow:
@@ -393,7 +306,7 @@ def profile_row(pool: str, model: str, machine: Machine, knee: SweepRow, today: 
     )
     return ProfileRow(
         gpu=machine.gpu_kind,
-        modality=pool,
+        pool=pool,
         max_batch_size=knee.batch_size,
         batch_wait_timeout_s=BATCH_WAIT_TIMEOUT_S,
         dtype=machine.dtype,
@@ -478,7 +391,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=128, help="text tokens per pair (default 128)")
     parser.add_argument("--repeats", type=int, help="timed runs per size (default 5 GPU, 3 CPU)")
     parser.add_argument("--budget-gib", type=float, help="memory budget (default 80%% of the GPU, 50%% of free RAM)")
-    parser.add_argument("--profiles", type=Path, default=hardware.PROFILES_PATH, help="profiles YAML to update")
+    parser.add_argument(
+        "--profiles",
+        type=Path,
+        help="the hand-written profiles (default: setting batch_profiles_path); the row goes beside it, "
+        "into <name>.calibrated.yaml",
+    )
     parser.add_argument("--plot", type=Path, help="PNG (default bench/results/calibrate-<pool>-<gpu>.png)")
     parser.add_argument("--json", type=Path, help="sweep as JSON (default: the plot's name, .json)")
     parser.add_argument("--dry-run", action="store_true", help="measure and report, but leave the YAML alone")
@@ -494,28 +412,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from serve_app.settings import Settings
-
     settings = Settings()
-    pool_settings = getattr(settings, args.pool)
-    model = args.model or pool_settings.model
-    machine = this_machine()
+    pool_settings = settings.pool(args.pool)
+    if args.model:
+        pool_settings = pool_settings.model_copy(update={"model": args.model})
+    model = pool_settings.model
+    profiles_path = args.profiles or settings.batch_profiles_path
+    calibrated = hardware.calibrated_path(profiles_path)
+    profile_rows = hardware.load_profile_rows(profiles_path)
+    # The replica's own loading path; its warm-up is the sweep's first batch.
+    loaded = pools.load_pool(args.pool, pool_settings, profile_rows, settings.model_cache_dir, warm_up=False)
+    scorer = loaded.scorer
+    machine = this_machine(loaded)
     on_gpu = machine.device.startswith("cuda")
     sizes = args.batch_sizes or [2**i for i in range(11 if on_gpu else 7)]
     repeats = args.repeats or (5 if on_gpu else 3)
     budget = int(args.budget_gib * 2**30) if args.budget_gib else default_budget_bytes(machine.device)
-
     log.info("calibrating %s pool: %s on %s (%s, %s)", args.pool, model, machine.name, machine.device, machine.dtype)
-    scorer = load_scorer(
-        model,
-        LoadOptions(
-            device=machine.device,
-            dtype=hardware.DTYPES[machine.dtype],
-            max_tokens_per_forward=pool_settings.max_tokens_per_forward
-            or (None if on_gpu else hardware.CPU_MAX_TOKENS_PER_FORWARD),
-            cache_dir=settings.model_cache_dir,
-        ),
-    )
     pairs = synthetic_pairs(args.pool, scorer, max(sizes), args.tokens)
     log.info("sizes %s, %d repeats, budget %s", sizes, repeats, mib(budget))
     if not on_gpu and hasattr(os, "getloadavg") and os.getloadavg()[0] > (os.cpu_count() or 1) * 0.5:
@@ -550,6 +463,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "device_name": machine.name,
         "gpu_kind": machine.gpu_kind,
         "dtype": machine.dtype,
+        # How the scorer was loaded: the same options a replica of this pool reports in /v1/models.
+        "load_options": scorer.options.describe(),
+        "profile": asdict(loaded.profile),
         "tokens": args.tokens,
         "repeats": repeats,
         "budget_bytes": budget,
@@ -562,10 +478,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"plot: {plot_path}\njson: {json_path}")
 
     if args.dry_run:
-        print(f"dry run, {args.profiles} left alone; the row would be:\n  {format_row(row)}")
+        print(f"dry run, {calibrated} left alone; the row would be:\n  {format_row(row)}")
     else:
-        done = write_profile_row(args.profiles, row)
-        print(f"{done} in {args.profiles}:\n  {format_row(row)}")
+        done = write_profile_row(calibrated, row)
+        print(f"{done} in {calibrated}:\n  {format_row(row)}")
     return 0
 
 

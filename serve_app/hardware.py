@@ -6,23 +6,15 @@ import fnmatch
 import logging
 import re
 import socket
-import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
-from PIL import Image
 
-from serve_app.scoring import Content, LoadOptions, Pair, Scorer, load_scorer
-from serve_app.scoring.base import Logistic
 from serve_app.settings import PoolSettings
 
 log = logging.getLogger(__name__)
-
-CPU_MAX_TOKENS_PER_FORWARD = 16384
-
-PROFILES_PATH = Path(__file__).resolve().parent.parent / "deploy" / "batch_profiles.yaml"
 
 # torch.cuda.get_device_name() -> Ray's accelerator_type names. Longer names first: A100 before A10.
 GPU_KINDS = [
@@ -53,7 +45,7 @@ class Placement:
 
 @dataclass(frozen=True)
 class BatchProfile:
-    """How a replica batches on one kind of GPU for one modality."""
+    """How a replica batches on one kind of GPU for one pool."""
 
     max_batch_size: int
     batch_wait_timeout_s: float
@@ -63,8 +55,14 @@ class BatchProfile:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
-    def describe(self) -> dict:
-        return asdict(self)
+    def overridden(self, max_batch_size: int | None, batch_wait_timeout_s: float | None) -> BatchProfile:
+        """A pool's own cap and wait win over the table's; unset ones keep this profile's."""
+        return BatchProfile(
+            int(max_batch_size) if max_batch_size else self.max_batch_size,
+            self.batch_wait_timeout_s if batch_wait_timeout_s is None else float(batch_wait_timeout_s),
+            self.dtype,
+            "config" if max_batch_size else self.source,
+        )
 
 
 def gpu_kind_of(device_name: str) -> str:
@@ -104,7 +102,7 @@ def placement() -> Placement:
 @dataclass(frozen=True)
 class ProfileRow:
     gpu: str
-    modality: str
+    pool: str
     max_batch_size: int
     batch_wait_timeout_s: float
     dtype: str
@@ -112,118 +110,57 @@ class ProfileRow:
     source: str = ""
 
 
-def load_profile_rows(path: Path = PROFILES_PATH) -> list[ProfileRow]:
-    document = yaml.safe_load(path.read_text())
-    return [ProfileRow(**row) for row in document["profiles"]]
+def calibrated_path(path: Path) -> Path:
+    """Where `python -m serve_app.calibrate` writes its rows: beside the hand-written file."""
+    return path.with_name(f"{path.stem}.calibrated{path.suffix}")
 
 
-def lookup_profile(rows: list[ProfileRow], gpu_kind: str, modality: str, model: str) -> BatchProfile | None:
-    """The most specific row for (GPU kind, modality, model), or None when the kind has no row."""
+def read_rows(path: Path) -> list[ProfileRow]:
+    document = yaml.safe_load(path.read_text()) if path.exists() else None
+    return [ProfileRow(**row) for row in (document or {}).get("profiles") or []]
+
+
+def load_profile_rows(path: Path) -> list[ProfileRow]:
+    """The calibrated rows, then the hand-written ones (a tie in lookup_profile goes to the calibrated row)."""
+    if not path.exists():
+        raise FileNotFoundError(f"no batch profiles at {path} (setting batch_profiles_path)")
+    return read_rows(calibrated_path(path)) + read_rows(path)
+
+
+def lookup_profile(rows: list[ProfileRow], gpu_kind: str, pool: str, model: str) -> BatchProfile | None:
+    """The most specific row for (GPU kind, pool, model), or None when the kind has no row."""
     matches = [
         row
         for row in rows
         if row.gpu.lower() == gpu_kind.lower()
-        and row.modality == modality
+        and row.pool == pool
         and (row.model is None or fnmatch.fnmatch(model, row.model))
     ]
     if not matches:
         return None
     # An exact model beats a glob, a glob beats no model; among equals the first row wins.
     row = max(matches, key=lambda r: 0 if r.model is None else 2 if r.model == model else 1)
-    where = f"{row.gpu}/{row.modality}" + (f"/{row.model}" if row.model else "")
+    where = f"{row.gpu}/{row.pool}" + (f"/{row.model}" if row.model else "")
     return BatchProfile(row.max_batch_size, row.batch_wait_timeout_s, row.dtype, f"table: {where}")
 
 
-def choose_profile(rows: list[ProfileRow], where: Placement, modality: str, config: PoolSettings) -> BatchProfile:
+def choose_profile(rows: list[ProfileRow], where: Placement, pool: str, pool_settings: PoolSettings) -> BatchProfile:
     """The table row for this GPU kind, the CPU row on a CPU node, or a marker ("derive") for a GPU
-    kind with no row: its cap is measured once the model is loaded. dtype: the config's, else the
+    kind with no row: its cap is measured once the model is loaded. dtype: the pool's setting, else the
     row's on a GPU, float32 on the CPU."""
     on_gpu = where.device.startswith("cuda")
-    found = lookup_profile(rows, where.gpu_kind, modality, config.model)
+    found = lookup_profile(rows, where.gpu_kind, pool, pool_settings.model)
     if found is None and not on_gpu:
-        cpu = lookup_profile(rows, "cpu", modality, config.model) or BatchProfile(8, 0.005, "float32", "default")
+        cpu = lookup_profile(rows, "cpu", pool, pool_settings.model) or BatchProfile(8, 0.005, "float32", "default")
         found = BatchProfile(
             cpu.max_batch_size, cpu.batch_wait_timeout_s, "float32", f"{cpu.source} (no row for {where.gpu_kind})"
         )
     if found is None:
         found = BatchProfile(8, 0.005, preferred_gpu_dtype(), "derive")
     dtype = found.dtype if on_gpu else "float32"  # bf16/fp16 rows are for the card, not a CPU fallback
-    if config.dtype != "auto":
-        dtype = config.dtype
+    if pool_settings.dtype != "auto":
+        dtype = pool_settings.dtype
     return BatchProfile(found.max_batch_size, found.batch_wait_timeout_s, dtype, found.source)
-
-
-def load_pool_scorer(config: PoolSettings, where: Placement, profile: BatchProfile, cache_dir: Path) -> Scorer:
-    """A pool's scorer as the service and the bulk job both load it."""
-    on_gpu = where.device.startswith("cuda")
-    if config.torch_threads:
-        torch.set_num_threads(config.torch_threads)
-    calibration = config.calibration and Logistic(config.calibration.scale, config.calibration.shift)
-    return load_scorer(
-        config.model,
-        LoadOptions(
-            device=where.device,
-            dtype=profile.torch_dtype(),
-            max_tokens_per_forward=config.max_tokens_per_forward or (None if on_gpu else CPU_MAX_TOKENS_PER_FORWARD),
-            calibration=calibration,
-            cache_dir=cache_dir,
-            shape_buckets=on_gpu,
-            attn_implementation=config.attn_implementation,
-            quantize=config.quantize,
-            forward_cost_tokens=config.forward_cost_tokens or 0,
-        ),
-    )
-
-
-def synthetic_pairs(pool: str, count: int, words: int) -> list[Pair]:
-    """Distinct pairs of equal length, about `words` tokens, for warm-up and probes (the tokenizer truncates
-    the excess). Distinct, since bi-encoders embed each distinct text of a batch once."""
-    text = " ".join(["relevance"] * max(1, words))
-    if pool == "image_text":
-        image = Image.new("RGB", (224, 224), (90, 120, 150))
-        return [Pair(Content(text=f"{text} {i // 10 % 10} {i % 10}"), Content(image=image)) for i in range(count)]
-    return [Pair(Content(text="query"), Content(text=f"{text} {i // 10 % 10} {i % 10}")) for i in range(count)]
-
-
-def tune_forward_cost(scorer: Scorer, pool: str, config: PoolSettings, max_batch_size: int) -> int:
-    """Set the scorer's forward_cost_tokens: the pool's setting, else measured (text pools), else left as is.
-
-    Measured as the time of a short one-pair forward over the time per token of a large one: what a cut
-    into one more forward pass must save in padding to pay for itself.
-    """
-    if config.forward_cost_tokens is not None:
-        scorer.options.forward_cost_tokens = config.forward_cost_tokens
-    elif pool == "text":
-        scorer.options.forward_cost_tokens = measure_forward_cost_tokens(scorer, max_batch_size)
-    return scorer.options.forward_cost_tokens
-
-
-def measure_forward_cost_tokens(scorer: Scorer, max_batch_size: int, words: int = 60, repeats: int = 5) -> int:
-    """The fixed cost of a forward (one short pair) over the cost per token (many pairs of `words`)."""
-
-    def best_time(pairs: list[Pair]) -> tuple[float, int]:
-        prepared = scorer.prepare(pairs)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            scorer.forward(prepared)  # returns Python floats: the device has finished
-            times.append(time.perf_counter() - start)
-        return min(times), scorer.tokens(prepared).padded
-
-    # One forward per measurement: no cuts while measuring what a cut costs.
-    options, scorer.options = scorer.options, replace(scorer.options, forward_cost_tokens=1 << 30)
-    try:
-        small_s, small_tokens = best_time(synthetic_pairs("text", 1, 4))
-        # A full batch: on a large GPU anything smaller is still launch-bound and shows no per-token cost.
-        big_s, big_tokens = best_time(synthetic_pairs("text", max(2, max_batch_size), words))
-    finally:
-        scorer.options = options
-    per_token = (big_s - small_s) / max(1, big_tokens - small_tokens)
-    if per_token <= 0:
-        return 0
-    cost = int(min(1 << 16, max(0.0, small_s / per_token - small_tokens)))
-    log.info("forward costs %.2f ms + %.1f us/token: forward_cost_tokens=%d", small_s * 1e3, per_token * 1e6, cost)
-    return cost
 
 
 def derive_max_batch_size(free_bytes: int, bytes_per_pair: float, budget: float = 0.8, ceiling: int = 1024) -> int:

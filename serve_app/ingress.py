@@ -15,9 +15,8 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.api import build_api
-from serve_app.errors import DeadlineExceeded, InputTooLarge, InvalidInput, Overloaded, PoolUnavailable
+from serve_app.errors import DeadlineExceeded, Overloaded, PoolUnavailable
 from serve_app.media import load_image
-from serve_app.replica import MODEL_SETTING
 from serve_app.schemas import (
     ContentSpec,
     HealthResponse,
@@ -29,14 +28,13 @@ from serve_app.schemas import (
     ScoredDocument,
     TeiRank,
     TeiRerankRequest,
+    check_limits,
     rank,
 )
-from serve_app.scoring import Content, Pair
-from serve_app.settings import Settings
+from serve_app.scoring.types import Content, Pair, Score
+from serve_app.settings import POOLS, Settings, env_name
 
 log = logging.getLogger("ray.serve")
-
-POOLS = ("text", "image_text")
 
 
 @dataclass
@@ -118,7 +116,7 @@ class Ingress:
             if handle is None:
                 described[name] = {"pool": name, "available": False, "reason": "disabled in settings"}
                 continue
-            replicas = await each_replica(handle, "info")
+            replicas = await each_replica(handle, "info", self.settings.retry_after_s)
             counters = {key: sum(r["counters"][key] for r in replicas) for key in replicas[0]["counters"]}
             counters["largest_batch"] = max(r["counters"]["largest_batch"] for r in replicas)
             described[name] = {
@@ -134,7 +132,7 @@ class Ingress:
         pools = {}
         for name, handle in self._deployments().items():
             if handle is not None:
-                pools[name] = await each_replica(handle, "stats")
+                pools[name] = await each_replica(handle, "stats", self.settings.retry_after_s)
         return {"object": "list", "pools": pools}
 
     # ---- the one internal path ----------------------------------------------------------
@@ -158,7 +156,7 @@ class Ingress:
             ) from None
 
     async def _rank_pairs(self, job: RerankJob) -> tuple[list[ScoredDocument], dict[str, int]]:
-        self._check_limits(job)
+        check_limits(job, self.settings)
         query, documents = await self._load(job)
         pairs = [Pair(query, d, job.instruction, job.max_tokens_per_doc) for d in documents]
         priority = job.priority or self.settings.default_priority
@@ -182,7 +180,7 @@ class Ingress:
             for _, response in calls:
                 response.cancel()
             raise
-        scores: list[tuple[float, float]] = [(0.0, 0.0)] * len(pairs)
+        scores: list[Score] = [Score(0.0, 0.0)] * len(pairs)
         for (chunk, _), chunk_scores in zip(calls, results):
             for i, value in zip(chunk, chunk_scores):
                 scores[i] = value
@@ -198,31 +196,10 @@ class Ingress:
         if handle is None:
             raise PoolUnavailable(
                 f"this request has {pairs} {pool.replace('_', '-')} pair(s) but the {pool} pool is disabled; "
-                f"enable it (RERANK_{pool.upper()}__ENABLED=true) with a model ({MODEL_SETTING[pool]})",
+                f"enable it ({env_name(pool, 'enabled')}=true) with a model ({env_name(pool, 'model')})",
                 "documents",
             )
         return handle
-
-    def _check_limits(self, job: RerankJob) -> None:
-        limit = self.settings.max_documents_per_request
-        if len(job.documents) > limit:
-            raise InputTooLarge(
-                f"documents: {len(job.documents)} documents; the limit is {limit} per request "
-                "(setting max_documents_per_request): split them over several requests",
-                "documents",
-            )
-        if not (job.query.text or "").strip() and job.query.image is None:
-            raise InvalidInput("query: the query is empty; give it text or an image", "query")
-        texts = [("query", job.query.text), ("instruction", job.instruction)] + [
-            (f"documents[{i}]", d.text) for i, d in enumerate(job.documents)
-        ]
-        for field, text in texts:
-            if text is not None and len(text) > self.settings.max_text_chars:
-                raise InputTooLarge(
-                    f"{field}: text has {len(text)} characters; the limit is {self.settings.max_text_chars} "
-                    "(setting max_text_chars)",
-                    field,
-                )
 
     async def _load(self, job: RerankJob) -> tuple[Content, list[Content]]:
         """Decode every image of the job at once; each document keeps its text."""
@@ -269,7 +246,7 @@ def document_out(document) -> dict:
     return document.model_dump(exclude_none=True)
 
 
-async def each_replica(handle: DeploymentHandle, method: str) -> list[dict]:
+async def each_replica(handle: DeploymentHandle, method: str, retry_after_s: int) -> list[dict]:
     """Ask every running replica of a deployment, not just one: a handle call goes to one replica,
     so send a few calls at once (the router spreads them) until every replica has answered."""
     expected = replica_count(handle.deployment_name) or 1
@@ -278,7 +255,9 @@ async def each_replica(handle: DeploymentHandle, method: str) -> list[dict]:
         try:
             answers = await asyncio.gather(*(getattr(handle, method).remote() for _ in range(2 * expected)))
         except BackPressureError:
-            raise Overloaded("the pool's queues are full; ask again after the Retry-After seconds") from None
+            raise Overloaded(
+                "the pool's queues are full; ask again after the Retry-After seconds", retry_after_s
+            ) from None
         seen.update({answer["replica"]: answer for answer in answers})
         if len(seen) >= expected:
             break

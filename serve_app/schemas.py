@@ -1,13 +1,17 @@
-"""Request and response models of each API dialect, and the one internal form they all become."""
+"""Request and response models of each API dialect, the one internal form they all become, and the limit
+checks the ingress and the bulk job share."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from serve_app.errors import InvalidInput
+from serve_app.errors import InputTooLarge, InvalidInput
+from serve_app.scoring.types import Score
+from serve_app.settings import Settings
 
 Strategy = Literal["strict", "balanced", "explore"]
 Priority = Literal["realtime", "batch"]
@@ -60,13 +64,43 @@ class ScoredDocument:
     raw_score: float
 
 
-def rank(scores: list[tuple[float, float]], threshold: Threshold | None, top_n: int | None) -> list[ScoredDocument]:
-    """(raw, calibrated) per document -> kept by the threshold, best first (ties by index), cut to top_n."""
-    ranked = [ScoredDocument(i, calibrated, raw) for i, (raw, calibrated) in enumerate(scores)]
+def rank(scores: Sequence[Score], threshold: Threshold | None, top_n: int | None) -> list[ScoredDocument]:
+    """A score per document -> kept by the threshold, best first (ties by index), cut to top_n."""
+    ranked = [ScoredDocument(i, score.relevance, score.raw) for i, score in enumerate(scores)]
     if threshold is not None:
         ranked = [s for s in ranked if threshold.keeps(s.relevance_score)]
     ranked.sort(key=lambda s: (-s.relevance_score, s.index))
     return ranked[:top_n] if top_n is not None else ranked
+
+
+def check_limits(job: RerankJob, settings: Settings) -> None:
+    """The limits every request and every bulk row must keep: InputTooLarge or InvalidInput naming the field."""
+    limit = settings.max_documents_per_request
+    if len(job.documents) > limit:
+        raise InputTooLarge(
+            f"documents: {len(job.documents)} documents; the limit is {limit} per request "
+            "(setting max_documents_per_request): split them over several requests",
+            "documents",
+        )
+    if not (job.query.text or "").strip() and job.query.image is None:
+        raise InvalidInput("query: the query is empty; give it text or an image", "query")
+    texts = [("query", job.query.text), ("instruction", job.instruction)] + [
+        (f"documents[{i}]", d.text) for i, d in enumerate(job.documents)
+    ]
+    for field, text in texts:
+        if text is not None and len(text) > settings.max_text_chars:
+            raise InputTooLarge(
+                f"{field}: text has {len(text)} characters; the limit is {settings.max_text_chars} "
+                "(setting max_text_chars)",
+                field,
+            )
+
+
+def describe_errors(errors: Sequence[dict[str, Any]]) -> tuple[str, str | None]:
+    """pydantic's validation errors as one message ("field: what is wrong; ...") and the first field."""
+    fields = [".".join(str(part) for part in e["loc"] if part != "body") or "body" for e in errors]
+    message = "; ".join(f"{field}: {e['msg']}" for field, e in zip(fields, errors))
+    return message, fields[0] if fields else None
 
 
 class ContentIn(BaseModel):
@@ -155,6 +189,21 @@ class RerankRequest(BaseModel):
             max_tokens_per_doc=self.max_tokens_per_doc,
             priority=self.priority,
         )
+
+
+class BulkRow(RerankRequest):
+    """One row of a bulk job's input: a rerank request with an `id`. An image may also be a file path
+    inside the job's working directory; other fields of the row (extra Parquet columns) are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str | int = Field(description="The row's id, written beside its results.")
+
+    @model_validator(mode="after")
+    def _has_id(self) -> BulkRow:
+        if not str(self.id).strip():
+            raise ValueError("give the row a non-empty `id`")
+        return self
 
 
 class DocumentOut(BaseModel):

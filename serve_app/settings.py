@@ -13,6 +13,11 @@ ENV_PREFIX = "RERANK_"
 DEPLOY_DIR = Path(__file__).resolve().parent.parent / "deploy"
 DEFAULT_TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_IMAGE_TEXT_MODEL = "openai/clip-vit-base-patch32"
+DEFAULT_MODEL_CACHE_DIR = Path.home() / ".cache" / "serve_app" / "models"
+
+# The pools: text-only pairs, and pairs with an image on either side. Each is a Settings field of that name.
+POOLS = ("text", "image_text")
+Pool = Literal["text", "image_text"]
 
 
 class Calibration(BaseModel):
@@ -193,15 +198,23 @@ class Settings(BaseSettings):
         default="batch", description="A request's `priority` when it gives none."
     )
     batch_profiles_path: Path = Field(
-        default=DEPLOY_DIR / "batch_profiles.yaml", description="(GPU kind, modality) -> batch cap, wait, dtype."
+        default=DEPLOY_DIR / "batch_profiles.yaml",
+        description="(GPU kind, pool[, model]) -> batch cap, wait, dtype. Rows measured by calibrate live beside "
+        "it in <name>.calibrated.yaml and win over hand-written rows of the same kind, pool and model.",
     )
     health_cache_s: float = Field(default=5.0, ge=0, description="How long /health reuses a measured latency.")
     health_timeout_s: float = Field(default=10.0, gt=0)
     instruction_templates_path: Path = DEPLOY_DIR / "instruction_templates.json"
     model_cache_dir: Path = Field(
-        default=Path.home() / ".cache" / "serve_app" / "models",
+        default=DEFAULT_MODEL_CACHE_DIR,
         description="Where models shipped inside Python packages are unpacked.",
     )
+
+    def pool(self, name: str) -> PoolSettings:
+        """The settings of the pool called `name` (one of POOLS)."""
+        if name not in POOLS:
+            raise ValueError(f"no pool named {name!r}; the pools are {POOLS}")
+        return getattr(self, name)
 
     @field_validator("image_url_allowlist", mode="before")
     @classmethod
@@ -216,3 +229,9 @@ class Settings(BaseSettings):
         if not isinstance(templates, dict) or not all(isinstance(v, str) for v in templates.values()):
             raise ValueError(f"{self.instruction_templates_path} must hold a JSON object of name -> instruction text")
         return templates
+
+
+def env_name(*path: str) -> str:
+    """The environment variable of a (nested) setting: env_name("text", "model") -> RERANK_TEXT__MODEL."""
+    delimiter = Settings.model_config["env_nested_delimiter"]
+    return Settings.model_config["env_prefix"] + delimiter.join(part.upper() for part in path)

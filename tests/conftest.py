@@ -6,7 +6,6 @@ import base64
 import io
 import os
 import random
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+from serve_app.ports import free_port  # noqa: E402
 from tests import tiny_models  # noqa: E402
 
 
@@ -32,12 +32,6 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
         "blip": tiny_models.build_blip(root / "blip"),
         "slow": tiny_models.build_slow_cross_encoder(root / "slow"),
     }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # Worker nodes that declare GPUs they do not have: placement and batch sizing are tested on CPUs.

@@ -6,11 +6,12 @@ import json
 import shutil
 from pathlib import Path
 
+import httpx
 import pytest
 
-from serve_app import hardware
 from serve_app.calibrate import SweepRow, format_row, main, pick_knee, write_profile_row
-from serve_app.hardware import ProfileRow, load_profile_rows, lookup_profile
+from serve_app.hardware import ProfileRow, calibrated_path, load_profile_rows, lookup_profile, read_rows
+from serve_app.settings import Settings
 
 MIB = 2**20
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -61,74 +62,66 @@ def test_knee_of_a_single_row():
 
 @pytest.fixture
 def profiles(tmp_path) -> Path:
+    """A copy of the shipped hand-written profiles; calibrate writes beside it."""
     path = tmp_path / "batch_profiles.yaml"
-    shutil.copy(hardware.PROFILES_PATH, path)
+    shutil.copy(Settings().batch_profiles_path, path)
     return path
 
 
-def header_of(text: str) -> str:
-    return text[: text.index("profiles:\n") + len("profiles:\n")]
+def row(gpu="cpu", pool="text", model="/models/tiny-ce", size=16, source="calibrate 2025-01-01: test") -> ProfileRow:
+    return ProfileRow(gpu, pool, size, 0.005, "float32", model, source)
 
 
-def row(
-    gpu="cpu", modality="text", model="/models/tiny-ce", size=16, source="calibrate 2025-01-01: test"
-) -> ProfileRow:
-    return ProfileRow(gpu, modality, size, 0.005, "float32", model, source)
-
-
-def test_write_profile_row_appends_then_replaces_and_keeps_the_rest(profiles):
+def test_calibrated_rows_go_beside_the_profiles_and_leave_them_alone(profiles):
     original_text = profiles.read_text()
     original = load_profile_rows(profiles)
+    calibrated = calibrated_path(profiles)
+    assert calibrated.name == "batch_profiles.calibrated.yaml"
 
-    assert write_profile_row(profiles, row(size=16)) == "added"
+    assert write_profile_row(calibrated, row(size=16)) == "added"
+    assert profiles.read_text() == original_text
     rows = load_profile_rows(profiles)
-    assert rows == original + [row(size=16)]
+    assert rows == [row(size=16)] + original
     assert lookup_profile(rows, "cpu", "text", "/models/tiny-ce").max_batch_size == 16
     # Other models still get the model-less cpu row.
     other = lookup_profile(original, "cpu", "text", "/models/other").max_batch_size
     assert lookup_profile(rows, "cpu", "text", "/models/other").max_batch_size == other
-    text = profiles.read_text()
-    assert header_of(text) == header_of(original_text)
-    assert text.startswith(original_text)  # appended: every earlier byte is as it was
 
-    assert write_profile_row(profiles, row(size=4, source="calibrate 2025-01-02: again")) == "replaced"
+
+def test_a_second_calibration_replaces_the_row_of_the_same_kind_pool_and_model(profiles):
+    calibrated = calibrated_path(profiles)
+    write_profile_row(calibrated, row(size=16))
+    assert write_profile_row(calibrated, row(gpu="CPU", size=4, source="calibrate 2025-01-02: again")) == "replaced"
+    # A second model and another pool are new rows; the first stays.
+    write_profile_row(calibrated, row(model="/models/other", size=8))
+    write_profile_row(calibrated, row(pool="image_text", size=2))
+    written = read_rows(calibrated)
+    assert len(written) == 3
     rows = load_profile_rows(profiles)
-    assert rows == original + [row(size=4, source="calibrate 2025-01-02: again")]
     profile = lookup_profile(rows, "cpu", "text", "/models/tiny-ce")
     assert profile.max_batch_size == 4 and "/models/tiny-ce" in profile.source
-    assert profiles.read_text() == original_text + "  " + format_row(rows[-1]) + "\n"
-
-    # A second model and another modality are new rows; the first stays.
-    write_profile_row(profiles, row(model="/models/other", size=8))
-    write_profile_row(profiles, row(modality="image_text", size=2))
-    rows = load_profile_rows(profiles)
-    assert len(rows) == len(original) + 3
-    assert lookup_profile(rows, "cpu", "text", "/models/tiny-ce").max_batch_size == 4
     assert lookup_profile(rows, "cpu", "text", "/models/other").max_batch_size == 8
     assert lookup_profile(rows, "cpu", "image_text", "/models/tiny-ce").max_batch_size == 2
 
 
-def test_write_profile_row_goes_before_a_matching_model_glob(profiles):
-    """H200 text already has a `*MiniLM*` row; the exact row must come first for lookup_profile to take it."""
+def test_a_calibrated_exact_row_beats_a_hand_written_glob_and_wins_a_tie(profiles):
+    """H200 text has a `*MiniLM*` row: the exact row wins by specificity, wherever it sits."""
     model = "sentence-transformers/all-MiniLM-L6-v2"
-    original = load_profile_rows(profiles)
-    glob_row = next(r for r in original if r.gpu == "H200" and r.modality == "text" and r.model == "*MiniLM*")
-    new = row(gpu="H200", model=model, size=256)
-    for size in (256, 128):  # added, then replaced in place
-        new = row(gpu="H200", model=model, size=size)
-        write_profile_row(profiles, new)
-        rows = load_profile_rows(profiles)
-        assert [r for r in rows if r != new] == original
-        assert rows.index(new) < rows.index(glob_row)
-        assert lookup_profile(rows, "H200", "text", model).max_batch_size == size
-    # Other MiniLM variants still get the glob row.
+    glob_row = next(r for r in load_profile_rows(profiles) if r.gpu == "H200" and r.pool == "text" and r.model)
+    write_profile_row(calibrated_path(profiles), row(gpu="H200", model=model, size=256))
+    rows = load_profile_rows(profiles)
+    assert lookup_profile(rows, "H200", "text", model).max_batch_size == 256
     assert lookup_profile(rows, "H200", "text", "org/paraphrase-MiniLM-L3").max_batch_size == glob_row.max_batch_size
+    # The same (kind, pool, model) written by hand and calibrated: the calibrated row wins.
+    with profiles.open("a") as f:
+        f.write(f"  - {format_row(row(gpu='H200', model=model, size=1024, source='by hand'))}\n")
+    assert lookup_profile(load_profile_rows(profiles), "H200", "text", model).max_batch_size == 256
 
 
 def test_write_profile_row_quotes_awkward_strings(profiles):
     odd = row(model="C:/models/a: b, {c}", source='calibrate 2025-01-01: "quoted", 1,234 pairs/s # not a comment')
-    write_profile_row(profiles, odd)
-    assert load_profile_rows(profiles)[-1] == odd
+    write_profile_row(calibrated_path(profiles), odd)
+    assert load_profile_rows(profiles)[0] == odd
 
 
 def test_main_end_to_end_on_the_tiny_cross_encoder(model_dirs, profiles, tmp_path, capsys):
@@ -148,9 +141,9 @@ def test_main_end_to_end_on_the_tiny_cross_encoder(model_dirs, profiles, tmp_pat
 
     rows = load_profile_rows(profiles)
     written = [r for r in rows if r.model == model]
-    assert len(written) == 1 and rows[: len(original)] == original
+    assert len(written) == 1 and rows[1:] == original
     assert written[0].source.startswith("calibrate")
-    assert (written[0].gpu, written[0].modality, written[0].dtype) == ("cpu", "text", "float32")
+    assert (written[0].gpu, written[0].pool, written[0].dtype) == ("cpu", "text", "float32")
     assert written[0].max_batch_size == sweep["knee"]
     assert lookup_profile(rows, "cpu", "text", model).max_batch_size == sweep["knee"]
 
@@ -163,5 +156,54 @@ def test_dry_run_leaves_the_profiles_alone(model_dirs, profiles, tmp_path):
     argv = ["--pool", "image_text", "--model", str(model_dirs["clip"]), "--batch-sizes", "1,2", "--repeats", "1"]
     argv += ["--profiles", str(profiles), "--plot", str(tmp_path / "c.png"), "--json", str(tmp_path / "c.json")]
     assert main([*argv, "--dry-run"]) == 0
-    assert profiles.read_text() == before
+    assert profiles.read_text() == before and not calibrated_path(profiles).exists()
     assert len(json.loads((tmp_path / "c.json").read_text())["rows"]) == 2
+
+
+# Pool settings that every loader must honour: none of them is a default.
+POOL_SETTINGS = {
+    "dtype": "bfloat16",
+    "forward_cost_tokens": 77,
+    "max_tokens_per_forward": 4096,
+    "attn_implementation": "eager",
+    "max_batch_size": 6,
+}
+
+
+def test_calibrate_bulk_and_a_replica_load_the_pool_scorer_alike(
+    model_dirs, profiles, tmp_path, monkeypatch, serve_url
+):
+    """One loading path (pools.load_pool): the same pool settings give the same load options and batch cap."""
+    from ray import serve
+
+    from serve_app.bulk import PairScorer
+    from tests.conftest import deploy
+
+    model = str(model_dirs["cross_encoder"])
+    deploy("loaded_alike", {"text": {"model": model, **POOL_SETTINGS}, "image_text": {"enabled": False}})
+    try:
+        (replica,) = httpx.get(f"{serve_url}/loaded_alike/v1/models", timeout=60).json()["pools"]["text"]["replicas"]
+    finally:
+        serve.delete("loaded_alike")
+
+    for name, value in {"model": model, **POOL_SETTINGS}.items():
+        monkeypatch.setenv(f"RERANK_TEXT__{name.upper()}", str(value))
+    report = tmp_path / "c.json"
+    argv = ["--pool", "text", "--batch-sizes", "1,2", "--repeats", "1", "--tokens", "16", "--dry-run"]
+    assert main([*argv, "--profiles", str(profiles), "--plot", str(tmp_path / "c.png"), "--json", str(report)]) == 0
+    calibrated = json.loads(report.read_text())
+
+    bulk = PairScorer("text", Settings(text={"model": model, **POOL_SETTINGS}))
+
+    expected = {
+        "device": "cpu",
+        "dtype": "bfloat16",
+        "max_tokens_per_forward": 4096,
+        "forward_cost_tokens": 77,
+        "shape_buckets": False,
+        "attn_implementation": "eager",
+        "quantize": None,
+    }
+    assert replica["load_options"] == calibrated["load_options"] == bulk.scorer.options.describe() == expected
+    assert replica["max_batch_size"] == calibrated["profile"]["max_batch_size"] == 6
+    assert replica["dtype"] == calibrated["dtype"] == "bfloat16"

@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serve_app import hardware
-from serve_app.scoring import Content, LoadOptions, Pair, load_scorer
-from serve_app.scoring.base import BUCKET
-from serve_app.settings import TextPoolSettings
+from serve_app import hardware, pools
+from serve_app.scoring.batching import BUCKET
+from serve_app.scoring.family import LoadOptions
+from serve_app.scoring.loading import load_scorer
+from serve_app.scoring.types import Content, Pair
+from serve_app.settings import Settings, TextPoolSettings
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -44,7 +46,7 @@ def test_batches_on_the_card_have_bucketed_widths_and_power_of_two_sizes(model_d
 def test_this_card_has_a_profile_row_and_runs_in_its_dtype():
     where = hardware.placement()
     assert where.device == "cuda:0" and where.gpu_kind != "cpu"
-    rows = hardware.load_profile_rows()
+    rows = hardware.load_profile_rows(Settings().batch_profiles_path)
     profile = hardware.choose_profile(rows, where, "text", TextPoolSettings())
     if where.gpu_kind in {row.gpu for row in rows}:
         assert profile.source != "derive" and profile.max_batch_size >= 32
@@ -54,7 +56,7 @@ def test_this_card_has_a_profile_row_and_runs_in_its_dtype():
 def test_a_forward_pass_costs_more_tokens_on_the_card_than_on_the_cpu(model_dirs):
     cpu = load_scorer(str(model_dirs["slow"]))
     gpu = load_scorer(str(model_dirs["slow"]), LoadOptions(device="cuda:0", dtype=torch.bfloat16, shape_buckets=True))
-    assert hardware.measure_forward_cost_tokens(gpu, 64) > hardware.measure_forward_cost_tokens(cpu, 64)
+    assert pools.measure_forward_cost_tokens(gpu, 64) > pools.measure_forward_cost_tokens(cpu, 64)
 
 
 def test_memory_stats_come_from_the_cuda_allocator(model_dirs):

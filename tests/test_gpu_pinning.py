@@ -7,15 +7,16 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from serve_app.hardware import load_profile_rows, lookup_profile
+from serve_app.settings import Settings
 from tests.conftest import node_with
 
 QUERY = "what is the capital of france"
 DOCUMENTS = ["paris is the capital of france", "a red car in the rain", "the dog"]
-ROWS = load_profile_rows()
+ROWS = load_profile_rows(Settings().batch_profiles_path)
 
 
-def table_cap(kind: str, modality: str, model: str) -> int:
-    return lookup_profile(ROWS, kind, modality, model).max_batch_size
+def table_cap(kind: str, pool: str, model: str) -> int:
+    return lookup_profile(ROWS, kind, pool, model).max_batch_size
 
 
 def test_each_pool_runs_on_the_node_its_config_pins(pinned):

@@ -12,8 +12,11 @@ from serve_app.hardware import (
     load_profile_rows,
     lookup_profile,
 )
-from serve_app.scoring import Content, LoadOptions, Pair, load_scorer
-from serve_app.scoring.base import BUCKET, Shapes, padded_groups
+from serve_app.scoring.batching import BUCKET, Shapes, padded_groups
+from serve_app.scoring.family import LoadOptions
+from serve_app.scoring.loading import load_scorer
+from serve_app.scoring.types import Content, Pair
+from serve_app.settings import Settings
 
 
 @pytest.mark.parametrize(
@@ -36,11 +39,11 @@ def test_device_names_map_to_ray_accelerator_kinds(device_name, kind):
 
 
 def test_every_shipped_row_loads_and_names_its_source():
-    rows = load_profile_rows()
-    assert {(r.gpu, r.modality) for r in rows} >= {
-        (gpu, modality)
+    rows = load_profile_rows(Settings().batch_profiles_path)
+    assert {(r.gpu, r.pool) for r in rows} >= {
+        (gpu, pool)
         for gpu in ("cpu", "RTX3060", "RTX3090", "A10G", "T4", "L4", "A100", "H100", "H200")
-        for modality in ("text", "image_text")
+        for pool in ("text", "image_text")
     }
     assert all(r.source for r in rows)
     for gpu in {r.gpu for r in rows}:  # image-text pairs cost more: never a larger cap than text
@@ -82,7 +85,9 @@ def test_padded_groups_only_make_warmed_shapes(model_dirs):
     tokenizer = AutoTokenizer.from_pretrained(model_dirs["cross_encoder"])
     texts = [" ".join(["dog"] * n) for n in (3, 9, 17, 30, 41, 50, 61, 5, 7)]
     encoding = tokenizer(texts, truncation=True, max_length=64)
-    groups = padded_groups(encoding, LoadOptions(max_tokens_per_forward=10_000, shape_buckets=True), 0, max_length=64)
+    groups = padded_groups(
+        encoding, LoadOptions(max_tokens_per_forward=10_000, shape_buckets=True).cuts(), 0, max_length=64
+    )
     assert sorted(i for group, _ in groups for i in group) == list(range(len(texts)))
     for group, batch in groups:
         batch_size, width = batch["input_ids"].shape

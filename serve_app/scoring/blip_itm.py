@@ -8,49 +8,27 @@ import torch
 from PIL.Image import Image
 from transformers import AutoImageProcessor, AutoTokenizer, BlipForImageTextRetrieval
 
-from serve_app.scoring.base import (
-    Identity,
-    LoadOptions,
-    Pair,
-    ScorerInfo,
-    TokenCount,
-    UnsupportedPair,
-    count_tokens,
-    dtype_name,
-    load_model,
-    model_max_length,
-    to_device,
-    too_long_error,
-    truncate_to_tokens,
-)
+from serve_app.scoring.batching import count_tokens, raise_if_too_long, to_device
+from serve_app.scoring.family import FamilyScorer, LoadOptions, load_model, model_max_length
+from serve_app.scoring.types import Identity, Pair, TokenCount, UnsupportedPair
 
 PAIRS_PER_FORWARD = 32
 Prepared = list[tuple[dict[str, torch.Tensor], torch.Tensor]]
 
 
-class BlipItmScorer:
+class BlipItmScorer(FamilyScorer):
     """Scores the image of one side against the text of the other."""
 
+    family = "blip_itm"
+    default_calibration = Identity()
+
     def __init__(self, model: str, model_dir: str, options: LoadOptions) -> None:
+        super().__init__(options)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.image_processor = AutoImageProcessor.from_pretrained(model_dir)
         self.model = load_model(BlipForImageTextRetrieval, model_dir, options)
-        self.device = options.device
-        self.dtype = options.dtype
-        self.options = options
         self.max_length = model_max_length(self.tokenizer, self.model.config.text_config.max_position_embeddings)
-        self.calibrator = options.calibration or Identity()
-        self.info = ScorerInfo(
-            model=model,
-            family="blip_itm",
-            device=options.device,
-            dtype=dtype_name(options.dtype),
-            max_length=self.max_length,
-            raw_score="match probability",
-            calibration=repr(self.calibrator),
-            attn_implementation=self.model.config._attn_implementation,
-            quantization=options.quantize,
-        )
+        self.describe(model, "match probability")
 
     def _image_text(self, pairs: Sequence[Pair]) -> tuple[list[Image], list[str]]:
         images, texts = [], []
@@ -59,11 +37,8 @@ class BlipItmScorer:
                 images.append(pair.document.image)
                 texts.append(pair.query_text())
             elif pair.query.image is not None and pair.document.text:
-                text = pair.document.text
-                if pair.max_document_tokens:
-                    text = truncate_to_tokens(self.tokenizer, text, pair.max_document_tokens)
                 images.append(pair.query.image)
-                texts.append(text)
+                texts.append(self.document_text(pair))
             else:
                 raise UnsupportedPair(
                     f"pair {i}: BLIP image-text matching needs an image on one side and text on the other"
@@ -72,12 +47,9 @@ class BlipItmScorer:
 
     def check(self, pairs: Sequence[Pair], truncate: bool) -> None:
         _, texts = self._image_text(pairs)
-        if truncate:
-            return
-        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=False)["input_ids"]]
-        error = too_long_error(lengths, self.max_length, "text")
-        if error:
-            raise error
+        if not truncate:
+            lengths = [len(ids) for ids in self.tokenizer(texts, truncation=False)["input_ids"]]
+            raise_if_too_long(lengths, self.max_length, "text")
 
     def prepare(self, pairs: Sequence[Pair]) -> Prepared:
         images, texts = self._image_text(pairs)
@@ -111,12 +83,6 @@ class BlipItmScorer:
             ).itm_score
             scores.extend(torch.softmax(itm.float(), dim=-1)[:, 1].tolist())
         return scores
-
-    def score(self, pairs: Sequence[Pair]) -> list[float]:
-        return self.forward(self.prepare(pairs))
-
-    def calibrate(self, raw_scores: Sequence[float]) -> list[float]:
-        return [self.calibrator(r) for r in raw_scores]
 
     def tokens(self, prepared: Prepared) -> TokenCount:
         return count_tokens([(None, tokens) for tokens, _ in prepared])

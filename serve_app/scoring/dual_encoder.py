@@ -9,26 +9,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-from serve_app.scoring.base import (
-    Content,
-    LoadOptions,
-    Logistic,
-    Pair,
-    ScorerInfo,
-    TokenCount,
-    UnsupportedPair,
-    count_tokens,
-    dtype_name,
-    load_model,
-    model_max_length,
-    padded_groups,
-    to_device,
-    too_long_error,
-    truncate_to_tokens,
-)
+from serve_app.scoring.batching import count_tokens, padded_groups, raise_if_too_long, to_device
+from serve_app.scoring.family import FamilyScorer, LoadOptions, load_model, model_max_length
+from serve_app.scoring.types import Content, Logistic, Pair, TokenCount, UnsupportedPair
 
-# CLIP cosines sit in a narrow band (matches ~0.3, mismatches ~0.15-0.2); this centres that band.
-CLIP_CALIBRATION = Logistic(scale=50.0, shift=0.25)
 IMAGES_PER_FORWARD = 32
 
 
@@ -46,48 +30,31 @@ class Prepared:
     sides: list[tuple[int | None, int | None]]
 
 
-class DualEncoderScorer:
+class DualEncoderScorer(FamilyScorer):
     """A side with text and image is embedded as the normalised mean of both embeddings."""
 
+    family = "dual_encoder"
+    # CLIP cosines sit in a narrow band (matches ~0.3, mismatches ~0.15-0.2); this centres that band.
+    default_calibration = Logistic(scale=50.0, shift=0.25)
+
     def __init__(self, model: str, model_dir: str, options: LoadOptions) -> None:
+        super().__init__(options)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.image_processor = AutoImageProcessor.from_pretrained(model_dir)
         self.model = load_model(AutoModel, model_dir, options)
         config = self.model.config
-        self.device = options.device
-        self.dtype = options.dtype
-        self.options = options
         self.max_length = model_max_length(self.tokenizer, config.text_config.max_position_embeddings)
         # SigLIP was trained on text padded to its full length and learned its own sigmoid.
         self.pad_to_max_length = config.model_type.startswith("siglip")
-        if hasattr(self.model, "logit_bias"):
+        if hasattr(self.model, "logit_bias") and options.calibration is None:
             scale = self.model.logit_scale.detach().float().exp().item()
-            learned = Logistic(scale=scale, shift=-self.model.logit_bias.detach().float().item() / scale)
-            self.calibrator = options.calibration or learned
-        else:
-            self.calibrator = options.calibration or CLIP_CALIBRATION
-        self.info = ScorerInfo(
-            model=model,
-            family="dual_encoder",
-            device=options.device,
-            dtype=dtype_name(options.dtype),
-            max_length=self.max_length,
-            raw_score="cosine",
-            calibration=repr(self.calibrator),
-            attn_implementation=config._attn_implementation,
-            quantization=options.quantize,
-        )
-
-    def _document_text(self, pair: Pair) -> str | None:
-        text = pair.document.text
-        if text is not None and pair.max_document_tokens:
-            text = truncate_to_tokens(self.tokenizer, text, pair.max_document_tokens)
-        return text
+            self.calibrator = Logistic(scale=scale, shift=-self.model.logit_bias.detach().float().item() / scale)
+        self.describe(model, "cosine")
 
     def _sides(self, pairs: Sequence[Pair]) -> list[Content]:
         """Query sides, then document sides."""
         queries = [Content(text=p.query_text() or None, image=p.query.image) for p in pairs]
-        documents = [Content(text=self._document_text(p), image=p.document.image) for p in pairs]
+        documents = [Content(text=self.document_text(p), image=p.document.image) for p in pairs]
         for i, side in enumerate(queries + documents):
             if side.text is None and side.image is None:
                 raise UnsupportedPair(f"pair {i % len(pairs)} has an empty side: give it text, an image or both")
@@ -95,13 +62,10 @@ class DualEncoderScorer:
 
     def check(self, pairs: Sequence[Pair], truncate: bool) -> None:
         sides = self._sides(pairs)
-        if truncate:
-            return
-        texts = [s.text for s in sides if s.text is not None]
-        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=False)["input_ids"]]
-        error = too_long_error(lengths, self.max_length, "text")
-        if error:
-            raise error
+        if not truncate:
+            texts = [s.text for s in sides if s.text is not None]
+            lengths = [len(ids) for ids in self.tokenizer(texts, truncation=False)["input_ids"]]
+            raise_if_too_long(lengths, self.max_length, "text")
 
     def _text_groups(self, texts: list[str]) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
         if self.pad_to_max_length:
@@ -114,7 +78,7 @@ class DualEncoderScorer:
                 groups.append((list(range(start, start + len(chunk))), dict(batch)))
             return groups
         encoding = self.tokenizer(texts, truncation=True, max_length=self.max_length)
-        groups = padded_groups(encoding, self.options, self.tokenizer.pad_token_id or 0, self.max_length)
+        groups = padded_groups(encoding, self.options.cuts(), self.tokenizer.pad_token_id or 0, self.max_length)
         for _, batch in groups:
             batch.pop("token_type_ids", None)
         return groups
@@ -171,12 +135,6 @@ class DualEncoderScorer:
         stacked = torch.stack(vectors)
         half = len(stacked) // 2
         return (stacked[:half] * stacked[half:]).sum(-1).tolist()
-
-    def score(self, pairs: Sequence[Pair]) -> list[float]:
-        return self.forward(self.prepare(pairs))
-
-    def calibrate(self, raw_scores: Sequence[float]) -> list[float]:
-        return [self.calibrator(r) for r in raw_scores]
 
     def tokens(self, prepared: Prepared) -> TokenCount:
         return count_tokens(prepared.text_groups)

@@ -11,24 +11,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
-from serve_app.scoring.base import (
-    LoadOptions,
-    Logistic,
-    Pair,
-    ScorerInfo,
-    TokenCount,
-    count_tokens,
-    dtype_name,
-    load_model,
-    model_max_length,
-    padded_groups,
-    text_pairs,
-    to_device,
-    too_long_error,
-)
-
-# Cosine 0.5 maps to 0.5; 0.7 (a close answer for MiniLM-class models) to 0.88; 0.2 to 0.05.
-EMBEDDING_CALIBRATION = Logistic(scale=10.0, shift=0.5)
+from serve_app.scoring.batching import count_tokens, padded_groups, raise_if_too_long, to_device
+from serve_app.scoring.family import FamilyScorer, LoadOptions, load_model, model_max_length
+from serve_app.scoring.types import Logistic, Pair, TokenCount
 
 
 def sentence_transformers_max_length(model_dir: str) -> int | None:
@@ -47,44 +32,33 @@ class Prepared:
     documents: list[int]
 
 
-class EmbeddingScorer:
+class EmbeddingScorer(FamilyScorer):
     """Embeds each distinct text once per batch; the raw score is the cosine of query and document."""
 
+    family = "embedding"
+    # Cosine 0.5 maps to 0.5; 0.7 (a close answer for MiniLM-class models) to 0.88; 0.2 to 0.05.
+    default_calibration = Logistic(scale=10.0, shift=0.5)
+
     def __init__(self, model: str, model_dir: str, options: LoadOptions) -> None:
+        super().__init__(options)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = load_model(AutoModel, model_dir, options)
-        self.device = options.device
-        self.options = options
         limit = model_max_length(self.tokenizer, getattr(self.model.config, "max_position_embeddings", None))
         self.max_length = min(limit, sentence_transformers_max_length(model_dir) or limit)
-        self.calibrator = options.calibration or EMBEDDING_CALIBRATION
-        self.info = ScorerInfo(
-            model=model,
-            family="embedding",
-            device=options.device,
-            dtype=dtype_name(options.dtype),
-            max_length=self.max_length,
-            raw_score="cosine",
-            calibration=repr(self.calibrator),
-            attn_implementation=self.model.config._attn_implementation,
-            quantization=options.quantize,
-        )
+        self.describe(model, "cosine")
 
     def check(self, pairs: Sequence[Pair], truncate: bool) -> None:
-        queries, documents = text_pairs(pairs, self.tokenizer, "embedding model")
-        if truncate:
-            return
-        lengths = [len(ids) for ids in self.tokenizer(queries + documents, truncation=False)["input_ids"]]
-        # Texts 0..n-1 are the queries, n.. the documents: report the pair either sits in.
-        lengths = [max(q, d) for q, d in zip(lengths[: len(pairs)], lengths[len(pairs) :])]
-        error = too_long_error(lengths, self.max_length, "pair")
-        if error:
-            raise error
+        queries, documents = self.text_pairs(pairs)
+        if not truncate:
+            lengths = [len(ids) for ids in self.tokenizer(queries + documents, truncation=False)["input_ids"]]
+            # Texts 0..n-1 are the queries, n.. the documents: report the pair either sits in.
+            lengths = [max(q, d) for q, d in zip(lengths[: len(pairs)], lengths[len(pairs) :])]
+            raise_if_too_long(lengths, self.max_length, "pair")
 
     def prepare_texts(self, texts: Sequence[str]) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
         encoding = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)
         pad = self.tokenizer.pad_token_id or 0
-        return padded_groups(encoding, self.options, pad, self.max_length)
+        return padded_groups(encoding, self.options.cuts(), pad, self.max_length)
 
     @torch.inference_mode()
     def embed(self, count: int, groups: list[tuple[list[int], dict[str, torch.Tensor]]]) -> torch.Tensor:
@@ -100,7 +74,7 @@ class EmbeddingScorer:
         return torch.stack(rows)
 
     def prepare(self, pairs: Sequence[Pair]) -> Prepared:
-        queries, documents = text_pairs(pairs, self.tokenizer, "embedding model")
+        queries, documents = self.text_pairs(pairs)
         # A request's pairs share one query: embed each distinct text once.
         distinct = list(dict.fromkeys(queries + documents))
         position = {text: i for i, text in enumerate(distinct)}
@@ -114,12 +88,6 @@ class EmbeddingScorer:
     def forward(self, prepared: Prepared) -> list[float]:
         vectors = self.embed(prepared.texts, prepared.groups)
         return (vectors[prepared.queries] * vectors[prepared.documents]).sum(-1).tolist()
-
-    def score(self, pairs: Sequence[Pair]) -> list[float]:
-        return self.forward(self.prepare(pairs))
-
-    def calibrate(self, raw_scores: Sequence[float]) -> list[float]:
-        return [self.calibrator(r) for r in raw_scores]
 
     def tokens(self, prepared: Prepared) -> TokenCount:
         return count_tokens(prepared.groups)

@@ -1,0 +1,173 @@
+"""A pool's scorer, loaded one way for the replica, the bulk job and calibrate: placement, batch profile,
+load options, derived cap, warm-up and the measured cost of one more forward pass."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from serve_app import hardware
+from serve_app.hardware import BatchProfile, Placement, ProfileRow
+from serve_app.scoring.batching import BUCKET
+from serve_app.scoring.family import CPU_MAX_TOKENS_PER_FORWARD, LoadOptions
+from serve_app.scoring.loading import load_scorer
+from serve_app.scoring.types import Content, Logistic, Pair, Scorer
+from serve_app.settings import PoolSettings
+
+log = logging.getLogger(__name__)
+
+DERIVE_PROBE_PAIRS = 8
+
+
+@dataclass
+class PoolScorer:
+    """A loaded pool scorer and how it batches: `profile` is final (derived where the card has no row,
+    the pool's own cap and wait applied)."""
+
+    pool: str
+    placement: Placement
+    profile: BatchProfile
+    scorer: Scorer
+
+
+def load_pool(
+    pool: str,
+    pool_settings: PoolSettings,
+    profiles: list[ProfileRow],
+    cache_dir: Path,
+    warm_up: bool = True,
+    where: Placement | None = None,
+) -> PoolScorer:
+    """The one way to load a pool's scorer. Raises ModelLoadError when the model cannot load."""
+    set_torch_threads(pool_settings.torch_threads)
+    where = where or hardware.placement()
+    profile = hardware.choose_profile(profiles, where, pool, pool_settings)
+    scorer = load_scorer(pool_settings.model, load_options(pool_settings, where, profile, cache_dir))
+    if profile.source.startswith("derive"):
+        profile = derive_profile(scorer, pool, profile, where)
+    profile = profile.overridden(pool_settings.max_batch_size, pool_settings.batch_wait_timeout_s)
+    if warm_up:
+        warm_up_shapes(scorer, pool, where, profile.max_batch_size)
+    tune_forward_cost(scorer, pool, pool_settings, profile.max_batch_size)
+    return PoolScorer(pool, where, profile, scorer)
+
+
+def set_torch_threads(threads: int | None) -> int:
+    """Set torch's CPU threads for the calling thread (None: leave them); the count torch now uses."""
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def load_options(pool_settings: PoolSettings, where: Placement, profile: BatchProfile, cache_dir: Path) -> LoadOptions:
+    on_gpu = where.device.startswith("cuda")
+    calibration = pool_settings.calibration
+    return LoadOptions(
+        device=where.device,
+        dtype=profile.torch_dtype(),
+        max_tokens_per_forward=pool_settings.max_tokens_per_forward or (None if on_gpu else CPU_MAX_TOKENS_PER_FORWARD),
+        calibration=calibration and Logistic(calibration.scale, calibration.shift),
+        cache_dir=cache_dir,
+        shape_buckets=on_gpu,
+        attn_implementation=pool_settings.attn_implementation,
+        quantize=pool_settings.quantize,
+        forward_cost_tokens=pool_settings.forward_cost_tokens or 0,
+    )
+
+
+def derive_profile(scorer: Scorer, pool: str, profile: BatchProfile, where: Placement) -> BatchProfile:
+    """A GPU kind without a row: fit the activations of one probe batch at full length into the free memory."""
+    torch.cuda.synchronize()
+    hardware.reset_peak_memory()
+    before = torch.cuda.memory_allocated()
+    scorer.score(synthetic_pairs(pool, DERIVE_PROBE_PAIRS, scorer.info.max_length))
+    per_pair = (torch.cuda.max_memory_allocated() - before) / DERIVE_PROBE_PAIRS
+    free, _ = torch.cuda.mem_get_info()
+    cap = hardware.derive_max_batch_size(free, per_pair)
+    tokens = scorer.info.max_length
+    source = f"derived: {free / 2**30:.1f} GiB free, {per_pair / 2**20:.1f} MiB/pair at {tokens} tokens"
+    log.info("pool %s on %s: %s -> max batch %d", pool, where.gpu_kind, source, cap)
+    return BatchProfile(cap, profile.batch_wait_timeout_s, profile.dtype, source)
+
+
+def warm_up_shapes(scorer: Scorer, pool: str, where: Placement, max_batch_size: int) -> None:
+    """Run the shapes a replica will meet once, so no request pays for kernel selection.
+
+    On a GPU: every length bucket at every power-of-two batch size up to the cap. On the CPU
+    one batch at the cap is enough (no per-shape kernels to pick).
+    """
+    start = time.perf_counter()
+    if not where.device.startswith("cuda"):
+        scorer.score(synthetic_pairs(pool, max_batch_size, 8))
+    else:
+        widths = range(BUCKET, scorer.info.max_length + 1, BUCKET)
+        # Rows are padded to powers of two: up to the first one at or above the cap.
+        sizes = [1 << i for i in range((max_batch_size - 1).bit_length() + 1)]
+        for width in widths:
+            for size in sizes:
+                # "query" + the words + 2 digits + 3 special tokens: `width` tokens for a BERT cross-encoder.
+                scorer.score(synthetic_pairs(pool, size, width - 6))
+    log.info("pool %s warmed up in %.1f s", pool, time.perf_counter() - start)
+
+
+def probe_pair(pool: str) -> Pair:
+    """The small real pair /health scores through a pool."""
+    if pool == "image_text":
+        return Pair(Content(text="a grey square"), Content(image=Image.new("RGB", (32, 32), (128, 128, 128))))
+    return Pair(Content(text="health check"), Content(text="the service is scoring pairs"))
+
+
+def synthetic_pairs(pool: str, count: int, words: int) -> list[Pair]:
+    """Distinct pairs of equal length, about `words` tokens, for warm-up and probes (the tokenizer truncates
+    the excess). Distinct, since bi-encoders embed each distinct text of a batch once."""
+    text = " ".join(["relevance"] * max(1, words))
+    if pool == "image_text":
+        image = Image.new("RGB", (224, 224), (90, 120, 150))
+        return [Pair(Content(text=f"{text} {i // 10 % 10} {i % 10}"), Content(image=image)) for i in range(count)]
+    return [Pair(Content(text="query"), Content(text=f"{text} {i // 10 % 10} {i % 10}")) for i in range(count)]
+
+
+def tune_forward_cost(scorer: Scorer, pool: str, pool_settings: PoolSettings, max_batch_size: int) -> int:
+    """Set the scorer's forward_cost_tokens: the pool's setting, else measured (text pools), else left as is.
+
+    Measured as the time of a short one-pair forward over the time per token of a large one: what a cut
+    into one more forward pass must save in padding to pay for itself.
+    """
+    if pool_settings.forward_cost_tokens is not None:
+        scorer.options.forward_cost_tokens = pool_settings.forward_cost_tokens
+    elif pool == "text":
+        scorer.options.forward_cost_tokens = measure_forward_cost_tokens(scorer, max_batch_size)
+    return scorer.options.forward_cost_tokens
+
+
+def measure_forward_cost_tokens(scorer: Scorer, max_batch_size: int, words: int = 60, repeats: int = 5) -> int:
+    """The fixed cost of a forward (one short pair) over the cost per token (many pairs of `words`)."""
+
+    def best_time(pairs: list[Pair]) -> tuple[float, int]:
+        prepared = scorer.prepare(pairs)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            scorer.forward(prepared)  # returns Python floats: the device has finished
+            times.append(time.perf_counter() - start)
+        return min(times), scorer.tokens(prepared).padded
+
+    # One forward per measurement: no cuts while measuring what a cut costs.
+    options, scorer.options = scorer.options, replace(scorer.options, forward_cost_tokens=1 << 30)
+    try:
+        small_s, small_tokens = best_time(synthetic_pairs("text", 1, 4))
+        # A full batch: on a large GPU anything smaller is still launch-bound and shows no per-token cost.
+        big_s, big_tokens = best_time(synthetic_pairs("text", max(2, max_batch_size), words))
+    finally:
+        scorer.options = options
+    per_token = (big_s - small_s) / max(1, big_tokens - small_tokens)
+    if per_token <= 0:
+        return 0
+    cost = int(min(1 << 16, max(0.0, small_s / per_token - small_tokens)))
+    log.info("forward costs %.2f ms + %.1f us/token: forward_cost_tokens=%d", small_s * 1e3, per_token * 1e6, cost)
+    return cost

@@ -1,0 +1,169 @@
+"""What every model family shares: load options, from_pretrained with them, and a small base class."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from serve_app.scoring.batching import Cuts, Shapes, truncate_to_tokens
+from serve_app.scoring.types import (
+    Calibrator,
+    Logistic,
+    ModelLoadError,
+    Pair,
+    Score,
+    ScorerInfo,
+    TokenCount,
+    UnsupportedPair,
+)
+from serve_app.settings import DEFAULT_MODEL_CACHE_DIR
+
+log = logging.getLogger(__name__)
+
+# Padded tokens per forward on a CPU, where a forward's cost grows with its size and cuts are nearly free.
+CPU_MAX_TOKENS_PER_FORWARD = 16384
+
+
+@dataclass
+class LoadOptions:
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    max_tokens_per_forward: int | None = CPU_MAX_TOKENS_PER_FORWARD  # None: no cut beyond the batch cap
+    # What one more forward pass costs, in padded tokens: the fixed cost (kernel launches, Python) over the
+    # cost of one token. A batch sorted by length is cut where a new forward costs less than the padding it
+    # saves. Near 0 on a CPU, thousands on a large GPU; a pool measures it once loaded.
+    forward_cost_tokens: int = 0
+    calibration: Calibrator | None = None
+    cache_dir: Path = field(default_factory=lambda: DEFAULT_MODEL_CACHE_DIR)
+    # GPU kernels are chosen per shape: pad lengths to buckets and batches to powers of two, so the
+    # shapes a replica meets are few and all warmed at start-up.
+    shape_buckets: bool = False
+    attn_implementation: str = "sdpa"
+    quantize: str | None = None  # "int8"
+
+    def cuts(self) -> Cuts:
+        return Cuts(Shapes.bucketed(self.shape_buckets), self.max_tokens_per_forward, self.forward_cost_tokens)
+
+    def describe(self) -> dict:
+        """What /v1/models and calibrate report: how this scorer shapes and cuts its batches."""
+        return {
+            "device": self.device,
+            "dtype": dtype_name(self.dtype),
+            "max_tokens_per_forward": self.max_tokens_per_forward,
+            "forward_cost_tokens": self.forward_cost_tokens,
+            "shape_buckets": self.shape_buckets,
+            "attn_implementation": self.attn_implementation,
+            "quantize": self.quantize,
+        }
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def load_model(cls, model_dir: str, options: LoadOptions):
+    """from_pretrained with the options' dtype, attention kernel and quantisation, on the device, in eval mode."""
+    attn = options.attn_implementation
+    if attn == "flash_attention_2" and (options.device == "cpu" or importlib.util.find_spec("flash_attn") is None):
+        log.warning("flash_attention_2 asked for but flash-attn is not installed (or no GPU); using sdpa")
+        attn = "sdpa"
+    kwargs: dict[str, Any] = {"dtype": options.dtype, "attn_implementation": attn}
+    if options.quantize == "int8" and options.device != "cpu":
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ModelLoadError("quantize=int8 on a GPU needs the bitsandbytes package; install it or unset quantize")
+        from transformers import BitsAndBytesConfig
+
+        kwargs.update(quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map={"": options.device})
+    try:
+        model = cls.from_pretrained(model_dir, **kwargs)
+    except (ValueError, ImportError) as exc:
+        if "attn_implementation" not in str(exc) and "does not support" not in str(exc):
+            raise
+        log.warning("%s does not support attn_implementation=%s; using the model's default", model_dir, attn)
+        kwargs.pop("attn_implementation")
+        model = cls.from_pretrained(model_dir, **kwargs)
+    if "quantization_config" not in kwargs:
+        model.to(options.device)
+    model.eval()
+    if options.quantize == "int8" and options.device == "cpu":
+        # Dynamic int8 on CPU: Linear weights in int8, activations quantised per batch. Costs some accuracy.
+        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    return model
+
+
+def model_max_length(tokenizer, config_limit: int | None) -> int:
+    """The tokens the model can take: the tokenizer's limit capped by the position embeddings."""
+    limits = [n for n in (getattr(tokenizer, "model_max_length", None), config_limit) if n and n < 1_000_000]
+    return min(limits) if limits else 512
+
+
+class FamilyScorer:
+    """The part of a Scorer every family writes the same way: `score`, `calibrate`, `info`, document cuts.
+
+    A family's constructor loads its tokenizer and model (`self.model`, `self.max_length`), then calls
+    `describe`; it writes `check`, `prepare`, `forward` and `tokens` itself.
+    """
+
+    family: ClassVar[str]
+    default_calibration: ClassVar[Calibrator] = Logistic()
+    tokenizer: Any
+    model: Any
+    max_length: int
+
+    def __init__(self, options: LoadOptions) -> None:
+        self.options = options
+        self.device = options.device
+        self.dtype = options.dtype
+        self.calibrator: Calibrator = options.calibration or self.default_calibration
+
+    def describe(self, model: str, raw_score: str) -> None:
+        self.info = ScorerInfo(
+            model=model,
+            family=self.family,
+            device=self.options.device,
+            dtype=dtype_name(self.options.dtype),
+            max_length=self.max_length,
+            raw_score=raw_score,
+            calibration=repr(self.calibrator),
+            attn_implementation=self.model.config._attn_implementation,
+            quantization=self.options.quantize,
+        )
+
+    def prepare(self, pairs: Sequence[Pair]) -> Any:
+        raise NotImplementedError
+
+    def forward(self, prepared: Any) -> list[float]:
+        raise NotImplementedError
+
+    def tokens(self, prepared: Any) -> TokenCount:
+        raise NotImplementedError
+
+    def score(self, pairs: Sequence[Pair]) -> list[float]:
+        return self.forward(self.prepare(pairs))
+
+    def calibrate(self, raw_scores: Sequence[float]) -> list[Score]:
+        return [Score(raw, self.calibrator(raw)) for raw in raw_scores]
+
+    def document_text(self, pair: Pair) -> str | None:
+        """The document's text, cut to the pair's max_tokens_per_doc."""
+        text = pair.document.text
+        if text is not None and pair.max_tokens_per_doc:
+            text = truncate_to_tokens(self.tokenizer, text, pair.max_tokens_per_doc)
+        return text
+
+    def text_pairs(self, pairs: Sequence[Pair]) -> tuple[list[str], list[str]]:
+        """Query texts (instruction first) and document texts of text-only pairs."""
+        queries, documents = [], []
+        for pair in pairs:
+            document = self.document_text(pair)
+            if pair.needs_image_model or document is None:
+                raise UnsupportedPair(f"a text {self.family} model scores text queries against text documents only")
+            queries.append(pair.query_text())
+            documents.append(document)
+        return queries, documents

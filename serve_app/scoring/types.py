@@ -1,0 +1,147 @@
+"""The plain data of scoring: pairs, scores, errors, scorer descriptions and the Scorer protocol. No torch."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from PIL.Image import Image
+
+if TYPE_CHECKING:
+    from serve_app.scoring.family import LoadOptions
+
+
+@dataclass(frozen=True)
+class Content:
+    """One side of a pair: text, an image, or both."""
+
+    text: str | None = None
+    image: Image | None = None
+
+    @property
+    def has_image(self) -> bool:
+        return self.image is not None
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A (query, document) pair with what the caller asked of its scoring."""
+
+    query: Content
+    document: Content
+    instruction: str | None = None
+    max_tokens_per_doc: int | None = None
+
+    @property
+    def needs_image_model(self) -> bool:
+        return self.query.has_image or self.document.has_image
+
+    def query_text(self) -> str:
+        """The query text as a text model sees it: the instruction, when given, leads it."""
+        text = self.query.text or ""
+        return f"{self.instruction} {text}".strip() if self.instruction else text
+
+
+@dataclass(frozen=True)
+class Score:
+    """One pair's score: the model's own (`raw`: a logit, a cosine, a probability) and its 0..1 map."""
+
+    raw: float
+    relevance: float
+
+
+class ScoringError(Exception):
+    """A pair this scorer cannot score as asked; the caller's input is at fault."""
+
+
+class PairTooLong(ScoringError):
+    pass
+
+
+class UnsupportedPair(ScoringError):
+    pass
+
+
+class ModelLoadError(Exception):
+    """The model could not be found or loaded."""
+
+
+@dataclass(frozen=True)
+class Logistic:
+    """Monotone map raw -> 0..1: sigmoid(scale * (raw - shift))."""
+
+    scale: float = 1.0
+    shift: float = 0.0
+
+    def __call__(self, raw: float) -> float:
+        z = self.scale * (raw - self.shift)
+        # Two branches keep exp() from overflowing for large |z|.
+        if z >= 0:
+            return 1.0 / (1.0 + math.exp(-z))
+        e = math.exp(z)
+        return e / (1.0 + e)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """For families whose raw score already is a probability."""
+
+    def __call__(self, raw: float) -> float:
+        return min(1.0, max(0.0, raw))
+
+
+Calibrator = Callable[[float], float]
+
+
+@dataclass(frozen=True)
+class ScorerInfo:
+    model: str
+    family: str
+    device: str
+    dtype: str
+    max_length: int
+    raw_score: str  # what the raw score is: logit, cosine, match probability
+    calibration: str
+    attn_implementation: str = "sdpa"
+    quantization: str | None = None
+
+
+@dataclass(frozen=True)
+class TokenCount:
+    real: int = 0
+    padded: int = 0
+
+    def __add__(self, other: TokenCount) -> TokenCount:
+        return TokenCount(self.real + other.real, self.padded + other.padded)
+
+
+class Scorer(Protocol):
+    """Turns (query, document) pairs into raw scores and maps them to calibrated 0..1.
+
+    `score` is `forward(prepare(pairs))`: `prepare` is the CPU part (tokenize, preprocess images,
+    sort by length and pad), `forward` the device part, so a server can overlap one batch's
+    preparation with the previous batch's forward.
+    """
+
+    info: ScorerInfo
+    options: LoadOptions  # how batches are cut and shaped; a server may tune forward_cost_tokens once loaded
+
+    def check(self, pairs: Sequence[Pair], truncate: bool) -> None:
+        """Raise ScoringError when a pair cannot be scored as asked (cheap, before batching)."""
+
+    def prepare(self, pairs: Sequence[Pair]) -> Any:
+        """CPU tensors ready for forward()."""
+
+    def forward(self, prepared: Any) -> list[float]:
+        """Raw scores, one per pair, in the order the pairs were given to prepare()."""
+
+    def score(self, pairs: Sequence[Pair]) -> list[float]:
+        """Raw scores, one per pair, in order."""
+
+    def calibrate(self, raw_scores: Sequence[float]) -> list[Score]:
+        """Each raw score with its calibrated 0..1 relevance (a monotone map of the raw one)."""
+
+    def tokens(self, prepared: Any) -> TokenCount:
+        """Real and padded text tokens of a prepared batch (padding waste = padded / real - 1)."""
