@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from serve_app.scoring import Content, Pair, load_scorer
+from serve_app.scoring.loading import load_scorer
+from serve_app.scoring.types import Content, Pair
 from serve_app.settings import Settings
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -35,7 +35,8 @@ from pathlib import Path
 import httpx
 
 from bench import dataset
-from bench.inprocess import percentile
+from serve_app.metrics import percentile
+from serve_app.ports import free_port
 
 log = logging.getLogger("bench.compare")
 
@@ -79,7 +80,7 @@ def prepare_models(cache: Path, embedding_dir: Path | None = None) -> dict[str, 
     import torch
     from transformers import BertConfig, BertForSequenceClassification, BertModel
 
-    from serve_app.scoring.base import resolve_model_dir
+    from serve_app.scoring.loading import resolve_model_dir
     from serve_app.settings import DEFAULT_TEXT_MODEL, Settings
     from tests.tiny_models import MINILM_L6_SIZES, build_clip
 
@@ -235,12 +236,6 @@ def peak_rss(pid: int) -> int | None:
     except OSError:
         return None
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def drive(call, requests: list[dict], concurrency: int) -> tuple[float, list[float]]:

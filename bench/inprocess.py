@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from serve_app import hardware
+from serve_app.metrics import percentile
 
 Request = dict  # {"query": str, "documents": [str]} or, for images, {"query": str, "images": [base64 PNG]}
 
@@ -33,11 +34,6 @@ class Forwards:
     real_tokens: int = 0
     padded_tokens: int = 0
     flops: float = 0.0
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def sync(device: str) -> None:

@@ -22,9 +22,9 @@ import torch
 from bench import dataset
 from bench.compare import prepare_models
 from bench.inprocess import SYSTEMS, Forwards
-from serve_app import hardware
-from serve_app.scoring import Content, LoadOptions, Pair, load_scorer
-from serve_app.scoring.base import BUCKET
+from serve_app import hardware, pools
+from serve_app.scoring.types import Content, Pair
+from serve_app.settings import Settings, TextPoolSettings
 
 log = logging.getLogger("bench.scorer_path")
 
@@ -62,25 +62,16 @@ def main(argv: list[str] | None = None) -> None:
         sync(device)
         log.info("raw forward, batch %d: %.0f pairs/s", size, pairs_total / (time.perf_counter() - start))
 
-    on_gpu = device != "cpu"
-    scorer = load_scorer(
-        model,
-        LoadOptions(
-            device=device,
-            dtype=dtype,
-            shape_buckets=on_gpu,
-            max_tokens_per_forward=None if on_gpu else hardware.CPU_MAX_TOKENS_PER_FORWARD,
-        ),
-    )
+    # Loaded as a text replica loads it: warm-up, then the measured forward cost.
     start = time.perf_counter()
-    if on_gpu:  # what the replica's warm-up runs
-        sizes = [1 << i for i in range((args.cap - 1).bit_length() + 1)]
-        for width in range(BUCKET, scorer.info.max_length + 1, BUCKET):
-            for size in sizes:
-                scorer.score(hardware.synthetic_pairs("text", size, width - 6))
+    pool_settings = TextPoolSettings(
+        model=model, max_batch_size=args.cap, dtype="bfloat16" if device != "cpu" else "auto"
+    )
+    settings = Settings()
+    rows = hardware.load_profile_rows(settings.batch_profiles_path)
+    scorer = pools.load_pool("text", pool_settings, rows, settings.model_cache_dir).scorer
     sync(device)
-    log.info("warm-up %.1f s", time.perf_counter() - start)
-    scorer.options.forward_cost_tokens = hardware.measure_forward_cost_tokens(scorer, args.cap)
+    log.info("load, warm-up and forward cost %.1f s: %s", time.perf_counter() - start, scorer.options.describe())
     for per_batch in [int(n) for n in args.per_batch.split(",")]:
         for attempt in ("first", "again"):
             prepare_ms, forward_ms, forwards, real, padded = [], [], 0, 0, 0

@@ -19,7 +19,6 @@ import json
 import os
 import random
 import socket
-import statistics
 import tempfile
 import threading
 import time
@@ -29,6 +28,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import httpx  # noqa: E402
+
+from serve_app.metrics import percentile  # noqa: E402
+from serve_app.ports import free_port  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 POOL = "text_pool"
@@ -59,12 +61,6 @@ def spike_args(model: str) -> dict:
         "image_text": {"enabled": False},
         "ingress_max_ongoing_requests": 64,
     }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def replica_states(app_name: str) -> dict[str, int]:
@@ -158,14 +154,6 @@ class Load:
         return samples
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
-
-
 def timeline(samples: list[dict], events: list[tuple]) -> list[dict]:
     rows = []
     for sample in samples:
@@ -176,7 +164,7 @@ def timeline(samples: list[dict], events: list[tuple]) -> list[dict]:
         for e in second:
             key = "lost" if e[1] is None else str(e[1])
             statuses[key] = statuses.get(key, 0) + 1
-        p50, p95 = percentile(latencies, 50), percentile(latencies, 95)
+        p50, p95 = percentile(latencies, 0.5), percentile(latencies, 0.95)
         rows.append(
             {
                 **sample,
@@ -215,8 +203,8 @@ def summarize(rows: list[dict], events: list[tuple], clients: int, load_s: float
         "totals": totals,
         "lost": lost,
         "503_without_retry_after": sum(1 for e in events if e[1] == 503 and not e[3]),
-        "peak_p50_ms": round(percentile([e[2] for e in hold], 50) * 1000, 1) if hold else None,
-        "peak_p95_ms": round(percentile([e[2] for e in hold], 95) * 1000, 1) if hold else None,
+        "peak_p50_ms": round(percentile([e[2] for e in hold], 0.5) * 1000, 1) if hold else None,
+        "peak_p95_ms": round(percentile([e[2] for e in hold], 0.95) * 1000, 1) if hold else None,
         "peak_requests_per_s": round(len(hold) / hold_s, 1),
         "peak_pairs_per_s": round(len(hold) * DOCUMENTS / hold_s, 1),
     }
