@@ -17,7 +17,6 @@ DEFAULT_MODEL_CACHE_DIR = Path.home() / ".cache" / "serve_app" / "models"
 
 # The pools: text-only pairs, and pairs with an image on either side. Each is a Settings field of that name.
 POOLS = ("text", "image_text")
-Pool = Literal["text", "image_text"]
 
 
 class Calibration(BaseModel):

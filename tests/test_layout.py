@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -36,3 +38,62 @@ def test_a_family_loads_neither_ray_nor_the_family_registry(family):
 def test_the_registry_loads_a_family_only_when_a_model_of_it_loads():
     loaded = modules_after_import("serve_app.scoring.loading")
     assert not {f"serve_app.scoring.{f}" for f in ("cross_encoder", "embedding", "dual_encoder", "blip_itm")} & loaded
+
+
+# Rows of the README's Layout picture, top to bottom: a module imports only from rows below its own.
+LAYERS = [
+    ["__main__"],
+    ["app"],
+    ["ingress"],
+    ["api"],
+    ["replica", "bulk", "calibrate"],
+    ["pools"],
+    ["scoring.loading"],
+    ["scoring.cross_encoder", "scoring.embedding", "scoring.dual_encoder", "scoring.blip_itm"],
+    ["scoring.family", "hardware"],
+    ["scoring.batching", "schemas", "media"],
+    ["scoring.types", "settings", "errors", "metrics", "ports", "scoring"],
+]
+PACKAGE = Path(__file__).resolve().parent.parent / "serve_app"
+
+
+def runtime_nodes(tree: ast.AST):
+    """Every node, but not those under `if TYPE_CHECKING:` (annotations only: no import at run time)."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            continue
+        yield node
+        yield from runtime_nodes(node)
+
+
+def package_imports(path: Path) -> set[str]:
+    """The serve_app modules a file imports at run time, anywhere in it (inside functions too), without the
+    prefix."""
+    found = set()
+    for node in runtime_nodes(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            # `from serve_app import hardware` imports a module; `from serve_app.x import y` imports x.
+            names = [f"{node.module}.{a.name}" for a in node.names] if node.module == "serve_app" else [node.module]
+        else:
+            continue
+        found |= {name.removeprefix("serve_app.") for name in names if name.startswith("serve_app.")}
+    return found
+
+
+def test_every_import_in_the_package_points_down():
+    row = {module: i for i, modules in enumerate(LAYERS) for module in modules}
+    files = {
+        str(path.relative_to(PACKAGE).with_suffix("")).replace("/", ".").removesuffix(".__init__"): path
+        for path in PACKAGE.rglob("*.py")
+        if path != PACKAGE / "__init__.py"
+    }
+    assert set(files) == set(row), "place each new module in a row of LAYERS (and the README's picture)"
+    upward = [
+        f"{module} imports {imported}"
+        for module, path in files.items()
+        for imported in package_imports(path)
+        if row[imported] <= row[module] and imported != module
+    ]
+    assert not upward

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 from PIL.Image import Image
-from transformers import AutoImageProcessor, AutoTokenizer, BlipForImageTextRetrieval
+from transformers import AutoImageProcessor, BlipForImageTextRetrieval
 
 from serve_app.scoring.batching import count_tokens, raise_if_too_long, to_device
 from serve_app.scoring.family import FamilyScorer, LoadOptions, load_model, model_max_length
@@ -23,8 +23,7 @@ class BlipItmScorer(FamilyScorer):
     default_calibration = Identity()
 
     def __init__(self, model: str, model_dir: str, options: LoadOptions) -> None:
-        super().__init__(options)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        super().__init__(model_dir, options)
         self.image_processor = AutoImageProcessor.from_pretrained(model_dir)
         self.model = load_model(BlipForImageTextRetrieval, model_dir, options)
         self.max_length = model_max_length(self.tokenizer, self.model.config.text_config.max_position_embeddings)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification
 
 from serve_app.scoring.batching import count_tokens, padded_groups, raise_if_too_long, to_device
 from serve_app.scoring.family import FamilyScorer, LoadOptions, load_model, model_max_length
@@ -20,8 +20,7 @@ class CrossEncoderScorer(FamilyScorer):
     family = "cross_encoder"
 
     def __init__(self, model: str, model_dir: str, options: LoadOptions) -> None:
-        super().__init__(options)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        super().__init__(model_dir, options)
         self.model = load_model(AutoModelForSequenceClassification, model_dir, options)
         labels = self.model.config.num_labels
         if labels not in (1, 2):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+from transformers import AutoImageProcessor, AutoModel
 
 from serve_app.scoring.batching import count_tokens, padded_groups, raise_if_too_long, to_device
 from serve_app.scoring.family import FamilyScorer, LoadOptions, load_model, model_max_length
@@ -38,8 +38,7 @@ class DualEncoderScorer(FamilyScorer):
     default_calibration = Logistic(scale=50.0, shift=0.25)
 
     def __init__(self, model: str, model_dir: str, options: LoadOptions) -> None:
-        super().__init__(options)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        super().__init__(model_dir, options)
         self.image_processor = AutoImageProcessor.from_pretrained(model_dir)
         self.model = load_model(AutoModel, model_dir, options)
         config = self.model.config

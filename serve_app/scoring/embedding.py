@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoModel
 
 from serve_app.scoring.batching import count_tokens, padded_groups, raise_if_too_long, to_device
 from serve_app.scoring.family import FamilyScorer, LoadOptions, load_model, model_max_length
@@ -40,8 +40,7 @@ class EmbeddingScorer(FamilyScorer):
     default_calibration = Logistic(scale=10.0, shift=0.5)
 
     def __init__(self, model: str, model_dir: str, options: LoadOptions) -> None:
-        super().__init__(options)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        super().__init__(model_dir, options)
         self.model = load_model(AutoModel, model_dir, options)
         limit = model_max_length(self.tokenizer, getattr(self.model.config, "max_position_embeddings", None))
         self.max_length = min(limit, sentence_transformers_max_length(model_dir) or limit)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from transformers import AutoTokenizer
 
 from serve_app.scoring.batching import Cuts, Shapes, truncate_to_tokens
 from serve_app.scoring.types import (
@@ -106,8 +107,8 @@ def model_max_length(tokenizer, config_limit: int | None) -> int:
 class FamilyScorer:
     """The part of a Scorer every family writes the same way: `score`, `calibrate`, `info`, document cuts.
 
-    A family's constructor loads its tokenizer and model (`self.model`, `self.max_length`), then calls
-    `describe`; it writes `check`, `prepare`, `forward` and `tokens` itself.
+    The base loads the tokenizer; a family's constructor loads its model (`self.model`, `self.max_length`),
+    then calls `describe`; it writes `check`, `prepare`, `forward` and `tokens` itself.
     """
 
     family: ClassVar[str]
@@ -116,7 +117,8 @@ class FamilyScorer:
     model: Any
     max_length: int
 
-    def __init__(self, options: LoadOptions) -> None:
+    def __init__(self, model_dir: str, options: LoadOptions) -> None:
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.options = options
         self.device = options.device
         self.dtype = options.dtype
