@@ -35,8 +35,8 @@ from pathlib import Path
 import httpx
 
 from bench import dataset
-from serve_app.metrics import percentile
 from serve_app.ports import free_port
+from serve_app.stats import percentile
 
 log = logging.getLogger("bench.compare")
 

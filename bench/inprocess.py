@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from serve_app import hardware
-from serve_app.metrics import percentile
+from serve_app.stats import percentile
 
 Request = dict  # {"query": str, "documents": [str]} or, for images, {"query": str, "images": [base64 PNG]}
 

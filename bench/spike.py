@@ -29,8 +29,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import httpx  # noqa: E402
 
-from serve_app.metrics import percentile  # noqa: E402
 from serve_app.ports import free_port  # noqa: E402
+from serve_app.stats import percentile  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 POOL = "text_pool"

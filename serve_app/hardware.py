@@ -74,12 +74,15 @@ def gpu_kind_of(device_name: str) -> str:
 
 
 def declared_accelerator() -> str | None:
-    """The `accelerator_type:<NAME>` resource Ray assigned this actor, if any."""
+    """The `accelerator_type:<NAME>` resource Ray assigned this actor, if any. Outside Ray (calibrate, a
+    benchmark) there is none, and asking would start or join a Ray instance."""
     try:
         import ray
 
+        if not ray.is_initialized():
+            return None
         assigned = ray.get_runtime_context().get_assigned_resources()
-    except Exception:  # noqa: BLE001 - outside Ray there is nothing assigned
+    except Exception:  # noqa: BLE001 - no Ray installed, or no runtime context: nothing assigned
         return None
     for key in assigned:
         if key.startswith("accelerator_type:"):

@@ -14,19 +14,42 @@ from pathlib import Path
 
 import ray
 from ray import serve
+from ray.util import metrics
 
 from serve_app import hardware, pools
 from serve_app.errors import InputTooLarge, InvalidInput, PoolUnavailable
 from serve_app.hardware import ProfileRow
-from serve_app.metrics import PoolMetrics, percentile
 from serve_app.scoring.types import ModelLoadError, Pair, PairTooLong, Score, ScoringError, TokenCount
 from serve_app.settings import PoolSettings, env_name
+from serve_app.stats import percentile
 
 log = logging.getLogger("ray.serve")
 
 
 def pairs_in(calls: list[list[Pair]]) -> int:
     return sum(len(call) for call in calls)
+
+
+class PoolMetrics:
+    """Prometheus series through Ray's metrics export, tagged by pool."""
+
+    def __init__(self, pool: str) -> None:
+        tags = {"pool": pool}
+        self.pairs = metrics.Counter("rerank_pairs_scored", "Pairs scored.", tag_keys=("pool",))
+        self.batch_pairs = metrics.Histogram(
+            "rerank_batch_pairs", "Pairs per batch.", boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024],
+            tag_keys=("pool",),
+        )  # fmt: skip
+        self.batch_ms = metrics.Histogram(
+            "rerank_batch_latency_ms", "Prepare + forward time per batch.",
+            boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000], tag_keys=("pool",),
+        )  # fmt: skip
+        self.queue = metrics.Gauge("rerank_pending_pairs", "Pairs waiting for or in a batch.", tag_keys=("pool",))
+        self.memory = metrics.Gauge(
+            "rerank_memory_bytes", "CUDA allocated bytes, or RSS on the CPU.", tag_keys=("pool", "kind")
+        )
+        for series in (self.pairs, self.batch_pairs, self.batch_ms, self.queue, self.memory):
+            series.set_default_tags(tags)
 
 
 @serve.deployment

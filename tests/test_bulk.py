@@ -12,7 +12,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from serve_app.bulk import Options, run
+from serve_app.bulk import Options, RowError, parse_row, run
+from serve_app.errors import InputTooLarge, InvalidInput
+from serve_app.schemas import STRATEGIES, Threshold
 from serve_app.settings import Settings
 from tests.conftest import b64, noise_image
 
@@ -193,3 +195,52 @@ def test_bulk_scores_equal_the_services(alpha, model_dirs, tmp_path, cluster):
         for mine, theirs in zip(written[row["id"]], served):
             assert mine["raw_score"] == pytest.approx(theirs["raw_score"], abs=1e-5)
             assert mine["relevance_score"] == pytest.approx(theirs["relevance_score"], abs=1e-5)
+
+
+def test_a_row_is_read_as_the_service_reads_a_request():
+    settings = Settings(max_documents_per_request=2, max_text_chars=200)
+    options = Options(input="in", output="out", top_n=3, strategy="strict")
+
+    def parse(row: dict):
+        return parse_row(row, options, settings, settings.instruction_templates(), check_images=True)
+
+    # The request model's own messages, naming the field.
+    with pytest.raises(RowError, match=r"documents\.0.*txt"):
+        parse({"id": "a", "query": "q", "documents": [{"txt": "x"}]})
+    with pytest.raises(RowError, match="id"):
+        parse({"query": "q", "documents": ["x"]})
+    with pytest.raises(RowError, match="not both"):
+        parse({"id": "a", "query": "q", "documents": ["x"], "instruction": "i", "instruction_template": "same_topic"})
+    # The same limits, with the same errors.
+    with pytest.raises(InputTooLarge, match="max_documents_per_request"):
+        parse({"id": "a", "query": "q", "documents": ["x", "y", "z"]})
+    with pytest.raises(InputTooLarge, match="max_text_chars"):
+        parse({"id": "a", "query": "q", "documents": ["x" * 201]})
+    with pytest.raises(InvalidInput, match="query is empty"):
+        parse({"id": "a", "query": " ", "documents": ["x"]})
+    with pytest.raises(InvalidInput, match="no template named"):
+        parse({"id": "a", "query": "q", "documents": ["x"], "instruction_template": "nope"})
+    with pytest.raises(RowError, match="do not fetch URLs"):
+        parse({"id": "a", "query": "q", "documents": [{"image": "https://example.com/a.png"}]})
+
+    # The job's options fill what a row leaves unset; a row's own win; other columns are ignored.
+    plain = parse({"id": 7, "query": "q", "documents": ["x"], "source": "crawl-3"})
+    assert plain.id == "7" and plain.job.top_n == 3 and plain.job.threshold == STRATEGIES["strict"]
+    own = parse({"id": "b", "query": "q", "documents": ["x"], "top_n": 1, "threshold": 0.2, "instruction": "judge"})
+    assert (own.job.top_n, own.job.threshold, own.job.instruction) == (1, Threshold(0.2, inclusive=True), "judge")
+    templated = parse({"id": "c", "query": "q", "documents": ["x"], "instruction_template": "same_topic"})
+    assert templated.job.instruction == settings.instruction_templates()["same_topic"]
+
+
+def test_a_rows_own_top_n_and_threshold_rank_its_results(model_dirs, tmp_path, cluster):
+    rows = [
+        {"id": "own", "query": "q", "documents": ["a", "b", "c"], "top_n": 1},
+        {"id": "job", "query": "q", "documents": ["a", "b", "c"]},
+        {"id": "none_kept", "query": "q", "documents": ["a", "b"], "threshold": 1.0},
+    ]
+    with open(tmp_path / "in.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    settings = Settings(text={"model": str(model_dirs["cross_encoder"])})
+    run(Options(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out"), top_n=2), settings)
+    written = {r["id"]: r["results"] for r in pq.read_table(tmp_path / "out" / "part-00000.parquet").to_pylist()}
+    assert {name: len(results) for name, results in written.items()} == {"own": 1, "job": 2, "none_kept": 0}

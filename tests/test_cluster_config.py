@@ -14,10 +14,9 @@ import yaml
 from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 
-from serve_app.settings import DEPLOY_DIR, Settings
+from serve_app.settings import DEPLOY_DIR, POOLS, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
-POOLS = ("text", "image_text")
 
 
 def load(path: Path) -> dict:

@@ -24,6 +24,18 @@ def test_api_key_is_required_on_rerank_and_models(apps):
         assert right.status_code == 200
 
 
+@pytest.mark.parametrize("path", ["/openapi.json", "/docs"])
+def test_the_schema_and_its_page_need_the_key_too(apps, guarded, path):
+    assert httpx.get(f"{apps['guarded']}{path}", timeout=30).status_code == 401
+    answer = guarded.get(path)
+    assert answer.status_code == 200
+    if path == "/openapi.json":
+        # Served under Serve's route prefix: "try it out" must call the prefixed routes.
+        assert answer.json()["servers"] == [{"url": "/guarded"}] and "/v2/rerank" in answer.json()["paths"]
+    else:
+        assert "/guarded/openapi.json" in answer.text
+
+
 def test_health_needs_no_key_and_names_the_unavailable_pool(apps):
     response = httpx.get(f"{apps['guarded']}/health", timeout=30)
     assert response.status_code == 200

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -117,3 +120,11 @@ def test_eager_attention_gives_the_same_scores_as_sdpa(model_dirs):
     eager = load_scorer(str(model_dirs["cross_encoder"]), LoadOptions(attn_implementation="eager"))
     assert eager.info.attn_implementation == "eager"
     assert eager.score(PAIRS) == pytest.approx(load_scorer(str(model_dirs["cross_encoder"])).score(PAIRS), abs=1e-4)
+
+
+def test_placement_outside_ray_starts_no_ray_instance():
+    """calibrate and the benchmarks place their scorer outside Ray: asking Ray would start (or join) a cluster."""
+    pytest.importorskip("ray")
+    code = "import ray\nfrom serve_app import hardware\nprint(hardware.placement().gpu_kind, ray.is_initialized())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.split() == ["cpu", "False"]

@@ -52,7 +52,7 @@ LAYERS = [
     ["scoring.cross_encoder", "scoring.embedding", "scoring.dual_encoder", "scoring.blip_itm"],
     ["scoring.family", "hardware"],
     ["scoring.batching", "schemas", "media"],
-    ["scoring.types", "settings", "errors", "metrics", "ports", "scoring"],
+    ["scoring.types", "settings", "errors", "stats", "ports", "scoring"],
 ]
 PACKAGE = Path(__file__).resolve().parent.parent / "serve_app"
 
