@@ -62,7 +62,12 @@ def serve_until_interrupted(settings: Settings, url: str) -> int:
     from serve_app.app import build_app
 
     print("starting a local Ray instance and loading the models (about a minute on 2 cores) ...", flush=True)
-    ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    # A Ray of its own ("local": never another cluster found on this machine). Its dashboard serves Ray's own
+    # tools (serve status, ray job submit) on localhost only.
+    context = ray.init(
+        address="local", include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING
+    )
+    protect_token()
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -77,12 +82,34 @@ def serve_until_interrupted(settings: Settings, url: str) -> int:
             "Ctrl-C stops it.",
             flush=True,
         )
+        print(ray_tools_hint(context.dashboard_url), flush=True)
         stop.wait()
         print("stopping ...", flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
     return 0
+
+
+def protect_token() -> None:
+    """Ray writes the token it creates (~/.ray/auth_token) readable by every user of the machine: only its
+    owner needs to read it."""
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if path.is_file() and path.stat().st_mode & 0o077:
+        path.chmod(0o600)
+
+
+def ray_tools_hint(dashboard_url: str | None) -> str:
+    """How to reach this Ray cluster with Ray's CLIs, with or without its token authentication."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return (
+            f"Ray's dashboard: http://{dashboard_url} (token authentication is OFF: RAY_AUTH_MODE is "
+            f"{os.environ.get('RAY_AUTH_MODE')!r} here; unset it to have Ray protect the cluster)"
+        )
+    return (
+        f"Ray's dashboard: http://{dashboard_url}, with token authentication (the token: `ray get-auth-token`).\n"
+        "From another shell: `export RAY_AUTH_MODE=token`, then `serve status` or `ray job submit ...`."
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import copy
 import importlib
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,35 @@ def test_rayservice_probes_hit_health_on_the_serve_port(rayservice, gpu_config, 
             check = container[probe]
             assert check["httpGet"] == {"path": "/health", "port": gpu_config["http_options"]["port"]}
             assert check["timeoutSeconds"] > gpu_settings.health_timeout_s  # /health may take that long
+
+
+# --- Ray's token authentication ----------------------------------------------------------------------------
+
+
+def test_every_ray_start_and_cli_call_of_the_cluster_runs_with_token_auth(cluster):
+    assert cluster["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    commands = cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"]
+    calls = [c for c in commands if "ray start" in c or "serve " in c]
+    assert len(calls) == 3  # head start, serve deploy, worker start
+    assert all(c.startswith("export RAY_AUTH_MODE=token;") for c in calls), calls
+    assert "RAY_AUTH_MODE=disabled" not in (ROOT / "cluster.yaml").read_text()
+
+
+def test_a_node_without_the_token_refuses_to_set_up_and_one_with_it_exports_the_mode(cluster, tmp_path):
+    """The token steps of setup_commands, run in a shell with a home of their own."""
+    token_steps = [c for c in cluster["setup_commands"] if "auth_token" in c or "RAY_AUTH_MODE" in c]
+    script = "set -e\n" + "\n".join(token_steps)
+    env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    refused = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+    assert refused.returncode != 0 and "ray get-auth-token --generate" in refused.stderr
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("a-token")
+    for _ in range(2):  # a rerun of `ray up` adds nothing twice
+        assert subprocess.run(["bash", "-c", script], env=env).returncode == 0
+    assert (tmp_path / ".bashrc").read_text() == "export RAY_AUTH_MODE=token\n"
+    assert (tmp_path / ".ray" / "auth_token").stat().st_mode & 0o077 == 0
+
+
+def test_the_rayservice_turns_ray_token_authentication_on(rayservice):
+    assert rayservice["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token"}
+    assert "RAY_AUTH_MODE" not in (DEPLOY_DIR / "rayservice.yaml").read_text().replace("RAY_AUTH_MODE=token", "")

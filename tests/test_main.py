@@ -1,0 +1,29 @@
+"""`python -m serve_app` (make run): what it says about Ray's token authentication, and the token's mode."""
+
+from __future__ import annotations
+
+from serve_app import __main__ as main
+
+
+def test_the_hint_says_how_to_reach_a_cluster_with_token_auth(monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # what ray.init() sets for a new local cluster
+    hint = main.ray_tools_hint("127.0.0.1:8265")
+    assert "http://127.0.0.1:8265" in hint and "export RAY_AUTH_MODE=token" in hint and "serve status" in hint
+
+
+def test_the_hint_says_when_token_auth_is_off(monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert "OFF" in main.ray_tools_hint("127.0.0.1:8265")
+
+
+def test_the_token_ray_wrote_becomes_readable_by_its_owner_alone(monkeypatch, tmp_path):
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    token = tmp_path / ".ray" / "auth_token"
+    token.parent.mkdir()
+    token.write_text("a-token")
+    token.chmod(0o644)  # as Ray writes it
+    main.protect_token()
+    assert token.stat().st_mode & 0o777 == 0o600
+    main.protect_token()  # no token, or already private: nothing to do
+    assert token.read_text() == "a-token"
