@@ -62,6 +62,7 @@ def serve_until_interrupted(settings: Settings, url: str) -> int:
     from serve_app.app import build_app
 
     print("starting a local Ray instance and loading the models (about a minute on 2 cores) ...", flush=True)
+    keep_token_auth_default()
     # A Ray of its own ("local": never another cluster found on this machine). Its dashboard serves Ray's own
     # tools (serve status, ray job submit) on localhost only.
     context = ray.init(
@@ -89,6 +90,15 @@ def serve_until_interrupted(settings: Settings, url: str) -> int:
         serve.shutdown()
         ray.shutdown()
     return 0
+
+
+def keep_token_auth_default() -> None:
+    """An empty RAY_AUTH_MODE (what an unset variable in a compose file or a Kubernetes secret gives) would turn
+    Ray's token authentication off without a word: treat it as unset, so Ray's default (on) holds. An explicit
+    RAY_AUTH_MODE=disabled is a choice, and is kept (the start-up message says it is off)."""
+    if "RAY_AUTH_MODE" in os.environ and not os.environ["RAY_AUTH_MODE"].strip():
+        log.warning("RAY_AUTH_MODE is set but empty: ignoring it, so Ray's token authentication stays on")
+        del os.environ["RAY_AUTH_MODE"]
 
 
 def protect_token() -> None:

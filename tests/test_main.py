@@ -27,3 +27,12 @@ def test_the_token_ray_wrote_becomes_readable_by_its_owner_alone(monkeypatch, tm
     assert token.stat().st_mode & 0o777 == 0o600
     main.protect_token()  # no token, or already private: nothing to do
     assert token.read_text() == "a-token"
+
+
+def test_an_empty_ray_auth_mode_does_not_turn_token_auth_off(monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_MODE", " ")
+    main.keep_token_auth_default()
+    assert "RAY_AUTH_MODE" not in main.os.environ  # Ray's default for a new local cluster: token auth on
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # an explicit choice stays
+    main.keep_token_auth_default()
+    assert main.os.environ["RAY_AUTH_MODE"] == "disabled"
