@@ -29,7 +29,6 @@ class PoolScorer:
     """A loaded pool scorer and how it batches: `profile` is final (derived where the card has no row,
     the pool's own cap and wait applied)."""
 
-    pool: str
     placement: Placement
     profile: BatchProfile
     scorer: Scorer
@@ -54,7 +53,7 @@ def load_pool(
     if warm_up:
         warm_up_shapes(scorer, pool, where, profile.max_batch_size)
     tune_forward_cost(scorer, pool, pool_settings, profile.max_batch_size)
-    return PoolScorer(pool, where, profile, scorer)
+    return PoolScorer(where, profile, scorer)
 
 
 def set_torch_threads(threads: int | None) -> int:
