@@ -22,6 +22,9 @@ from serve_app.settings import PoolSettings
 log = logging.getLogger(__name__)
 
 DERIVE_PROBE_PAIRS = 8
+# GPU warm-up runs every length bucket up to this many tokens: a BERT-class window whole, an LLM reranker's
+# 8192 only in part (longer shapes pay their kernel choice once, on first use).
+WARM_UP_MAX_TOKENS = 1024
 
 
 @dataclass
@@ -76,6 +79,9 @@ def load_options(pool_settings: PoolSettings, where: Placement, profile: BatchPr
         attn_implementation=pool_settings.attn_implementation,
         quantize=pool_settings.quantize,
         forward_cost_tokens=pool_settings.forward_cost_tokens or 0,
+        family=pool_settings.family,
+        answer_tokens=pool_settings.answer_tokens,
+        prefix_reuse=pool_settings.prefix_reuse,
     )
 
 
@@ -104,7 +110,7 @@ def warm_up_shapes(scorer: Scorer, pool: str, where: Placement, max_batch_size: 
     if not where.device.startswith("cuda"):
         scorer.score(synthetic_pairs(pool, max_batch_size, 8))
     else:
-        widths = range(BUCKET, scorer.info.max_length + 1, BUCKET)
+        widths = range(BUCKET, min(scorer.info.max_length, WARM_UP_MAX_TOKENS) + 1, BUCKET)
         # Rows are padded to powers of two: up to the first one at or above the cap.
         sizes = [1 << i for i in range((max_batch_size - 1).bit_length() + 1)]
         for width in widths:

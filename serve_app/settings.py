@@ -105,6 +105,21 @@ class PoolSettings(BaseModel):
         description="Torch CPU threads per replica. Unset: Ray's OMP_NUM_THREADS, i.e. the replica's num_cpus.",
     )
     calibration: Calibration | None = Field(default=None, description="Override of the family's raw -> 0..1 map.")
+    family: Literal["cross_encoder", "embedding", "dual_encoder", "blip_itm", "yes_no"] | None = Field(
+        default=None,
+        description="The model's scorer family. Unset: from config.json's architectures; set it for a model whose "
+        "config names none we know (e.g. yes_no for another causal LM reranker).",
+    )
+    answer_tokens: tuple[str, str] = Field(
+        default=("no", "yes"),
+        description="yes/no rerankers: the (negative, positive) answer tokens, as the tokenizer spells them; "
+        "the score is the softmax of the positive one over the two at the answer position.",
+    )
+    prefix_reuse: bool = Field(
+        default=True,
+        description="yes/no rerankers (causal LMs): run the prompt prefix a query's documents share once per "
+        "batch and score only each document's own tokens.",
+    )
 
     def deployment_options(self, name: str) -> dict:
         """Serve deployment options for this pool."""

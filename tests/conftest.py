@@ -31,6 +31,8 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
         "clip": tiny_models.build_clip(root / "clip"),
         "blip": tiny_models.build_blip(root / "blip"),
         "slow": tiny_models.build_slow_cross_encoder(root / "slow"),
+        "qwen3": tiny_models.build_qwen3_reranker(root / "qwen3"),
+        "qwen2_vl": tiny_models.build_qwen2_vl_reranker(root / "qwen2_vl"),
     }
 
 
@@ -121,6 +123,11 @@ def apps(serve_url, model_dirs, tmp_path_factory) -> dict[str, str]:
             },
             "image_text": {"model": str(model_dirs["clip"]), "num_gpus": 0.5, "accelerator_type": "RTX3060"},
         },
+        # Yes/no rerankers in both pools: a Qwen3 causal LM for text, a Qwen2-VL for image pairs.
+        "yes_no": {
+            "text": {"model": str(model_dirs["qwen3"])},
+            "image_text": {"model": str(model_dirs["qwen2_vl"])},
+        },
         # A slow model behind small queues and a short deadline: overload and timeout behaviour.
         "tight": {
             "text": {
@@ -156,6 +163,12 @@ def beta(apps) -> Iterator[httpx.Client]:
 @pytest.fixture(scope="session")
 def pinned(apps) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=apps["pinned"], timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def yes_no(apps) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=apps["yes_no"], timeout=60) as client:
         yield client
 
 

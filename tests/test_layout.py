@@ -49,7 +49,7 @@ LAYERS = [
     ["replica", "bulk", "calibrate"],
     ["pools"],
     ["scoring.loading"],
-    ["scoring.cross_encoder", "scoring.embedding", "scoring.dual_encoder", "scoring.blip_itm"],
+    ["scoring.cross_encoder", "scoring.embedding", "scoring.dual_encoder", "scoring.blip_itm", "scoring.yes_no"],
     ["scoring.family", "hardware"],
     ["scoring.batching", "schemas", "media"],
     ["scoring.types", "settings", "errors", "stats", "ports", "scoring"],

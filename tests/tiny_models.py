@@ -148,3 +148,105 @@ def build_blip(directory: Path, seed: int = 0) -> Path:
     BlipForImageTextRetrieval(config).eval().save_pretrained(directory)
     BlipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(directory)
     return directory
+
+
+# Qwen's chat and vision markers: special tokens of the byte-level BPE tokenizer below.
+CHAT_SPECIALS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>",
+    "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+]  # fmt: skip
+PROMPT_TEXT = (
+    "Judge whether the Document meets the requirements based on the Query and the Instruct provided. Note that the "
+    'answer can only be "yes" or "no". <Instruct>: <Query>: <Document>: system user assistant Given a web search '
+    "query, retrieve relevant passages that answer the query"
+)
+
+
+def save_chat_tokenizer(
+    directory: Path,
+    max_length: int = 512,
+    answers: tuple[str, ...] = ("yes", "no"),
+    corpus: list[str] | None = None,
+    vocab_size: int = 600,
+):
+    """A byte-level BPE tokenizer (Qwen's kind) trained on a few sentences (or `corpus`): every text tokenizes,
+    the chat markers are single special tokens and each of `answers` is one token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=CHAT_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator((corpus or []) + [" ".join(WORDS), PROMPT_TEXT, " ".join(answers * 4)] * 3, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<|endoftext|>", eos_token="<|im_end|>", model_max_length=max_length
+    )
+    fast.save_pretrained(directory)
+    return fast
+
+
+def _qwen_text_sizes(tokenizer, **extra) -> dict:
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.3,  # wide weights: random models give scores that differ per pair
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        **extra,
+    )
+
+
+def build_qwen3_reranker(directory: Path, seed: int = 0, answers: tuple[str, ...] = ("yes", "no")) -> Path:
+    """A Qwen3 causal LM (Qwen3-Reranker's architecture) with random weights and a chat tokenizer."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = save_chat_tokenizer(directory, answers=answers)
+    config = Qwen3Config(**_qwen_text_sizes(tokenizer, head_dim=8), tie_word_embeddings=True)
+    Qwen3ForCausalLM(config).eval().save_pretrained(directory)
+    return directory
+
+
+def build_qwen2_vl_reranker(directory: Path, seed: int = 0) -> Path:
+    """A Qwen2-VL model (lychee-rerank-mm's family) with random weights, its image processor and a chat tokenizer."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
+
+    torch.manual_seed(seed)
+    tokenizer = save_chat_tokenizer(directory)
+    ids = {
+        name: tokenizer.convert_tokens_to_ids(f"<|{name}|>")
+        for name in ("image_pad", "video_pad", "vision_start", "vision_end")
+    }
+    # mrope_section: the rotary halves of a head (head_dim 8 -> 4) split over time, height and width.
+    text = _qwen_text_sizes(
+        tokenizer, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}
+    )
+    vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, patch_size=8, spatial_merge_size=2,
+                  temporal_patch_size=2, initializer_range=0.3)  # fmt: skip
+    config = Qwen2VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["image_pad"],
+        video_token_id=ids["video_pad"],
+        vision_start_token_id=ids["vision_start"],
+        vision_end_token_id=ids["vision_end"],
+        tie_word_embeddings=True,
+    )
+    Qwen2VLForConditionalGeneration(config).eval().save_pretrained(directory)
+    # Small images stay small: 16x16 to 64x64 pixels, i.e. 1 to 16 placeholder tokens.
+    Qwen2VLImageProcessor(
+        patch_size=8, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16, max_pixels=64 * 64
+    ).save_pretrained(directory)
+    return directory

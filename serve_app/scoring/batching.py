@@ -100,8 +100,11 @@ def length_groups(
     return groups
 
 
-def padded_groups(encoding, cuts: Cuts, pad_token_id: int, max_length: int) -> list[tuple[list[int], dict]]:
-    """(indices, CPU tensors) for length-sorted groups of an unpadded tokenizer output.
+def padded_groups(
+    encoding, cuts: Cuts, pad_token_id: int, max_length: int, left: bool = False
+) -> list[tuple[list[int], dict]]:
+    """(indices, CPU tensors) for length-sorted groups of an unpadded tokenizer output, padded on the right
+    (encoders) or on the `left` (decoders, whose answer is read at the last position).
 
     With power-of-two rows, a group's rows are padded by repeating its last row (a real row, so no
     all-masked attention); the forward reads the first len(indices) rows only."""
@@ -124,7 +127,10 @@ def padded_groups(encoding, cuts: Cuts, pad_token_id: int, max_length: int) -> l
             values = encoding[key]
             array = np.full((len(rows), width), pad_token_id if key == "input_ids" else 0, dtype=np.int64)
             for r, i in enumerate(rows):
-                array[r, : len(values[i])] = values[i]
+                if left:
+                    array[r, width - len(values[i]) :] = values[i]
+                else:
+                    array[r, : len(values[i])] = values[i]
             batch[key] = torch.from_numpy(array)
         out.append((group, batch))
     return out

@@ -47,6 +47,9 @@ class LoadOptions:
     shape_buckets: bool = False
     attn_implementation: str = "sdpa"
     quantize: str | None = None  # "int8"
+    family: str | None = None  # None: from config.json
+    answer_tokens: tuple[str, str] = ("no", "yes")  # yes/no rerankers: the (negative, positive) answer tokens
+    prefix_reuse: bool = True  # yes/no rerankers: run a query's shared prompt prefix once per batch
 
     def cuts(self) -> Cuts:
         return Cuts(Shapes.bucketed(self.shape_buckets), self.max_tokens_per_forward, self.forward_cost_tokens)
@@ -61,6 +64,7 @@ class LoadOptions:
             "shape_buckets": self.shape_buckets,
             "attn_implementation": self.attn_implementation,
             "quantize": self.quantize,
+            "prefix_reuse": self.prefix_reuse,
         }
 
 

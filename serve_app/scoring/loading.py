@@ -33,6 +33,11 @@ ARCHITECTURES = {
     "SiglipModel": "dual_encoder",
     "Siglip2Model": "dual_encoder",
     "BlipForImageTextRetrieval": "blip_itm",
+    # Instruction-following yes/no rerankers: Qwen3-Reranker (a Qwen3 causal LM), the Qwen-VL rerankers.
+    "Qwen3ForCausalLM": "yes_no",
+    "Qwen2VLForConditionalGeneration": "yes_no",
+    "Qwen2_5_VLForConditionalGeneration": "yes_no",
+    "Qwen3VLForConditionalGeneration": "yes_no",
 }
 # Bare encoders ("BertModel") are embedding models; other "...Model" classes (GPT2LMHeadModel,
 # CLIPVisionModel) are not, so the embedding family also needs one of these model types.
@@ -47,6 +52,7 @@ FAMILIES = {
     "embedding": "serve_app.scoring.embedding:EmbeddingScorer",
     "dual_encoder": "serve_app.scoring.dual_encoder:DualEncoderScorer",
     "blip_itm": "serve_app.scoring.blip_itm:BlipItmScorer",
+    "yes_no": "serve_app.scoring.yes_no:YesNoScorer",
 }
 
 
@@ -106,7 +112,9 @@ def family_of(config: dict) -> str:
             return "embedding"
     raise ModelLoadError(
         f"no scorer family for architectures {architectures}: supported are sequence-classification "
-        "cross-encoders, encoder models (embedding), CLIP/SigLIP and BLIP image-text retrieval"
+        "cross-encoders, encoder models (embedding), CLIP/SigLIP, BLIP image-text retrieval and Qwen3 / Qwen-VL "
+        "yes/no rerankers; for another model, name its family in the pool's `family` setting "
+        f"(one of {sorted(FAMILIES)})"
     )
 
 
@@ -114,7 +122,7 @@ def load_scorer(model: str, options: LoadOptions | None = None) -> Scorer:
     """Load `model` (directory or id) with the family its config.json names."""
     options = options or LoadOptions()
     model_dir = resolve_model_dir(model, options.cache_dir)
-    family = family_of(read_config(model_dir))
+    family = options.family or family_of(read_config(model_dir))
     log.info("loading %s as %s on %s", model, family, options.device)
     module, name = FAMILIES[family].split(":")
     try:
