@@ -96,19 +96,25 @@ def main(argv: list[str] | None = None) -> None:
     model = build_model(args.cache / f"qwen3-reranker-{args.size}-random", args.size, requests)
     settings = Settings()
     rows = hardware.load_profile_rows(settings.batch_profiles_path)
-    loaded = {
-        mode: pools.load_pool("text", TextPoolSettings(model=str(model), prefix_reuse=mode == "reuse"), rows,
-                              settings.model_cache_dir)
-        for mode in ("reuse", "plain")
-    }  # fmt: skip
+    # The plain load measures what one more forward costs; the reuse load takes the same figure, so the two
+    # differ in prefix reuse only (the measurement is noisy on a shared CPU, and it decides where batches cut).
+    plain = pools.load_pool(
+        "text", TextPoolSettings(model=str(model), prefix_reuse=False), rows, settings.model_cache_dir
+    )
+    forward_cost = plain.scorer.options.forward_cost_tokens
+    reuse_settings = TextPoolSettings(model=str(model), forward_cost_tokens=forward_cost)
+    loaded = {"reuse": pools.load_pool("text", reuse_settings, rows, settings.model_cache_dir), "plain": plain}
     pair_lists = [[Pair(Content(text=r.query), Content(text=d)) for d in r.documents] for r in requests]
     count = sum(len(p) for p in pair_lists)
     tokens = {mode: TokenCount() for mode in loaded}
+    forwards = dict.fromkeys(loaded, 0)
     for mode, p in loaded.items():
         cap = p.profile.max_batch_size
         for pairs in pair_lists:
             for i in range(0, len(pairs), cap):
-                tokens[mode] += p.scorer.tokens(p.scorer.prepare(pairs[i : i + cap]))
+                prepared = p.scorer.prepare(pairs[i : i + cap])
+                tokens[mode] += p.scorer.tokens(prepared)
+                forwards[mode] += len(prepared.plain) + sum(1 + len(s.groups) for s in prepared.shared)
     rates: dict[str, list[float]] = {"reuse": [], "plain": []}
     scores: dict[str, list[float]] = {}
     for round_ in range(args.rounds):
@@ -130,6 +136,8 @@ def main(argv: list[str] | None = None) -> None:
         "requests": args.requests,
         "documents_per_request": args.documents,
         "batch_cap": loaded["reuse"].profile.max_batch_size,
+        "forward_cost_tokens": forward_cost,
+        "forwards": {mode: forwards[mode] for mode in loaded},
         "tokens_computed": {mode: {"real": t.real, "padded": t.padded} for mode, t in tokens.items()},
         "pairs_per_s": rates,
         "median_pairs_per_s": {mode: statistics.median(r) for mode, r in rates.items()},

@@ -167,7 +167,10 @@ def measure_forward_cost_tokens(scorer: Scorer, max_batch_size: int, words: int 
     try:
         small_s, small_tokens = best_time(synthetic_pairs("text", 1, 4))
         # A full batch: on a large GPU anything smaller is still launch-bound and shows no per-token cost.
-        big_s, big_tokens = best_time(synthetic_pairs("text", max(2, max_batch_size), words))
+        # Each pair its own query: a yes/no scorer would otherwise share the prompt's prefix among them, and a
+        # token of that batch would not cost what a token of any forward costs.
+        pairs = synthetic_pairs("text", max(2, max_batch_size), words)
+        big_s, big_tokens = best_time([replace(p, query=Content(text=f"query {i}")) for i, p in enumerate(pairs)])
     finally:
         scorer.options = options
     per_token = (big_s - small_s) / max(1, big_tokens - small_tokens)

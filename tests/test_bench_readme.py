@@ -26,3 +26,10 @@ def test_readme_names_committed_cpu_and_gpu_results():
 @pytest.mark.parametrize("result", results_named_in_readme(), ids=lambda p: p.name)
 def test_readme_table_matches_its_result_file(result):
     assert render_readme(result) == README.read_text(), f"run: python -m bench.compare --readme {result}"
+
+
+def test_readme_prefix_reuse_table_matches_its_result_files():
+    from bench.yes_no import RESULTS, rendered_readme
+
+    assert list(RESULTS.glob("yes-no-*.json")), "run: python -m bench.yes_no"
+    assert rendered_readme() == README.read_text(), "run: python -m bench.yes_no --readme"
