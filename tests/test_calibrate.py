@@ -203,6 +203,7 @@ def test_calibrate_bulk_and_a_replica_load_the_pool_scorer_alike(
         "shape_buckets": False,
         "attn_implementation": "eager",
         "quantize": None,
+        "prefix_reuse": True,
     }
     assert replica["load_options"] == calibrated["load_options"] == bulk.scorer.options.describe() == expected
     assert replica["max_batch_size"] == calibrated["profile"]["max_batch_size"] == 6

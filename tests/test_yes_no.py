@@ -168,6 +168,18 @@ def test_answer_tokens_come_from_the_tokenizer(model_dirs):
     )
 
 
+def test_attention_kernels_and_int8_are_honoured(model_dirs, qwen3):
+    expected = relevance(qwen3, text_pairs())
+    eager = load_scorer(str(model_dirs["qwen3"]), LoadOptions(attn_implementation="eager"))
+    assert eager.info.attn_implementation == "eager"
+    assert relevance(eager, text_pairs()) == pytest.approx(expected, abs=1e-4)
+    int8 = load_scorer(str(model_dirs["qwen3"]), LoadOptions(quantize="int8"))
+    assert int8.info.quantization == "int8"
+    # Dynamic int8 costs some accuracy: close, not equal (the tiny model's wide weights exaggerate it).
+    assert relevance(int8, text_pairs()) == pytest.approx(expected, abs=0.15)
+    assert relevance(int8, text_pairs()) != pytest.approx(expected, abs=1e-4)
+
+
 def test_a_config_that_names_no_family_loads_with_the_family_setting(model_dirs, tmp_path):
     model = tmp_path / "custom"
     shutil.copytree(model_dirs["qwen3"], model)
