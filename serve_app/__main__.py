@@ -9,33 +9,66 @@ import sys
 import threading
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from serve_app.ports import port_free
+from serve_app.schemas import describe_errors
 from serve_app.settings import Settings
 
 PID_FILE = Path(".run/serve_app.pid")
 log = logging.getLogger("serve_app")
 
 
-def running_pid() -> int | None:
-    """The pid of a live earlier `make run`, or None (a stale pid file is ignored)."""
+def process_identity(pid: int) -> str | None:
+    """What tells a process apart from a later one with its pid: its pid namespace and its start time (clock
+    ticks since boot). None where /proc does not say (the process is gone, or not Linux)."""
     try:
-        pid = int(PID_FILE.read_text().strip())
+        namespace = os.readlink(f"/proc/{pid}/ns/pid")
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 22 (starttime) counts from the field after the command name, which may hold spaces.
+    start = stat[stat.rindex(")") + 2 :].split()[19]
+    return f"{namespace} {start}"
+
+
+def running_pid() -> int | None:
+    """The pid of a live earlier `make run`, or None. A pid file left by a killed run is ignored: its pid may
+    now be this very process (pids repeat in a restarted container) or an unrelated one, which its recorded
+    identity (pid namespace, start time) tells apart."""
+    try:
+        pid_text, _, identity = PID_FILE.read_text().strip().partition(" ")
+        pid = int(pid_text)
     except (FileNotFoundError, ValueError):
+        return None
+    if pid == os.getpid():
         return None
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return None
     except PermissionError:
-        return pid
+        pass
+    if identity and process_identity(pid) not in (None, identity):
+        return None  # the pid was reused by a later process, or names one in another pid namespace
     cmdline = Path(f"/proc/{pid}/cmdline")
     if cmdline.exists() and b"serve_app" not in cmdline.read_bytes():
         return None  # the pid was reused by an unrelated process
     return pid
 
 
+def write_pid_file() -> None:
+    PID_FILE.parent.mkdir(exist_ok=True)
+    PID_FILE.write_text(f"{os.getpid()} {process_identity(os.getpid()) or ''}".strip())
+
+
 def main() -> int:
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        message, _ = describe_errors(exc.errors())
+        print(f"serve_app: bad settings, not starting: {message}")
+        return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(message)s")
     url = f"http://{settings.host}:{settings.port}"
     pid = running_pid()
@@ -47,8 +80,7 @@ def main() -> int:
     if not port_free(settings.host, settings.port):
         print(f"port {settings.port} on {settings.host} is taken by another program; free it or set RERANK_PORT.")
         return 1
-    PID_FILE.parent.mkdir(exist_ok=True)
-    PID_FILE.write_text(str(os.getpid()))
+    write_pid_file()
     try:
         return serve_until_interrupted(settings, url)
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hmac
 from typing import Protocol
 
@@ -12,6 +13,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from serve_app.errors import RerankError, Unauthorized
 from serve_app.schemas import (
+    ErrorResponse,
     HealthResponse,
     RerankRequest,
     RerankResponse,
@@ -28,6 +30,50 @@ DESCRIPTION = (
     "allow-listed URL). Thresholds: `strategy` strict (> 0.75), balanced (>= 0.55), explore (> 0.4), "
     "or an explicit `threshold`."
 )
+
+
+# Every error answer has one shape; the schema says so, and which statuses a route gives.
+ERRORS: dict[int | str, dict] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        401: "API key missing or wrong (when `api_key` is set)",
+        413: "over a limit: body, documents, text, image bytes or pixels, or a pair too long with truncate=false",
+        422: "invalid input: the message names the field and what to send instead",
+        503: "a pool is unavailable or its queue is full; retry after `Retry-After` seconds",
+        504: "the request took longer than `request_timeout_s`",
+    }.items()
+}
+
+
+def schema_with_limits(schema: dict, settings: Settings) -> dict:
+    """The limits the service enforces, written into its schema (client generators and fuzzers read them)."""
+    components = schema.get("components", {}).get("schemas", {})
+    # base64 is 4 characters per 3 bytes; a data URI adds a short header.
+    image_chars = -(-settings.max_image_bytes // 3) * 4 + 256
+
+    def bound(node: dict, max_length: int) -> None:
+        if node.get("type") == "string":
+            node["maxLength"] = max_length
+        for branch in node.get("anyOf", []):
+            bound(branch, max_length)
+        if node.get("type") == "array":
+            node["maxItems"] = settings.max_documents_per_request
+            bound(node.get("items", {}), max_length)
+
+    fields = {
+        "RerankRequest": ("query", "documents", "instruction"),
+        "TeiRerankRequest": ("query", "texts"),
+        "ContentIn": ("text",),
+    }
+    for model, names in fields.items():
+        properties = components.get(model, {}).get("properties", {})
+        for name in names:
+            if name in properties:
+                bound(properties[name], settings.max_text_chars)
+    image = components.get("ContentIn", {}).get("properties", {}).get("image")
+    if image is not None:
+        bound(image, image_chars)
+    return schema
 
 
 def error_body(kind: str, message: str, field: str | None) -> dict:
@@ -93,14 +139,18 @@ class RequestSizeLimit:
 def api_key_check(settings: Settings):
     """A dependency that checks the API key on a route, when one is set."""
 
+    keys = settings.api_keys()
+
     def check(request: Request) -> None:
-        if settings.api_key is None:
+        if not keys:
             return
         given = request.headers.get("x-api-key")
         authorization = request.headers.get("authorization", "")
         if authorization.lower().startswith("bearer "):
             given = authorization[7:].strip()
-        if not hmac.compare_digest((given or "").encode(), settings.api_key.get_secret_value().encode()):
+        # Compare with every key, always: the time taken does not say which key came close.
+        matches = [hmac.compare_digest((given or "").encode(), key) for key in keys]
+        if not any(matches):
             raise Unauthorized("missing or wrong API key: send `Authorization: Bearer <key>` or `X-API-Key: <key>`")
 
     return Depends(check)
@@ -140,40 +190,67 @@ def build_api(ingress: RerankService) -> FastAPI:
     @app.get("/openapi.json", include_in_schema=False, dependencies=authorized)
     async def openapi(request: Request) -> JSONResponse:
         root = request.scope.get("root_path", "").rstrip("/")  # Serve's route prefix, where there is one
-        return JSONResponse({**app.openapi(), **({"servers": [{"url": root}]} if root else {})})
+        schema = schema_with_limits(copy.deepcopy(app.openapi()), settings)
+        return JSONResponse({**schema, **({"servers": [{"url": root}]} if root else {})})
 
     @app.get("/docs", include_in_schema=False, dependencies=authorized)
     async def docs(request: Request) -> HTMLResponse:
         root = request.scope.get("root_path", "").rstrip("/")
         return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title=f"{app.title} - Swagger UI")
 
-    @app.post("/v2/rerank", response_model=RerankResponse, response_model_exclude_none=True, dependencies=authorized)
+    @app.post(
+        "/v2/rerank",
+        response_model=RerankResponse,
+        response_model_exclude_none=True,
+        dependencies=authorized,
+        responses=ERRORS,
+    )
     async def rerank_v2(request: RerankRequest) -> RerankResponse:
         """Cohere v2 shape; documents are echoed only when `return_documents` is true."""
         return await ingress.rerank(request, return_documents=bool(request.return_documents), api_version="2")
 
-    @app.post("/v1/rerank", response_model=RerankResponse, response_model_exclude_none=True, dependencies=authorized)
+    @app.post(
+        "/v1/rerank",
+        response_model=RerankResponse,
+        response_model_exclude_none=True,
+        dependencies=authorized,
+        responses=ERRORS,
+    )
     async def rerank_v1(request: RerankRequest) -> RerankResponse:
         """Jina shape; documents are echoed unless `return_documents` is false."""
         return await ingress.rerank(request, return_documents=request.return_documents is not False, api_version="1")
 
-    @app.post("/rerank", response_model=list[TeiRank], response_model_exclude_none=True, dependencies=authorized)
+    @app.post(
+        "/rerank",
+        response_model=list[TeiRank],
+        response_model_exclude_none=True,
+        dependencies=authorized,
+        responses=ERRORS,
+    )
     async def rerank_tei(request: TeiRerankRequest) -> list[TeiRank]:
         """text-embeddings-inference shape: a bare list sorted by score."""
         return await ingress.rerank_tei(request)
 
     @app.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
     async def health() -> JSONResponse:
-        """Scores a small real pair through each loaded pool (cached `health_cache_s` seconds)."""
+        """Readiness: scores a small real pair through each loaded pool (cached `health_cache_s` seconds).
+        200 while any pool scores ("ok" or "degraded"), 503 when none does. Says why a pool is down in words;
+        the details are in the logs."""
         response, status_code = await ingress.health()
         return JSONResponse(response.model_dump(exclude_none=True), status_code=status_code)
 
-    @app.get("/v1/models", dependencies=authorized)
+    @app.get("/health/live")
+    async def live() -> dict:
+        """Liveness: this process answers. Scores nothing, so a busy or broken pool never fails it: restart a
+        container on this, take it out of the load balancer on /health."""
+        return {"status": "alive"}
+
+    @app.get("/v1/models", dependencies=authorized, responses={401: ERRORS[401]})
     async def models() -> dict:
         """Each pool: model, family, device, dtype, max batch size, replicas and counters, or why it is down."""
         return await ingress.models()
 
-    @app.get("/v1/stats", dependencies=authorized)
+    @app.get("/v1/stats", dependencies=authorized, responses={401: ERRORS[401]})
     async def stats() -> dict:
         """Per replica: memory (CUDA allocated/reserved/peak, or RSS), batches, mean fill, p50/p95 batch latency,
         queued pairs. The same figures go to Prometheus through Ray's metrics export."""

@@ -224,16 +224,22 @@ class Ingress:
             try:
                 latency = await asyncio.wait_for(handle.probe.remote(), self.settings.health_timeout_s)
             except PoolUnavailable as exc:
-                return PoolHealth(status="unavailable", reason=exc.message)
+                # /health answers without a key: the details (paths, addresses, ids) go to the log, not to it.
+                log.warning("health: pool %s unavailable: %s", name, exc.message)
+                return PoolHealth(status="unavailable", reason="its model did not load; the replica log says why")
+            except asyncio.TimeoutError:
+                log.warning("health: pool %s gave no probe score within %s s", name, self.settings.health_timeout_s)
+                return PoolHealth(status="down", reason=f"no answer within {self.settings.health_timeout_s} s")
             except Exception as exc:  # noqa: BLE001 - any failure of a loaded pool means it is down
-                return PoolHealth(status="down", reason=f"{type(exc).__name__}: {str(exc)[:300]}")
+                log.warning("health: pool %s failed a probe pair: %s: %s", name, type(exc).__name__, exc)
+                return PoolHealth(status="down", reason="scoring a probe pair failed; the ingress log says why")
             return PoolHealth(status="ok", latency_ms=round(latency, 2))
 
         start = time.perf_counter()
         pools = dict(zip(POOLS, await asyncio.gather(*(probe(n, self.pools[n]) for n in POOLS))))
         latency_ms = round((time.perf_counter() - start) * 1000, 2)
-        if any(p.status == "down" for p in pools.values()):
-            return HealthResponse(status="down", latency_ms=latency_ms, pools=pools), 503
+        # Ready while any pool scores: a pool that is down or overloaded sheds its own requests (503) instead
+        # of taking every node out of the load balancer.
         if not any(p.status == "ok" for p in pools.values()):
             return HealthResponse(status="down", latency_ms=None, pools=pools), 503
         status = "ok" if all(p.status in ("ok", "disabled") for p in pools.values()) else "degraded"

@@ -5,14 +5,29 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from serve_app.errors import InputTooLarge, InvalidInput
 from serve_app.scoring.types import Score
 from serve_app.settings import Settings
 
+
+def valid_unicode(text: str) -> str:
+    """Refuse a lone UTF-16 surrogate ("\\ud800" is valid JSON, not valid Unicode): no tokenizer or encoder
+    downstream can take it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"holds a lone UTF-16 surrogate (U+{ord(text[exc.start]):04X} at character {exc.start}), which is not "
+            "valid Unicode; send the pair it belongs to, or drop it"
+        ) from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(valid_unicode)]
 Strategy = Literal["strict", "balanced", "explore"]
 Priority = Literal["realtime", "batch"]
 
@@ -108,8 +123,8 @@ class ContentIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    text: str | None = None
-    image: str | None = Field(
+    text: Text | None = None
+    image: Text | None = Field(
         default=None,
         description="Base64 image, a data:image/...;base64, URI, or an allow-listed http(s) URL.",
     )
@@ -133,11 +148,11 @@ class RerankRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(
+    model: Text | None = Field(
         default=None, description="Accepted for client compatibility; pairs are routed by content type."
     )
-    query: str | ContentIn
-    documents: list[str | ContentIn] = Field(min_length=1)
+    query: Text | ContentIn
+    documents: list[Text | ContentIn] = Field(min_length=1)
     top_n: int | None = Field(default=None, ge=1, description="Return at most this many results; all when unset.")
     return_documents: bool | None = Field(
         default=None, description="Echo each document in its result (default: false on /v2, true on /v1)."
@@ -148,8 +163,8 @@ class RerankRequest(BaseModel):
         description="Keep results by calibrated score: strict > 0.75, balanced >= 0.55, explore > 0.4.",
     )
     threshold: float | None = Field(default=None, ge=0, le=1, description="Keep results scoring >= this.")
-    instruction: str | None = Field(default=None, description="Free-text task instruction, put before the query.")
-    instruction_template: str | None = Field(
+    instruction: Text | None = Field(default=None, description="Free-text task instruction, put before the query.")
+    instruction_template: Text | None = Field(
         default=None, description="Name of an instruction in deploy/instruction_templates.json."
     )
     raw_scores: bool = Field(default=False, description="Also return the model's native score as `raw_score`.")
@@ -197,13 +212,23 @@ class BulkRow(RerankRequest):
 
     model_config = ConfigDict(extra="ignore")
 
-    id: str | int = Field(description="The row's id, written beside its results.")
+    id: Text | int = Field(description="The row's id, written beside its results.")
 
     @model_validator(mode="after")
     def _has_id(self) -> BulkRow:
         if not str(self.id).strip():
             raise ValueError("give the row a non-empty `id`")
         return self
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(description="invalid_input, input_too_large, unauthorized, overloaded, timeout, unavailable")
+    message: str = Field(description="What was wrong and how to fix it.")
+    field: str | None = Field(default=None, description="The request field at fault, where there is one.")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
 
 
 class DocumentOut(BaseModel):
@@ -228,8 +253,8 @@ class RerankResponse(BaseModel):
 class TeiRerankRequest(BaseModel):
     """text-embeddings-inference `POST /rerank`."""
 
-    query: str
-    texts: list[str] = Field(min_length=1)
+    query: Text
+    texts: list[Text] = Field(min_length=1)
     raw_scores: bool = False
     return_text: bool = False
     truncate: bool | None = Field(

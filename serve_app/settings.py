@@ -15,6 +15,8 @@ DEFAULT_TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_IMAGE_TEXT_MODEL = "openai/clip-vit-base-patch32"
 DEFAULT_MODEL_CACHE_DIR = Path.home() / ".cache" / "serve_app" / "models"
 
+MIN_API_KEY_CHARS = 16
+
 # The pools: text-only pairs, and pairs with an image on either side. Each is a Settings field of that name.
 POOLS = ("text", "image_text")
 
@@ -163,7 +165,10 @@ class Settings(BaseSettings):
     host: str = Field(default="127.0.0.1", description="Address the HTTP proxy binds to.")
     port: int = Field(default=8000, ge=1, le=65535)
     api_key: SecretStr | None = Field(
-        default=None, description="When set, every route but /health needs it (Bearer or X-API-Key)."
+        default=None,
+        description=f"When set, every route but /health needs it (Bearer or X-API-Key). Several keys, comma-"
+        f"separated, are all valid (rotation: add the new key, move clients, drop the old one). Each key needs "
+        f"{MIN_API_KEY_CHARS}+ characters; set but empty refuses to start (unset it to turn authentication off).",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -229,6 +234,28 @@ class Settings(BaseSettings):
         if name not in POOLS:
             raise ValueError(f"no pool named {name!r}; the pools are {POOLS}")
         return getattr(self, name)
+
+    @field_validator("api_key")
+    @classmethod
+    def _strong_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty variable (a missing secret in a compose file or a Kubernetes manifest) must not turn
+        # authentication off: only an unset one does.
+        if value is None:
+            return value
+        keys = value.get_secret_value().split(",")
+        if any(len(key.strip()) < MIN_API_KEY_CHARS for key in keys):
+            raise ValueError(
+                f"every API key needs at least {MIN_API_KEY_CHARS} characters (an empty RERANK_API_KEY is refused, "
+                "not taken as 'no key'): set a long random key, e.g. `openssl rand -hex 32`, or unset the variable "
+                "to run without authentication"
+            )
+        return value
+
+    def api_keys(self) -> list[bytes]:
+        """The valid keys, as bytes for a constant-time comparison; empty when authentication is off."""
+        if self.api_key is None:
+            return []
+        return [key.strip().encode() for key in self.api_key.get_secret_value().split(",")]
 
     @field_validator("image_url_allowlist", mode="before")
     @classmethod

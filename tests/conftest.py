@@ -36,6 +36,9 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+# The guarded application's keys: the current one and the one clients rotate to.
+GUARDED_KEYS = ("guarded-key-0123456789", "rotated-key-0123456789")
+
 # Worker nodes that declare GPUs they do not have: placement and batch sizing are tested on CPUs.
 GPU_NODES = {"A10G": 4, "RTX3060": 4, "B200": 4}
 
@@ -107,7 +110,7 @@ def apps(serve_url, model_dirs, tmp_path_factory) -> dict[str, str]:
             # Pinned to a GPU kind the profile table has no row for.
             "text": {"model": str(model_dirs["cross_encoder_2"]), "num_gpus": 0.5, "accelerator_type": "B200"},
             "image_text": {"model": str(tmp_path_factory.mktemp("empty") / "no-such-model")},
-            "api_key": "secret-key",
+            "api_key": ",".join(GUARDED_KEYS),
             "max_documents_per_request": 5,
             "max_text_chars": 200,
             "max_request_bytes": 4096,
@@ -180,7 +183,7 @@ def tight(apps) -> Iterator[httpx.Client]:
 
 @pytest.fixture(scope="session")
 def guarded(apps) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=apps["guarded"], timeout=60, headers={"X-API-Key": "secret-key"}) as client:
+    with httpx.Client(base_url=apps["guarded"], timeout=60, headers={"X-API-Key": GUARDED_KEYS[0]}) as client:
         yield client
 
 

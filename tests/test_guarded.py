@@ -7,7 +7,7 @@ import json
 import httpx
 import pytest
 
-from tests.conftest import b64, noise_image
+from tests.conftest import GUARDED_KEYS, b64, noise_image
 
 
 def test_api_key_is_required_on_rerank_and_models(apps):
@@ -18,10 +18,15 @@ def test_api_key_is_required_on_rerank_and_models(apps):
             "/v2/rerank", json={"query": "q", "documents": ["a"]}, headers={"Authorization": "Bearer no"}
         )
         assert wrong.status_code == 401
-        right = anonymous.post(
-            "/v2/rerank", json={"query": "q", "documents": ["a"]}, headers={"Authorization": "Bearer secret-key"}
+        for key in GUARDED_KEYS:  # both keys of a rotation work
+            right = anonymous.post(
+                "/v2/rerank", json={"query": "q", "documents": ["a"]}, headers={"Authorization": f"Bearer {key}"}
+            )
+            assert right.status_code == 200
+        prefix = anonymous.post(
+            "/v2/rerank", json={"query": "q", "documents": ["a"]}, headers={"X-API-Key": GUARDED_KEYS[0][:-1]}
         )
-        assert right.status_code == 200
+        assert prefix.status_code == 401
 
 
 @pytest.mark.parametrize("path", ["/openapi.json", "/docs"])
@@ -43,7 +48,14 @@ def test_health_needs_no_key_and_names_the_unavailable_pool(apps):
     assert health["status"] == "degraded"
     assert health["pools"]["text"]["status"] == "ok"
     assert health["pools"]["image_text"]["status"] == "unavailable"
-    assert "RERANK_IMAGE_TEXT__MODEL" in health["pools"]["image_text"]["reason"]
+    # Unauthenticated: says why in words, without the model path, addresses or ids (those are in the log).
+    reason = health["pools"]["image_text"]["reason"]
+    assert "did not load" in reason and "no-such-model" not in reason and "/" not in reason
+
+
+def test_liveness_asks_the_process_only(apps):
+    response = httpx.get(f"{apps['guarded']}/health/live", timeout=30)
+    assert response.status_code == 200 and response.json() == {"status": "alive"}
 
 
 def test_models_says_why_a_pool_is_unavailable(guarded):
@@ -101,3 +113,18 @@ def test_two_label_cross_encoder_scores_are_softmax_of_the_positive_class(guarde
     for result in answer["results"]:
         assert result["raw_score"] == pytest.approx(expected[result["index"]], abs=1e-4)
         assert result["relevance_score"] == pytest.approx(1 / (1 + math.exp(-expected[result["index"]])), abs=1e-4)
+
+
+def test_the_schema_carries_the_limits_this_service_enforces(guarded):
+    schemas = guarded.get("/openapi.json").json()["components"]["schemas"]
+    documents = schemas["RerankRequest"]["properties"]["documents"]
+    assert documents["maxItems"] == 5  # max_documents_per_request
+    assert {"type": "string", "maxLength": 200} in documents["items"]["anyOf"]  # max_text_chars
+    assert {"type": "string", "maxLength": 200} in schemas["ContentIn"]["properties"]["text"]["anyOf"]
+    assert schemas["TeiRerankRequest"]["properties"]["texts"]["maxItems"] == 5
+    # 2048 image bytes (max_image_bytes) in base64, with room for a data URI's header.
+    (image,) = [b for b in schemas["ContentIn"]["properties"]["image"]["anyOf"] if b.get("type") == "string"]
+    assert 2732 <= image["maxLength"] <= 2732 + 256
+    # And what it says holds: one document over the documented count is refused.
+    over = guarded.post("/v2/rerank", json={"query": "q", "documents": ["a"] * 6})
+    assert over.status_code == 413 and over.json()["error"]["field"] == "documents"

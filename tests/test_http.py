@@ -223,6 +223,29 @@ def test_bad_input_gets_a_4xx_naming_the_field(alpha, body, status, field):
     assert rerank(alpha, {"query": QUERY, "documents": DOCUMENTS[:1]})["results"]  # still serving
 
 
+LONE_SURROGATE = "\ud800x"  # valid JSON ("\\ud800x"), not valid Unicode
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/v2/rerank", {"query": LONE_SURROGATE, "documents": ["a"]}, "query"),
+        ("/v2/rerank", {"query": QUERY, "documents": ["a", LONE_SURROGATE]}, "documents.1"),
+        ("/v2/rerank", {"query": QUERY, "documents": [{"text": LONE_SURROGATE}]}, "documents.0"),
+        ("/v1/rerank", {"query": QUERY, "documents": ["a"], "instruction": LONE_SURROGATE}, "instruction"),
+        ("/rerank", {"query": QUERY, "texts": ["a", LONE_SURROGATE]}, "texts.1"),
+    ],
+)
+def test_a_lone_surrogate_is_refused_at_the_schema(alpha, path, body, field):
+    response = alpha.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert "surrogate" in error["message"] and error["field"].startswith(field), error
+    # A surrogate pair is one valid character (U+1F600): scored.
+    paired = rerank(alpha, {"query": QUERY, "documents": ["\ud83d\ude00 paris"]})
+    assert len(paired["results"]) == 1
+
+
 def test_bad_requests_do_not_fail_concurrent_good_ones(alpha):
     good = {"query": QUERY, "documents": DOCUMENTS}
     bad = {"query": QUERY, "documents": [DOCUMENTS[0], {"image": "not base64!"}]}

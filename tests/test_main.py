@@ -36,3 +36,35 @@ def test_an_empty_ray_auth_mode_does_not_turn_token_auth_off(monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # an explicit choice stays
     main.keep_token_auth_default()
     assert main.os.environ["RAY_AUTH_MODE"] == "disabled"
+
+
+def test_a_pid_file_holding_our_own_pid_is_stale(monkeypatch, tmp_path):
+    # A container restarted after a crash: the new process may get the pid the killed one wrote.
+    monkeypatch.setattr(main, "PID_FILE", tmp_path / "serve_app.pid")
+    main.PID_FILE.write_text(str(main.os.getpid()))
+    assert main.running_pid() is None
+
+
+def test_a_pid_reused_by_a_later_process_is_stale(monkeypatch, tmp_path):
+    import subprocess
+    import sys
+
+    monkeypatch.setattr(main, "PID_FILE", tmp_path / "serve_app.pid")
+    # A live process whose command line names serve_app, as a later `make run` would, with another start time.
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "serve_app"])
+    try:
+        namespace, start = main.process_identity(other.pid).split(" ")
+        main.PID_FILE.write_text(f"{other.pid} {namespace} {int(start) - 1}")
+        assert main.running_pid() is None
+        main.PID_FILE.write_text(f"{other.pid} {namespace} {start}")  # the very process that wrote it: running
+        assert main.running_pid() == other.pid
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_bad_settings_refuse_to_start_with_a_message(monkeypatch, capsys):
+    monkeypatch.setenv("RERANK_API_KEY", "")
+    assert main.main() == 2
+    out = capsys.readouterr().out
+    assert "not starting" in out and "api_key" in out and "unset the variable" in out

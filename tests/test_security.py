@@ -1,0 +1,63 @@
+"""Access control and hostile input, settings-level: keys that cannot silently turn authentication off."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from pydantic import ValidationError
+
+from serve_app.settings import MIN_API_KEY_CHARS, Settings
+
+
+@pytest.mark.parametrize("key", ["", " ", "short", "a" * (MIN_API_KEY_CHARS - 1), "k" * 20 + ","])
+def test_an_empty_or_short_api_key_is_refused(key):
+    with pytest.raises(ValidationError, match="at least 16 characters"):
+        Settings(api_key=key)
+
+
+def test_an_empty_api_key_variable_is_refused_not_ignored(monkeypatch):
+    monkeypatch.setenv("RERANK_API_KEY", "")
+    with pytest.raises(ValidationError, match="api_key"):
+        Settings()
+
+
+def test_several_keys_are_all_valid_for_rotation():
+    old, new = "o" * MIN_API_KEY_CHARS, "n" * (MIN_API_KEY_CHARS + 4)
+    assert Settings(api_key=f"{old}, {new}").api_keys() == [old.encode(), new.encode()]
+    assert Settings().api_keys() == []  # unset: authentication off, by choice
+
+
+class ProbedPool:
+    """A pool handle whose probe answers as told: a latency, or an exception."""
+
+    def __init__(self, outcome: float | Exception) -> None:
+        self.outcome = outcome
+        self.probe = self
+
+    async def remote(self) -> float:
+        if isinstance(self.outcome, Exception):
+            raise self.outcome
+        return self.outcome
+
+
+def health_of(text: float | Exception, image_text: float | Exception):
+    from serve_app.ingress import Ingress
+
+    pools = {"text": ProbedPool(text), "image_text": ProbedPool(image_text)}
+    # The class as written, under Serve's ASGI wrapper (whose constructor is a coroutine).
+    written = Ingress.func_or_class.__mro__[1]
+    ingress = written.__new__(written)
+    written.__init__(ingress, pools, {}, Settings(), {})
+    return asyncio.run(ingress.health())
+
+
+def test_a_pool_failing_its_probe_leaves_the_service_ready_and_says_why_in_words():
+    leak = RuntimeError("CUDA error: device-side assert at 10.0.4.7, pid 4242, /models/internal-name")
+    response, status = health_of(3.0, leak)
+    assert status == 200 and response.status == "degraded"
+    assert response.pools["text"].status == "ok" and response.pools["image_text"].status == "down"
+    reason = response.pools["image_text"].reason
+    assert reason and not any(secret in reason for secret in ("10.0.4.7", "4242", "internal-name", "CUDA"))
+    response, status = health_of(leak, leak)  # no pool scores: not ready
+    assert status == 503 and response.status == "down"
