@@ -16,7 +16,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.api import build_api
 from serve_app.errors import DeadlineExceeded, Overloaded, PoolUnavailable
-from serve_app.media import load_image
+from serve_app.media import RequestImages, load_image
 from serve_app.schemas import (
     ContentSpec,
     HealthResponse,
@@ -206,15 +206,31 @@ class Ingress:
         if job.query.image is None and all(d.image is None for d in job.documents):
             return Content(text=job.query.text), [Content(text=d.text) for d in job.documents]
 
+        budget = RequestImages(self.settings)
+
         async def content(spec: ContentSpec, field: str) -> Content:
             if spec.image is None:
                 return Content(text=spec.text)
-            image = await load_image(spec.image, self.settings, f"{field}.image", self.http)
+            image = await load_image(spec.image, self.settings, f"{field}.image", self.http, budget)
             return Content(text=spec.text, image=image)
 
-        query, *documents = await asyncio.gather(
-            content(job.query, "query"), *(content(d, f"documents[{i}]") for i, d in enumerate(job.documents))
-        )
+        specs = [(job.query, "query"), *((d, f"documents[{i}]") for i, d in enumerate(job.documents))]
+        tasks = [asyncio.create_task(content(spec, field)) for spec, field in specs]
+        try:
+            _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        except asyncio.CancelledError:  # the deadline, or the client went away
+            for task in tasks:
+                task.cancel()
+            raise
+        # One image failed: its siblings' fetches and queued decodes stop too (a decode already running in a
+        # thread finishes, bounded by the per-image limits).
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        failed = [task for task in tasks if not task.cancelled() and task.exception() is not None]
+        if failed:
+            raise failed[0].exception()
+        query, *documents = [task.result() for task in tasks]
         return query, documents
 
     async def _probe_pools(self) -> tuple[HealthResponse, int]:

@@ -7,12 +7,13 @@ import base64
 import binascii
 import io
 import re
+import threading
 import warnings
 
 import httpx
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from serve_app.errors import InputTooLarge, InvalidInput
+from serve_app.errors import InputTooLarge, InvalidInput, Overloaded
 from serve_app.settings import Settings
 
 DATA_URI = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
@@ -67,6 +68,29 @@ def decode_base64(value: str, settings: Settings, field: str) -> bytes:
         ) from exc
 
 
+class RequestImages:
+    """What one request's images may cost together: decoded pixels (`max_request_pixels`) and concurrent URL
+    fetches (`image_url_concurrency`), so no request can monopolise the ingress' decoders or connections."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.pixels = 0
+        self.lock = threading.Lock()
+        self.fetches = asyncio.Semaphore(settings.image_url_concurrency)
+
+    def spend(self, pixels: int, field: str) -> None:
+        with self.lock:
+            self.pixels += pixels
+            spent = self.pixels
+        if spent > self.settings.max_request_pixels:
+            raise InputTooLarge(
+                f"{field}: the request's images hold {spent} pixels so far; the limit is "
+                f"{self.settings.max_request_pixels} per request (setting max_request_pixels): send smaller "
+                "images or fewer per request",
+                field,
+            )
+
+
 async def fetch_url(url: str, settings: Settings, field: str, client: httpx.AsyncClient) -> bytes:
     if not url_allowed(url, settings.image_url_allowlist):
         raise InvalidInput(
@@ -75,26 +99,55 @@ async def fetch_url(url: str, settings: Settings, field: str, client: httpx.Asyn
             field,
         )
     try:
-        async with client.stream("GET", url, timeout=settings.image_url_timeout_s) as response:
-            if response.status_code != 200:
-                raise InvalidInput(f"{field}: fetching {url} answered HTTP {response.status_code}", field)
-            chunks, size = [], 0
-            async for chunk in response.aiter_bytes():
-                size += len(chunk)
-                if size > settings.max_image_bytes:
-                    raise _too_many_bytes(field, settings)
-                chunks.append(chunk)
-            return b"".join(chunks)
+        # The whole download within the timeout (httpx's own timeout is per read: a slow server could trickle).
+        return await asyncio.wait_for(_download(url, settings, field, client), settings.image_url_timeout_s)
+    except asyncio.TimeoutError:
+        raise InvalidInput(
+            f"{field}: fetching {url} took longer than {settings.image_url_timeout_s} s (setting image_url_timeout_s)",
+            field,
+        ) from None
+    except httpx.PoolTimeout:
+        # Our connections are all busy: not the caller's fault.
+        raise Overloaded(
+            "the ingress has no free connection to fetch images; retry after the Retry-After seconds",
+            settings.retry_after_s,
+        ) from None
     except httpx.HTTPError as exc:
         raise InvalidInput(f"{field}: cannot fetch {url}: {type(exc).__name__}", field) from exc
 
 
-def open_image(data: bytes, settings: Settings, field: str) -> Image.Image:
-    """Decode, check pixels before the full decode, convert to RGB and shrink to max_image_size."""
+async def _download(url: str, settings: Settings, field: str, client: httpx.AsyncClient) -> bytes:
+    # Ask for the bytes as stored and count them raw: a compressed body would be inflated past the cap.
+    headers = {"Accept-Encoding": "identity"}
+    # Waiting for a free connection gets half the time: past it the cause is our load, answered 503.
+    timeout = httpx.Timeout(settings.image_url_timeout_s, pool=settings.image_url_timeout_s / 2)
+    async with client.stream("GET", url, timeout=timeout, headers=headers) as response:
+        if response.status_code != 200:
+            raise InvalidInput(f"{field}: fetching {url} answered HTTP {response.status_code}", field)
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("identity", ""):
+            raise InvalidInput(
+                f"{field}: {url} sent the image {encoding}-encoded; serve it uncompressed (images are compressed "
+                "already)",
+                field,
+            )
+        chunks, size = [], 0
+        async for chunk in response.aiter_raw():
+            size += len(chunk)
+            if size > settings.max_image_bytes:
+                raise _too_many_bytes(field, settings)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def open_image(data: bytes, settings: Settings, field: str, budget: RequestImages | None = None) -> Image.Image:
+    """Decode an allowed format, checking pixels, aspect ratio and the request's pixel budget from the header
+    before the full decode; JPEGs decode at a reduced scale where that still covers max_image_size; EXIF
+    orientation applied; RGB, long side at most max_image_size. Every decoder failure is InvalidInput."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=settings.image_formats)
             width, height = image.size
             if width * height > settings.max_image_pixels:
                 raise InputTooLarge(
@@ -102,20 +155,45 @@ def open_image(data: bytes, settings: Settings, field: str) -> Image.Image:
                     f"{settings.max_image_pixels} (setting max_image_pixels)",
                     field,
                 )
+            if max(width, height) > settings.max_image_aspect_ratio * max(1, min(width, height)):
+                raise InvalidInput(
+                    f"{field}: image is {width}x{height}, longer than {settings.max_image_aspect_ratio}:1 "
+                    "(setting max_image_aspect_ratio); crop or pad it",
+                    field,
+                )
+            if budget is not None:
+                budget.spend(width * height, field)
+            if image.format == "JPEG":
+                # Decode at 1/2, 1/4 or 1/8 scale where the result still exceeds the size we keep.
+                image.draft("RGB", (settings.max_image_size, settings.max_image_size))
             image.load()
+            image = ImageOps.exif_transpose(image)
+            image = image.convert("RGB")
+            image.thumbnail((settings.max_image_size, settings.max_image_size), Image.Resampling.BICUBIC)
     except (
         UnidentifiedImageError,
         OSError,
+        ValueError,
+        SyntaxError,  # some of Pillow's plugins raise it for a malformed header
         Image.DecompressionBombWarning,
         Image.DecompressionBombError,
     ) as exc:
-        raise InvalidInput(f"{field}: not a readable image ({type(exc).__name__}: {exc})", field) from exc
-    image = image.convert("RGB")
-    image.thumbnail((settings.max_image_size, settings.max_image_size), Image.Resampling.BICUBIC)
+        raise InvalidInput(
+            f"{field}: not a readable image in an accepted format ({', '.join(settings.image_formats)}; setting "
+            f"image_formats): {type(exc).__name__}: {str(exc)[:200]}",
+            field,
+        ) from exc
     return image
 
 
-async def load_image(value: str, settings: Settings, field: str, client: httpx.AsyncClient) -> Image.Image:
+async def load_image(
+    value: str, settings: Settings, field: str, client: httpx.AsyncClient, budget: RequestImages | None = None
+) -> Image.Image:
     """One image from a request field; decoding runs in a thread so the event loop keeps serving."""
-    data = await fetch_url(value, settings, field, client) if is_url(value) else decode_base64(value, settings, field)
-    return await asyncio.to_thread(open_image, data, settings, field)
+    budget = budget or RequestImages(settings)
+    if is_url(value):
+        async with budget.fetches:
+            data = await fetch_url(value, settings, field, client)
+    else:
+        data = decode_base64(value, settings, field)
+    return await asyncio.to_thread(open_image, data, settings, field, budget)

@@ -200,6 +200,25 @@ class Settings(BaseSettings):
         ge=32,
         description="Images are resized so the long side is at most this (256 saves memory).",
     )
+    max_image_aspect_ratio: float = Field(
+        default=20.0,
+        ge=1,
+        description="Longest side over shortest side per image; a 384x1 strip would cost a short-side resizer "
+        "gigabytes.",
+    )
+    max_request_pixels: int = Field(
+        default=256_000_000,
+        ge=1,
+        description="Decoded pixels of all images of one request together (each counted from its header, before "
+        "decoding).",
+    )
+    image_formats: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["JPEG", "PNG", "WEBP", "GIF", "BMP"],
+        description="Pillow formats images may be in (comma-separated in env); others are refused undecoded.",
+    )
+    image_url_concurrency: int = Field(
+        default=8, ge=1, description="Allow-listed URL fetches one request runs at once."
+    )
     image_url_allowlist: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="URL prefixes images may be fetched from (scheme://host[:port]/path). Empty: no URLs.",
@@ -257,12 +276,24 @@ class Settings(BaseSettings):
             return []
         return [key.strip().encode() for key in self.api_key.get_secret_value().split(",")]
 
-    @field_validator("image_url_allowlist", mode="before")
+    @field_validator("image_url_allowlist", "image_formats", mode="before")
     @classmethod
-    def _split_allowlist(cls, value: object) -> object:
+    def _split_list(cls, value: object) -> object:
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @field_validator("image_formats")
+    @classmethod
+    def _known_formats(cls, value: list[str]) -> list[str]:
+        from PIL import Image
+
+        Image.init()
+        formats = [name.upper() for name in value]
+        unknown = [name for name in formats if name not in Image.OPEN]
+        if unknown or not formats:
+            raise ValueError(f"image_formats: {unknown or 'none given'}; Pillow here opens {sorted(Image.OPEN)}")
+        return formats
 
     def instruction_templates(self) -> dict[str, str]:
         with open(self.instruction_templates_path, encoding="utf-8") as f:

@@ -242,8 +242,9 @@ def test_a_lone_surrogate_is_refused_at_the_schema(alpha, path, body, field):
     error = response.json()["error"]
     assert "surrogate" in error["message"] and error["field"].startswith(field), error
     # A surrogate pair is one valid character (U+1F600): scored.
-    paired = rerank(alpha, {"query": QUERY, "documents": ["\ud83d\ude00 paris"]})
-    assert len(paired["results"]) == 1
+    body = json.dumps({"query": QUERY, "documents": ["\ud83d\ude00 paris"]})  # escaped, as JSON allows
+    paired = alpha.post("/v2/rerank", content=body, headers={"content-type": "application/json"})
+    assert paired.status_code == 200 and len(paired.json()["results"]) == 1
 
 
 def test_bad_requests_do_not_fail_concurrent_good_ones(alpha):

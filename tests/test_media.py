@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import io
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -13,8 +15,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from serve_app.errors import InputTooLarge, InvalidInput
-from serve_app.media import load_image, url_allowed
+from serve_app.errors import InputTooLarge, InvalidInput, Overloaded
+from serve_app.media import RequestImages, load_image, open_image, url_allowed
 from serve_app.settings import Settings
 
 FIELD = "documents[0].image"
@@ -157,8 +159,46 @@ IMAGE_PNG = png_bytes((300, 150))
 
 
 class ImageHandler(BaseHTTPRequestHandler):
+    in_flight = 0
+    most_in_flight = 0
+    finished = 0
+    lock = threading.Lock()
+
     def do_GET(self):  # noqa: N802 - http.server's name
-        if self.path == "/images/photo.png":
+        if not self.path.startswith("/images/slow"):
+            self.answer()
+            return
+        cls = type(self)  # count the slow fetches in flight at once
+        with cls.lock:
+            cls.in_flight += 1
+            cls.most_in_flight = max(cls.most_in_flight, cls.in_flight)
+        try:
+            self.answer()
+        finally:
+            with cls.lock:
+                cls.in_flight -= 1
+
+    def answer(self) -> None:
+        if self.path.startswith("/images/slow"):  # answers after a second
+            time.sleep(1.0)
+            self.send_png(IMAGE_PNG)
+            type(self).finished += 1
+        elif self.path == "/images/trickle.png":  # a byte at a time, never stalling one read for long
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(IMAGE_PNG)))
+            self.end_headers()
+            for byte in IMAGE_PNG[:40]:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(0.1)
+        elif self.path == "/images/gzip.png":
+            body = gzip.compress(IMAGE_PNG)
+            self.send_response(200)
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        elif self.path == "/images/photo.png":
             self.send_response(200)
             self.send_header("Content-Type", "image/png")
             self.send_header("Content-Length", str(len(IMAGE_PNG)))
@@ -166,6 +206,13 @@ class ImageHandler(BaseHTTPRequestHandler):
             self.wfile.write(IMAGE_PNG)
         else:
             self.send_error(404)
+
+    def send_png(self, body: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def log_message(self, *args):
         pass
@@ -199,3 +246,141 @@ def test_allow_listed_url_over_max_image_bytes_is_input_too_large(image_server):
     settings = Settings(image_url_allowlist=[f"{image_server}/images/"], max_image_bytes=len(IMAGE_PNG) - 1)
     with pytest.raises(InputTooLarge, match="max_image_bytes"):
         load(f"{image_server}/images/photo.png", settings)
+
+
+# --- hostile images and hostile servers -------------------------------------------------------------------
+
+
+def image_bytes(image: Image.Image, fmt: str, **params) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **params)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "ICO", "PPM"])
+def test_a_format_outside_the_allowed_list_is_refused_undecoded(fmt):
+    with pytest.raises(InvalidInput, match="image_formats") as info:
+        load(b64(image_bytes(Image.new("RGB", (16, 16)), fmt)))
+    assert info.value.field == FIELD
+    allowed = Settings(image_formats=f"PNG,{fmt}")  # the operator's choice
+    assert load(b64(image_bytes(Image.new("RGB", (16, 16)), fmt)), allowed).size == (16, 16)
+
+
+def test_an_unknown_format_setting_is_refused_at_start():
+    with pytest.raises(ValueError, match="image_formats"):
+        Settings(image_formats="PNG,NOSUCH")
+
+
+def test_exif_orientation_is_applied():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    stored = image_bytes(Image.new("RGB", (40, 20), (200, 10, 10)), "JPEG", exif=exif.tobytes())
+    assert load(b64(stored)).size == (20, 40)
+
+
+def test_a_decoder_failure_after_opening_is_invalid_input(monkeypatch):
+    def refuse(self, mode=None, *args, **kwargs):
+        raise ValueError(f"conversion from {self.mode} to {mode} not supported")
+
+    monkeypatch.setattr(Image.Image, "convert", refuse)
+    with pytest.raises(InvalidInput, match="conversion"):
+        load(b64(png_bytes((8, 8))))
+
+
+@pytest.mark.parametrize("size", [(384, 1), (1, 300), (2100, 100)])
+def test_an_extreme_aspect_ratio_is_refused(size):
+    with pytest.raises(InvalidInput, match="max_image_aspect_ratio"):
+        load(b64(png_bytes(size, mode="L")))
+    assert load(b64(png_bytes((400, 20), mode="L"))).size == (384, 19)  # 20:1 passes
+
+
+def test_a_requests_images_share_one_pixel_budget():
+    settings = Settings(max_request_pixels=3 * 100 * 100)
+    budget = RequestImages(settings)
+    image = png_bytes((100, 100))
+    for _ in range(3):
+        open_image(image, settings, FIELD, budget)
+    with pytest.raises(InputTooLarge, match="max_request_pixels"):
+        open_image(image, settings, "documents[3].image", budget)
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale(monkeypatch):
+    big = image_bytes(Image.new("RGB", (4000, 3000), (30, 60, 90)), "JPEG")
+    decoded = []
+    load_jpeg = Image.Image.load
+
+    def spy(self):
+        decoded.append(self.size)  # the size the decoder produces, after draft()
+        return load_jpeg(self)
+
+    monkeypatch.setattr(Image.Image, "load", spy)
+    assert load(b64(big)).size == (384, 288)
+    assert decoded and decoded[0] == (1000, 750)  # 1/4 scale, the least that still covers 384 px; not 12 MP
+
+
+def test_a_compressed_download_is_refused(image_server):
+    settings = Settings(image_url_allowlist=[f"{image_server}/images/"])
+    with pytest.raises(InvalidInput, match="uncompressed"):
+        load(f"{image_server}/images/gzip.png", settings)
+
+
+def test_a_trickling_download_is_cut_at_the_total_timeout(image_server):
+    settings = Settings(image_url_allowlist=[f"{image_server}/images/"], image_url_timeout_s=1.0)
+    start = time.monotonic()
+    with pytest.raises(InvalidInput, match="image_url_timeout_s"):
+        load(f"{image_server}/images/trickle.png", settings)
+    assert time.monotonic() - start < 2.5  # each byte came within the read timeout; the total did not
+
+
+def test_one_request_fetches_at_most_its_share_of_urls_at_once(image_server):
+    settings = Settings(image_url_allowlist=[f"{image_server}/images/"], image_url_concurrency=2)
+    ImageHandler.most_in_flight = 0
+
+    async def go():
+        budget = RequestImages(settings)
+        async with httpx.AsyncClient(trust_env=False) as client:
+            urls = [f"{image_server}/images/slow-{i}.png" for i in range(6)]
+            return await asyncio.gather(*(load_image(u, settings, FIELD, client, budget) for u in urls))
+
+    assert len(asyncio.run(go())) == 6
+    assert ImageHandler.most_in_flight == 2
+
+
+def test_no_free_connection_is_our_fault_not_the_callers(image_server):
+    settings = Settings(image_url_allowlist=[f"{image_server}/images/"], image_url_timeout_s=3.0)
+
+    async def go():
+        limits = httpx.Limits(max_connections=1)
+        async with httpx.AsyncClient(trust_env=False, limits=limits) as client:
+            # Two requests, each with its own budget, share the ingress' one connection.
+            return await asyncio.gather(
+                *(load_image(f"{image_server}/images/slow-{i}.png", settings, FIELD, client) for i in range(3)),
+                return_exceptions=True,
+            )
+
+    results = asyncio.run(go())
+    assert any(isinstance(r, Image.Image) for r in results)
+    assert any(isinstance(r, Overloaded) for r in results), results
+
+
+def test_one_bad_image_cancels_its_siblings_fetches(image_server):
+    from serve_app.ingress import Ingress
+    from serve_app.schemas import ContentSpec, RerankJob
+
+    settings = Settings(image_url_allowlist=[f"{image_server}/images/"])
+    written = Ingress.func_or_class.__mro__[1]  # the class as written, under Serve's ASGI wrapper
+    ingress = written.__new__(written)
+    written.__init__(ingress, {}, {}, settings, {})
+    slow = [ContentSpec(image=f"{image_server}/images/slow-{i}.png") for i in range(4)]
+    job = RerankJob(query=ContentSpec(text="q"), documents=[*slow, ContentSpec(image="not base64!")])
+
+    async def go() -> tuple[float, set]:
+        start = time.monotonic()
+        with pytest.raises(InvalidInput, match="base64") as info:
+            await ingress._load(job)
+        assert info.value.field == "documents[4].image"
+        return time.monotonic() - start, asyncio.all_tasks() - {asyncio.current_task()}
+
+    elapsed, left = asyncio.run(go())
+    assert elapsed < 0.9  # refused at once, not after the slow fetches (1 s each)
+    assert not left  # and none of them still running
