@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import hmac
+import time
 from typing import Protocol
 
 from fastapi import Depends, FastAPI, Request
@@ -89,33 +91,56 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
     return JSONResponse(error_body("invalid_input", message, field), status_code=422)
 
 
-class RequestSizeLimit:
-    """Refuses bodies over `limit` bytes with 413: by Content-Length, or while a chunked body streams in.
+OPEN_PATHS = ("/health", "/health/live")  # answer without a key
+
+
+class RequestGate:
+    """What a request passes before its body is read: the API key (401, on every path but OPEN_PATHS), then
+    the body's size (413, by Content-Length or while a chunked body streams in) and the time it takes to
+    arrive (408 past `request_read_timeout_s`: a slow body cannot hold a connection open).
 
     The body is read here in full (the JSON parser needs all of it anyway) and replayed to the app.
     """
 
-    def __init__(self, inner, limit: int) -> None:
+    def __init__(self, inner, settings: Settings) -> None:
         self.inner = inner
-        self.limit = limit
+        self.limit = settings.max_request_bytes
+        self.read_timeout_s = settings.request_read_timeout_s
+        self.keys = settings.api_keys()
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.inner(scope, receive, send)
             return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        root = scope.get("root_path", "")
+        path = scope.get("path", "")
+        path = path[len(root) :] if root and path.startswith(root) else path
+        if self.keys and path not in OPEN_PATHS and not key_matches(headers, self.keys):
+            await self._refuse(send, 401, "unauthorized", UNAUTHORIZED, None)
+            return
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._refuse(scope, send)
+            await self._refuse_size(send)
             return
         chunks, size = [], 0
+        deadline = time.monotonic() + self.read_timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                message = (
+                    f"the request body did not arrive within {self.read_timeout_s} s (setting "
+                    "request_read_timeout_s); send it at once"
+                )
+                await self._refuse(send, 408, "timeout", message, "body")
+                return
             if message["type"] != "http.request":  # the client went away
                 return
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.limit:
-                await self._refuse(scope, send)
+                await self._refuse_size(send)
                 return
             if not message.get("more_body", False):
                 break
@@ -130,28 +155,38 @@ class RequestSizeLimit:
 
         await self.inner(scope, replay, send)
 
-    async def _refuse(self, scope, send) -> None:
+    async def _refuse_size(self, send) -> None:
         message = f"request body is larger than {self.limit} bytes (setting max_request_bytes)"
-        response = JSONResponse(error_body("input_too_large", message, "body"), status_code=413)
-        await response(scope, None, send)
+        await self._refuse(send, 413, "input_too_large", message, "body")
+
+    @staticmethod
+    async def _refuse(send, status: int, kind: str, message: str, field: str | None) -> None:
+        await JSONResponse(error_body(kind, message, field), status_code=status)({"type": "http"}, None, send)
+
+
+UNAUTHORIZED = "missing or wrong API key: send `Authorization: Bearer <key>` or `X-API-Key: <key>`"
+
+
+def key_matches(headers: dict[bytes, bytes], keys: list[bytes]) -> bool:
+    """Whether the request carries one of the keys (Bearer or X-API-Key). Compared with every key, always: the
+    time taken does not say which key came close."""
+    given = headers.get(b"x-api-key", b"")
+    authorization = headers.get(b"authorization", b"")
+    if authorization.lower().startswith(b"bearer "):
+        given = authorization[7:].strip()
+    matches = [hmac.compare_digest(given, key) for key in keys]
+    return any(matches)
 
 
 def api_key_check(settings: Settings):
-    """A dependency that checks the API key on a route, when one is set."""
-
+    """A dependency that checks the API key on a route, when one is set (RequestGate checked it already, before
+    the body; this keeps a route safe wherever it is mounted)."""
     keys = settings.api_keys()
 
     def check(request: Request) -> None:
-        if not keys:
-            return
-        given = request.headers.get("x-api-key")
-        authorization = request.headers.get("authorization", "")
-        if authorization.lower().startswith("bearer "):
-            given = authorization[7:].strip()
-        # Compare with every key, always: the time taken does not say which key came close.
-        matches = [hmac.compare_digest((given or "").encode(), key) for key in keys]
-        if not any(matches):
-            raise Unauthorized("missing or wrong API key: send `Authorization: Bearer <key>` or `X-API-Key: <key>`")
+        headers = {key.lower().encode("latin-1"): value.encode("latin-1") for key, value in request.headers.items()}
+        if keys and not key_matches(headers, keys):
+            raise Unauthorized(UNAUTHORIZED)
 
     return Depends(check)
 
@@ -181,7 +216,7 @@ def build_api(ingress: RerankService) -> FastAPI:
         title="Multimodal reranker", description=DESCRIPTION, version="0.1.0", docs_url=None, redoc_url=None,
         openapi_url=None,
     )  # fmt: skip
-    app.add_middleware(RequestSizeLimit, limit=settings.max_request_bytes)
+    app.add_middleware(RequestGate, settings=settings)
     app.add_exception_handler(RerankError, rerank_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     authorized = [api_key_check(settings)]

@@ -61,6 +61,13 @@ class Overloaded(RerankError):
         return (type(self), (self.message, self.retry_after_s))
 
 
+class ReplicaLost(Overloaded):
+    """A replica died (killed, out of memory, a failed GPU) with this request's pairs, twice: retry shortly,
+    Serve is starting its replacement."""
+
+    kind = "replica_lost"
+
+
 class DeadlineExceeded(RerankError):
     status = 504
     kind = "deadline_exceeded"

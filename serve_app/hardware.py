@@ -177,6 +177,20 @@ def derive_max_batch_size(free_bytes: int, bytes_per_pair: float, budget: float 
     return size
 
 
+# What a GPU says once its context is lost: every later call fails too, only a new process recovers.
+DEVICE_FAULTS = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "cuDNN error", "device-side assert", "NCCL error")
+
+
+def is_device_fault(exc: BaseException) -> bool:
+    """A failure of the device itself (not of the input, not out-of-memory, which a smaller batch survives)."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    return isinstance(exc, RuntimeError) and any(marker in str(exc) for marker in DEVICE_FAULTS)
+
+
 def preferred_gpu_dtype() -> str:
     return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
 

@@ -11,11 +11,12 @@ from dataclasses import dataclass
 import httpx
 from fastapi import FastAPI
 from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.api import build_api
-from serve_app.errors import DeadlineExceeded, Overloaded, PoolUnavailable
+from serve_app.errors import DeadlineExceeded, Overloaded, PoolUnavailable, ReplicaLost
 from serve_app.media import RequestImages, load_image
 from serve_app.schemas import (
     ContentSpec,
@@ -35,6 +36,8 @@ from serve_app.scoring.types import Content, Pair, Score
 from serve_app.settings import POOLS, Settings, env_name
 
 log = logging.getLogger("ray.serve")
+# What a pool call raises when its replica died under it.
+REPLICA_GONE = (ActorDiedError, ActorUnavailableError, RayActorError)
 
 
 @dataclass
@@ -171,7 +174,8 @@ class Ingress:
             step = self.settings.max_pairs_per_call
             for start in range(0, len(indices), step):
                 chunk = indices[start : start + step]
-                calls.append((chunk, handle.score.remote([pairs[i] for i in chunk], job.truncate)))
+                call = self._score_call(pool, handle, [pairs[i] for i in chunk], job.truncate)
+                calls.append((chunk, asyncio.ensure_future(call)))
         # Every pool's chunks are in flight at once; merge them back into document order.
         try:
             results = await asyncio.gather(*(response for _, response in calls))
@@ -187,6 +191,26 @@ class Ingress:
         return rank(scores, job.threshold, job.top_n), {
             pool: len(indices) for pool, indices in by_pool.items() if indices
         }
+
+    async def _score_call(self, pool: str, handle: DeploymentHandle, pairs: list[Pair], truncate: bool) -> list[Score]:
+        """One pool call. A replica that dies with it (killed, out of memory, a failed GPU) gets the call again
+        once: the router sends it to a live replica, or to the replacement Serve starts. Twice lost: 503."""
+        for _ in range(2):
+            response = handle.score.remote(pairs, truncate)
+            try:
+                return await response
+            except REPLICA_GONE as exc:
+                log.warning(
+                    "pool %s: a replica died with a call of %d pairs (%s)", pool, len(pairs), type(exc).__name__
+                )
+            except asyncio.CancelledError:
+                response.cancel()
+                raise
+        raise ReplicaLost(
+            f"a {pool} replica died while scoring this request, twice; Serve is replacing it: retry after the "
+            "Retry-After seconds",
+            self.settings.retry_after_s,
+        )
 
     def _handle(self, pool: str, priority: str, pairs: int) -> DeploymentHandle:
         """The pool's realtime variant when asked for and deployed, else its batched deployment."""

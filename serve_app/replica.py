@@ -17,13 +17,25 @@ from ray import serve
 from ray.util import metrics
 
 from serve_app import hardware, pools
-from serve_app.errors import InputTooLarge, InvalidInput, PoolUnavailable
+from serve_app.errors import InputTooLarge, InvalidInput, Overloaded, PoolUnavailable
 from serve_app.hardware import ProfileRow
 from serve_app.scoring.types import ModelLoadError, Pair, PairTooLong, Score, ScoringError, TokenCount
 from serve_app.settings import PoolSettings, env_name
 from serve_app.stats import percentile
 
 log = logging.getLogger("ray.serve")
+
+
+def unhealthy_because(
+    device_fault: str | None, loaded: bool, started: float, pool_settings: PoolSettings
+) -> str | None:
+    """Why a replica should be replaced, or None while it is fine."""
+    if device_fault is not None:
+        return f"the device failed ({device_fault}); a new process gets a fresh context"
+    retry = pool_settings.load_retry_s
+    if not loaded and retry is not None and time.monotonic() - started > retry:
+        return f"the model did not load; replacing the replica to load it again (load_retry_s={retry})"
+    return None
 
 
 def pairs_in(calls: list[list[Pair]]) -> int:
@@ -70,6 +82,8 @@ class PoolReplica:
         self.realtime = realtime
         self.placement = hardware.placement()
         self.load_error: str | None = None
+        self.device_fault: str | None = None
+        self.started = time.monotonic()
         self.forward_lock = asyncio.Lock()
         self.pending_pairs = 0
         self.calls = self.pairs = self.batches = self.largest_batch = 0
@@ -94,6 +108,14 @@ class PoolReplica:
             self.load_error = f"{exc}. Set {env_name(pool, 'model')} to a local model directory."
             log.error("pool %s unavailable: %s", pool, self.load_error)
 
+    def check_health(self) -> None:
+        """Serve replaces a replica whose check raises: one whose GPU failed (every later call would fail too),
+        and one whose model did not load, after load_retry_s, so that the new replica loads it again."""
+        reason = unhealthy_because(self.device_fault, self.loaded is not None, self.started, self.pool_settings)
+        if reason:
+            log.error("pool %s replica unhealthy: %s", self.pool, reason)
+            raise RuntimeError(reason)
+
     def reconfigure(self, user_config: dict) -> None:
         """The pool's explicit cap and wait win over the profile (also on a live `serve deploy`)."""
         if self.loaded is None:
@@ -108,6 +130,8 @@ class PoolReplica:
     # ---- the scoring path -------------------------------------------------------------------
 
     def _scorer(self) -> pools.PoolScorer:
+        if self.device_fault is not None:
+            raise Overloaded(f"a {self.pool} replica's GPU failed and it is being replaced; retry shortly", 1)
         if self.loaded is None:
             raise PoolUnavailable(f"the {self.pool} pool is unavailable: {self.load_error}")
         return self.loaded
@@ -165,14 +189,19 @@ class PoolReplica:
         flat = [pair for call in calls for pair in call]
         start = time.perf_counter()
         loop = asyncio.get_running_loop()
-        if self.pool_settings.overlap_preprocessing:
-            prepared = await loop.run_in_executor(self.prepare_thread, scorer.prepare, flat)
-            async with self.forward_lock:
-                raw = await loop.run_in_executor(self.device_thread, scorer.forward, prepared)
-        else:
-            async with self.forward_lock:
+        try:
+            if self.pool_settings.overlap_preprocessing:
                 prepared = await loop.run_in_executor(self.prepare_thread, scorer.prepare, flat)
-                raw = await loop.run_in_executor(self.device_thread, scorer.forward, prepared)
+                async with self.forward_lock:
+                    raw = await loop.run_in_executor(self.device_thread, scorer.forward, prepared)
+            else:
+                async with self.forward_lock:
+                    prepared = await loop.run_in_executor(self.prepare_thread, scorer.prepare, flat)
+                    raw = await loop.run_in_executor(self.device_thread, scorer.forward, prepared)
+        except Exception as exc:
+            if hardware.is_device_fault(exc):
+                self.device_fault = f"{type(exc).__name__}: {str(exc)[:300]}"
+            raise
         self._record(len(flat), (time.perf_counter() - start) * 1000, scorer.tokens(prepared))
         scored = scorer.calibrate(raw)
         out, offset = [], 0

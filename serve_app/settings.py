@@ -107,6 +107,12 @@ class PoolSettings(BaseModel):
         description="Torch CPU threads per replica. Unset: Ray's OMP_NUM_THREADS, i.e. the replica's num_cpus.",
     )
     calibration: Calibration | None = Field(default=None, description="Override of the family's raw -> 0..1 map.")
+    load_retry_s: float | None = Field(
+        default=300.0,
+        gt=0,
+        description="A replica whose model did not load reports itself unhealthy after this many seconds, so Serve "
+        "replaces it and the new replica loads again (a model volume mounted late, a hub outage). Unset: never.",
+    )
     family: Literal["cross_encoder", "embedding", "dual_encoder", "blip_itm", "yes_no"] | None = Field(
         default=None,
         description="The model's scorer family. Unset: from config.json's architectures; set it for a model whose "
@@ -193,6 +199,11 @@ class Settings(BaseSettings):
     max_documents_per_request: int = Field(default=1000, ge=1)
     max_text_chars: int = Field(default=20_000, ge=1, description="Characters per query or document text.")
     max_request_bytes: int = Field(default=50 * 1024 * 1024, ge=1024, description="HTTP request body size.")
+    request_read_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Time for a request's body to arrive; past it: 408 (a slow body holds no connection open).",
+    )
     max_image_bytes: int = Field(default=10 * 1024 * 1024, ge=1, description="Encoded bytes per image.")
     max_image_pixels: int = Field(default=40_000_000, ge=1, description="Width x height per decoded image.")
     max_image_size: int = Field(

@@ -115,6 +115,7 @@ def apps(serve_url, model_dirs, tmp_path_factory) -> dict[str, str]:
             "max_text_chars": 200,
             "max_request_bytes": 4096,
             "max_image_bytes": 2048,
+            "request_read_timeout_s": 2,
         },
         # Pools pinned to declared GPU kinds, batch caps from the profile table, a realtime variant.
         "pinned": {

@@ -128,3 +128,33 @@ def test_the_schema_carries_the_limits_this_service_enforces(guarded):
     # And what it says holds: one document over the documented count is refused.
     over = guarded.post("/v2/rerank", json={"query": "q", "documents": ["a"] * 6})
     assert over.status_code == 413 and over.json()["error"]["field"] == "documents"
+
+
+def raw_request(base_url: str, path: str, headers: dict[str, str], body: bytes, wait_s: float) -> tuple[int, float]:
+    """Send the headers and `body` (a part of what Content-Length promises, or all), then wait for the status
+    line: (status, seconds from the last byte sent to the answer)."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    url = urlsplit(base_url)
+    lines = [f"POST {url.path}{path} HTTP/1.1", f"Host: {url.hostname}", *(f"{k}: {v}" for k, v in headers.items())]
+    with socket.create_connection((url.hostname, url.port), timeout=wait_s) as conn:
+        conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        sent = time.monotonic()
+        answer = conn.recv(4096).decode(errors="replace")
+    return int(answer.split(" ", 2)[1]), time.monotonic() - sent
+
+
+def test_the_key_is_checked_before_the_body_is_read(apps):
+    # A 4 KiB body promised, none sent: without the key the answer comes at once, not after the body.
+    status, waited = raw_request(
+        apps["guarded"], "/v2/rerank", {"Content-Type": "application/json", "Content-Length": "4000"}, b"", 8
+    )
+    assert status == 401 and waited < 2
+
+
+def test_a_body_that_never_finishes_arriving_gets_408(apps):
+    headers = {"Content-Type": "application/json", "Content-Length": "1000", "X-API-Key": GUARDED_KEYS[0]}
+    status, waited = raw_request(apps["guarded"], "/v2/rerank", headers, b'{"query": "q", ', 10)
+    assert status == 408 and waited < 6  # request_read_timeout_s is 2 here

@@ -61,3 +61,30 @@ def test_a_pool_failing_its_probe_leaves_the_service_ready_and_says_why_in_words
     assert reason and not any(secret in reason for secret in ("10.0.4.7", "4242", "internal-name", "CUDA"))
     response, status = health_of(leak, leak)  # no pool scores: not ready
     assert status == 503 and response.status == "down"
+
+
+def test_a_device_fault_is_told_apart_from_bad_input_and_out_of_memory():
+    import torch
+
+    from serve_app.hardware import is_device_fault
+
+    assert is_device_fault(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert is_device_fault(RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED when calling cublasGemmEx"))
+    assert not is_device_fault(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not is_device_fault(ValueError("CUDA error in the text of a document"))
+    assert not is_device_fault(RuntimeError("shape mismatch"))
+
+
+def test_a_replica_asks_to_be_replaced_after_a_device_fault_or_a_failed_load():
+    import time
+
+    from serve_app.replica import unhealthy_because
+    from serve_app.settings import TextPoolSettings
+
+    pool = TextPoolSettings(load_retry_s=60)
+    now = time.monotonic()
+    assert unhealthy_because(None, True, now - 3600, pool) is None  # loaded and fine
+    assert "device failed" in unhealthy_because("RuntimeError: CUDA error", True, now, pool)
+    assert unhealthy_because(None, False, now - 10, pool) is None  # not loaded, retried later
+    assert "load it again" in unhealthy_because(None, False, now - 61, pool)
+    assert unhealthy_because(None, False, now - 3600, TextPoolSettings(load_retry_s=None)) is None
