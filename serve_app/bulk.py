@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import fcntl
 import json
 import logging
 import os
@@ -111,8 +112,10 @@ def read_shard(shard: Shard) -> list[dict | str]:
     for line in lines:
         try:
             rows.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            rows.append(f"not JSON: {exc}")
+        except ValueError as exc:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not UTF-8
+            rows.append(f"not JSON: {type(exc).__name__}: {str(exc)[:200]}")
+        except RecursionError:
+            rows.append("not JSON this service reads: nested too deeply")
     return rows
 
 
@@ -180,8 +183,10 @@ def parse_row(
     row: dict | str, options: Options, settings: Settings, templates: dict[str, str], check_images: bool
 ) -> ParsedRow:
     """A row as the HTTP API reads a request: the same model, conversion and limits."""
+    if isinstance(row, str):
+        raise RowError(row)  # why read_shard could not read it
     if not isinstance(row, dict):
-        raise RowError(str(row))
+        raise RowError(f"row is not a JSON object but a {type(row).__name__}; give each row as an object")
     try:
         request = BulkRow.model_validate(with_defaults(row, options))
     except ValidationError as exc:
@@ -193,6 +198,12 @@ def parse_row(
     if options.pool == "text" and (query["image"] or any(d["image"] for d in documents)):
         raise RowError("row has images but --pool text was asked for; use --pool auto or image_text")
     return ParsedRow(str(request.id), job, query, documents)
+
+
+def row_id(row: object) -> str:
+    """A row's id for its error record, where it has a readable one."""
+    value = row.get("id") if isinstance(row, dict) else None
+    return str(value)[:200] if isinstance(value, (str, int)) else ""
 
 
 def expand(
@@ -207,11 +218,10 @@ def expand(
                 "ranking": "", "payload": "", "error": "", "raw": 0.0, "score": 0.0}  # fmt: skip
         try:
             parsed = parse_row(row, options, settings, templates, check_images=branch == "rows")
-        except (RowError, RerankError) as exc:
+        except Exception as exc:  # noqa: BLE001 - a row nobody foresaw fails itself, never its shard or the job
             if branch == "rows":
-                records.append(
-                    {**base, "id": str(row.get("id", "")) if isinstance(row, dict) else "", "error": str(exc)}
-                )
+                reason = str(exc) if isinstance(exc, (RowError, RerankError)) else f"{type(exc).__name__}: {exc}"
+                records.append({**base, "id": row_id(row), "error": reason[:1000]})
             continue
         base["id"] = parsed.id
         if branch == "rows":
@@ -290,15 +300,17 @@ class PairScorer:
         try:
             self.scorer.check(pairs, truncate=True)
             return [(at, self.scorer.calibrate(self.scorer.score(pairs)))]
-        except ScoringError:
+        except Exception:  # noqa: BLE001 - whatever failed, find the pair and score the others
             out = []
             for pair, i in zip(pairs, at):
                 try:
                     self.scorer.check([pair], truncate=True)
+                    out.append(([i], self.scorer.calibrate(self.scorer.score([pair]))))
                 except ScoringError as exc:
                     errors[i] = str(exc)
-                    continue
-                out.append(([i], self.scorer.calibrate(self.scorer.score([pair]))))
+                except Exception as exc:  # noqa: BLE001 - the pair's row fails with the reason, the job goes on
+                    log.exception("pair failed to score")
+                    errors[i] = f"scoring failed: {type(exc).__name__}: {str(exc)[:300]}"
             return out
 
 
@@ -335,8 +347,33 @@ class Output:
         self.root = root
         self.fmt = fmt
         (root / "errors").mkdir(parents=True, exist_ok=True)
+        # One run per output at a time. The kernel drops the lock when its holder dies: nothing stale remains.
+        self.lock = open(root / ".lock", "a+")  # noqa: SIM115 - held until close()
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.lock.close()
+            raise SystemExit(
+                f"another run is writing to {root}; wait for it to finish, or use another --output"
+            ) from None
         for stale in list(root.glob(".tmp-*")) + list((root / "errors").glob(".tmp-*")):
             stale.unlink()  # a shard that was being written when the last run stopped
+
+    def close(self) -> None:
+        self.lock.close()
+
+    def committed_ids(self) -> set[str]:
+        """The ids of every row committed so far, results and errors (a resumed run must not repeat one)."""
+        ids: set[str] = set()
+        for path in self.root.glob(f"part-*.{self.fmt}"):
+            if self.fmt == "parquet":
+                ids.update(pq.read_table(path, columns=["id"]).column("id").to_pylist())
+            else:
+                ids.update(json.loads(line)["id"] for line in path.read_text().splitlines() if line.strip())
+        for path in (self.root / "errors").glob("part-*.jsonl"):
+            ids.update(json.loads(line)["id"] for line in path.read_text().splitlines() if line.strip())
+        ids.discard("")
+        return ids
 
     def part(self, shard: int) -> Path:
         return self.root / f"part-{shard:05d}.{self.fmt}"
@@ -350,7 +387,9 @@ class Output:
         if self.fmt == "parquet":
             tmp = self.root / f".tmp-{shard:05d}.parquet"
             pq.write_table(pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA), tmp)
+            fsync(tmp)
             os.replace(tmp, self.part(shard))
+            fsync(self.root)
         else:
             write_atomically(self.part(shard), "".join(json.dumps(r) + "\n" for r in rows).encode())
 
@@ -370,9 +409,21 @@ class Output:
 
 
 def write_atomically(path: Path, data: bytes) -> None:
+    """Write, flush to disk, rename, and flush the rename: a crash leaves the old file or the new, never half."""
     tmp = path.with_name(f".tmp-{path.name}")
     tmp.write_bytes(data)
+    fsync(tmp)
     os.replace(tmp, path)
+    fsync(path.parent)
+
+
+def fsync(path: Path) -> None:
+    """Flush a file's (or a folder's: its entries') writes to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # ---- the job ---------------------------------------------------------------------------------
@@ -409,6 +460,13 @@ def parse_args(argv: list[str] | None) -> Options:
     args = parser.parse_args(argv)
     if args.strategy is not None and args.threshold is not None:
         parser.error("give --strategy or --threshold, not both")
+    if args.top_n is not None and args.top_n < 1:
+        parser.error("--top-n must be 1 or more (leave it out for every result)")
+    if args.threshold is not None and not 0 <= args.threshold <= 1:
+        parser.error("--threshold is a calibrated score: give one in 0..1")
+    for name in ("shard_rows", "text_actors", "image_actors"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be 1 or more")
     return Options(**vars(args))
 
 
@@ -427,14 +485,23 @@ def batch_size_for(pool: str, pool_settings: PoolSettings, settings: Settings) -
     return profile.overridden(pool_settings.max_batch_size, None).max_batch_size
 
 
-def check_job_file(root: Path, options: Options, shards: list[Shard]) -> None:
-    """A rerun must be the same job: same input cut the same way, same options."""
-    job = {"options": asdict(options), "shards": [asdict(s) for s in shards]}
+# What of a pool's settings changes its scores: a resumed job must score with the same.
+SCORING_SETTINGS = {"model", "family", "answer_tokens", "dtype", "quantize", "calibration"}
+
+
+def check_job_file(root: Path, options: Options, shards: list[Shard], settings: Settings) -> None:
+    """A rerun must be the same job: same input cut the same way, same options, same models."""
+    models = {pool: settings.pool(pool).model_dump(mode="json", include=SCORING_SETTINGS) for pool in POOLS}
+    job = {"options": asdict(options), "shards": [asdict(s) for s in shards], "models": models}
     path = root / "_job.json"
     if path.exists():
-        if json.loads(path.read_text()) != job:
+        earlier = json.loads(path.read_text())
+        if earlier != job:
+            differ = [part for part in ("options", "shards", "models") if earlier.get(part) != job[part]]
+            names = {"options": "options", "shards": "input", "models": "model settings"}
             raise SystemExit(
-                f"{root} holds the output of a different job (input or options differ); use a new --output"
+                f"{root} holds the output of a different job ({', '.join(names[d] for d in differ)} differ: a resumed "
+                "job would mix two jobs' scores in one output); use a new --output"
             )
         return
     root.mkdir(parents=True, exist_ok=True)
@@ -452,16 +519,20 @@ def run(options: Options, settings: Settings | None = None) -> dict:
 
     shards = plan_shards(input_files(Path(options.input)), options.shard_rows)
     out = Output(Path(options.output), options.format)
-    check_job_file(out.root, options, shards)
-    todo = [s for s in shards if not out.committed(s.index)]
-    rows_total = sum(s.rows for s in shards)
-    log.info("%d rows in %d shards; %d shards already committed", rows_total, len(shards), len(shards) - len(todo))
-    pairs_scored = 0
-    if todo:
-        if not ray.is_initialized():
-            ray.init()
-        pairs_scored = score_shards(todo, out, options, settings, templates, rows_total - sum(s.rows for s in todo))
-    rows_out, errors = out.count_rows()
+    try:
+        check_job_file(out.root, options, shards, settings)
+        todo = [s for s in shards if not out.committed(s.index)]
+        rows_total = sum(s.rows for s in shards)
+        log.info("%d rows in %d shards; %d shards already committed", rows_total, len(shards), len(shards) - len(todo))
+        pairs_scored = 0
+        if todo:
+            if not ray.is_initialized():
+                ray.init()
+            rows_done = rows_total - sum(s.rows for s in todo)
+            pairs_scored = score_shards(todo, out, options, settings, templates, rows_done)
+        rows_out, errors = out.count_rows()
+    finally:
+        out.close()
     elapsed = time.monotonic() - started
     summary = {
         "rows_in": rows_total,
@@ -518,6 +589,7 @@ def score_shards(
     dataset = datasets[0].union(*datasets[1:])
 
     pending = {s.index: ShardResult(s.rows) for s in todo}
+    seen_ids = out.committed_ids()
     pairs_scored, last_log, started = 0, time.monotonic(), time.monotonic()
     for batch in dataset.iter_batches(batch_size=None, batch_format="pandas"):
         for record in batch.to_dict("records"):
@@ -530,7 +602,7 @@ def score_shards(
             key = (record["row"], record["doc"])
             pairs_scored += result.add(key, record["error"] or Score(record["raw"], record["score"]))
         for shard_index in [i for i, r in pending.items() if r.complete()]:
-            rows_done += commit_shard(out, shard_index, pending.pop(shard_index))
+            rows_done += commit_shard(out, shard_index, pending.pop(shard_index), seen_ids)
         if time.monotonic() - last_log > PROGRESS_EVERY_S:
             last_log = time.monotonic()
             rate = pairs_scored / (last_log - started)
@@ -542,8 +614,9 @@ def score_shards(
     return pairs_scored
 
 
-def commit_shard(out: Output, shard: int, result: ShardResult) -> int:
-    """Write a complete shard: each row ranked with its own top_n and threshold, or its error."""
+def commit_shard(out: Output, shard: int, result: ShardResult, seen_ids: set[str]) -> int:
+    """Write a complete shard: each row ranked with its own top_n and threshold, or its error. An id seen in a
+    row committed earlier makes this row an error: one id, one result."""
     rows, errors = [], []
     for row in sorted(result.headers):
         header = result.headers[row]
@@ -551,6 +624,10 @@ def commit_shard(out: Output, shard: int, result: ShardResult) -> int:
         error = header["error"] or next(
             (f"documents[{doc}]: {s}" for doc, s in enumerate(scores) if isinstance(s, str)), ""
         )
+        if header["id"] and header["id"] in seen_ids:
+            error = f"duplicate id {header['id']!r}: an earlier row has it; give every row its own id"
+        elif header["id"]:
+            seen_ids.add(header["id"])
         if error:
             errors.append({"id": header["id"], "row": row, "shard": shard, "error": error})
             continue

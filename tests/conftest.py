@@ -109,7 +109,8 @@ def apps(serve_url, model_dirs, tmp_path_factory) -> dict[str, str]:
         "guarded": {
             # Pinned to a GPU kind the profile table has no row for.
             "text": {"model": str(model_dirs["cross_encoder_2"]), "num_gpus": 0.5, "accelerator_type": "B200"},
-            "image_text": {"model": str(tmp_path_factory.mktemp("empty") / "no-such-model")},
+            # load_retry_s unset: no replacement every few minutes (tests/test_faults.py covers the retry).
+            "image_text": {"model": str(tmp_path_factory.mktemp("empty") / "no-such-model"), "load_retry_s": None},
             "api_key": ",".join(GUARDED_KEYS),
             "max_documents_per_request": 5,
             "max_text_chars": 200,

@@ -1,0 +1,126 @@
+"""The bulk job against hostile rows and careless operators: every bad row becomes an error row with its
+reason, the job finishes, and its output stays one job's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from serve_app import bulk
+from serve_app.bulk import Options, Output, PairScorer, parse_args, run
+from serve_app.scoring.types import Content, Pair, Score
+from serve_app.settings import Settings
+
+
+def settings_for(model_dirs, model: str = "cross_encoder") -> Settings:
+    return Settings(text={"model": str(model_dirs[model])}, image_text={"model": str(model_dirs["clip"])})
+
+
+def errors_of(out: Path) -> dict[str, str]:
+    lines = [
+        json.loads(line) for part in (out / "errors").glob("part-*.jsonl") for line in part.read_text().splitlines()
+    ]
+    return {str(e["id"]) or f"row {e['row']}": e["error"] for e in lines}
+
+
+def ids_of(out: Path) -> list[str]:
+    return [r["id"] for part in sorted(out.glob("part-*.parquet")) for r in pq.read_table(part).to_pylist()]
+
+
+GOOD = {"query": "capital of france", "documents": ["paris", "a red car"]}
+
+
+def test_rows_that_cannot_be_read_become_error_rows_and_the_job_finishes(model_dirs, tmp_path, cluster):
+    lines = [
+        json.dumps({"id": "good-1", **GOOD}).encode(),
+        b'{"id": "bad-utf8", "query": "caf\xe9", "documents": ["a"]}',  # Latin-1, not UTF-8
+        b'{"id": "deep", "query": "q", "documents": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        json.dumps({"id": "text-not-a-string", "query": "q", "documents": [{"text": 5}]}).encode(),
+        json.dumps({"id": "image-not-a-string", "query": "q", "documents": [{"image": ["x"]}]}).encode(),
+        json.dumps(["not", "an", "object"]).encode(),
+        json.dumps({"id": "good-2", **GOOD}).encode(),
+    ]
+    (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    summary = run(Options(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out")), settings_for(model_dirs))
+    assert sorted(ids_of(tmp_path / "out")) == ["good-1", "good-2"]
+    errors = errors_of(tmp_path / "out")
+    assert summary["rows_out"] + summary["errors"] == len(lines)
+    assert "UTF-8" in errors["row 1"] or "utf-8" in errors["row 1"]
+    assert "nest" in errors["row 2"].lower()
+    assert "documents" in errors["text-not-a-string"] and "documents" in errors["image-not-a-string"]
+    assert "not a JSON object" in errors["row 5"]
+
+
+def test_one_pair_failing_in_a_way_nobody_foresaw_fails_its_own_row_only():
+    class Flaky:
+        """Scores pairs, but not the one whose document says "boom" (a model error, not a ScoringError)."""
+
+        def check(self, pairs, truncate):
+            pass
+
+        def score(self, pairs):
+            if any(p.document.text == "boom" for p in pairs):
+                raise RuntimeError("index out of range in self")
+            return [float(len(p.document.text)) for p in pairs]
+
+        def calibrate(self, raw):
+            return [Score(r, r / 10) for r in raw]
+
+    actor = PairScorer.__new__(PairScorer)
+    actor.scorer = Flaky()
+    pairs = [Pair(Content(text="q"), Content(text=t)) for t in ("ok", "boom", "fine")]
+    errors = ["", "", ""]
+    scored = dict((i, s) for indices, scores in actor._score(pairs, [0, 1, 2], errors) for i, s in zip(indices, scores))
+    assert sorted(scored) == [0, 2] and scored[2].raw == 4.0
+    assert "RuntimeError" in errors[1] and not errors[0] and not errors[2]
+
+
+def test_resuming_with_another_model_is_refused(model_dirs, tmp_path, cluster):
+    (tmp_path / "in.jsonl").write_text(json.dumps({"id": "a", **GOOD}) + "\n")
+    options = Options(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out"))
+    run(options, settings_for(model_dirs))
+    with pytest.raises(SystemExit, match="model"):
+        run(options, settings_for(model_dirs, "cross_encoder_2"))
+
+
+def test_two_runs_cannot_write_one_output_at_once(tmp_path):
+    first = Output(tmp_path / "out", "parquet")
+    (tmp_path / "out" / ".tmp-00001.parquet").write_bytes(b"half a shard")
+    with pytest.raises(SystemExit, match="another run"):
+        Output(tmp_path / "out", "parquet")
+    assert (tmp_path / "out" / ".tmp-00001.parquet").exists()  # the first run's file is left alone
+    first.close()
+    Output(tmp_path / "out", "parquet").close()  # free again once the first run ends (or dies)
+    assert not (tmp_path / "out" / ".tmp-00001.parquet").exists()
+
+
+def test_a_committed_shard_is_on_disk_before_it_counts(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = bulk.os.fsync
+    monkeypatch.setattr(bulk.os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    out = Output(tmp_path / "out", "parquet")
+    out.commit(0, [{"id": "a", "results": []}], [])
+    out.close()
+    assert len(synced) >= 4  # errors file, its folder, the part file, its folder
+
+
+def test_a_duplicate_id_is_an_error_row_not_a_second_result(model_dirs, tmp_path, cluster):
+    rows = [{"id": "same", **GOOD}, {"id": "other", **GOOD}, {"id": "same", **GOOD}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    options = Options(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out"), shard_rows=1)
+    run(options, settings_for(model_dirs))
+    assert sorted(ids_of(tmp_path / "out")) == ["other", "same"]
+    assert "duplicate id" in errors_of(tmp_path / "out")["same"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--top-n", "-1"], ["--top-n", "0"], ["--threshold", "1.5"], ["--threshold", "-0.1"], ["--shard-rows", "0"],
+     ["--text-actors", "0"]],
+)  # fmt: skip
+def test_nonsense_options_are_refused(args):
+    with pytest.raises(SystemExit):
+        parse_args(["--input", "in.jsonl", "--output", "out", *args])
