@@ -40,6 +40,31 @@ log = logging.getLogger("ray.serve")
 REPLICA_GONE = (ActorDiedError, ActorUnavailableError, RayActorError)
 
 
+class RunningReplicas:
+    """Running replicas per deployment of this application, from Serve's status, read at most once a second
+    (a controller call) unless a fresh count is asked for. None where the status cannot be read."""
+
+    REFRESH_S = 1.0
+
+    def __init__(self) -> None:
+        self.at = -1.0e9
+        self.counts: dict[str, int] | None = None
+
+    async def running(self, deployment: str, fresh: bool = False) -> int | None:
+        if fresh or time.monotonic() - self.at > self.REFRESH_S:
+            self.counts = await asyncio.to_thread(running_replicas)
+            self.at = time.monotonic()
+        return None if self.counts is None else self.counts.get(deployment)
+
+
+def running_replicas() -> dict[str, int] | None:
+    try:
+        application = serve.status().applications[serve.get_replica_context().app_name]
+        return {name: d.replica_states.get("RUNNING", 0) for name, d in application.deployments.items()}
+    except Exception:  # noqa: BLE001 - unknown counts never refuse a request
+        return None
+
+
 @dataclass
 class CachedHealth:
     at: float
@@ -66,6 +91,7 @@ class Ingress:
         self.http = httpx.AsyncClient(follow_redirects=False)
         self.cached_health: CachedHealth | None = None
         self.pairs_sent = dict.fromkeys(POOLS, 0)
+        self.replicas = RunningReplicas()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_api(self)
@@ -194,23 +220,46 @@ class Ingress:
 
     async def _score_call(self, pool: str, handle: DeploymentHandle, pairs: list[Pair], truncate: bool) -> list[Score]:
         """One pool call. A replica that dies with it (killed, out of memory, a failed GPU) gets the call again
-        once: the router sends it to a live replica, or to the replacement Serve starts. Twice lost: 503."""
-        for _ in range(2):
+        once, to a live replica. Twice lost, or no replica running (Serve is starting the replacement): 503 +
+        Retry-After at once, rather than a call parked in the router until the deadline."""
+        for attempt in range(2):
+            await self._refuse_without_replicas(pool, handle, fresh=attempt > 0)
             response = handle.score.remote(pairs, truncate)
+            waiting = asyncio.ensure_future(response)
             try:
-                return await response
+                # While the call waits, keep asking whether the pool still has a running replica: a call the
+                # router holds for a replica that is not there yet is refused within a second or two.
+                while not (await asyncio.wait({waiting}, timeout=RunningReplicas.REFRESH_S))[0]:
+                    await self._refuse_without_replicas(pool, handle, fresh=False)
+                return waiting.result()
             except REPLICA_GONE as exc:
                 log.warning(
                     "pool %s: a replica died with a call of %d pairs (%s)", pool, len(pairs), type(exc).__name__
                 )
-            except asyncio.CancelledError:
+            except BaseException:  # cancelled (deadline, client gone), refused above, or the call failed
                 response.cancel()
+                waiting.cancel()
                 raise
         raise ReplicaLost(
             f"a {pool} replica died while scoring this request, twice; Serve is replacing it: retry after the "
             "Retry-After seconds",
             self.settings.retry_after_s,
         )
+
+    async def _refuse_without_replicas(self, pool: str, handle: DeploymentHandle, fresh: bool) -> None:
+        """ReplicaLost when the pool should have replicas and none is running. A pool that may scale to zero
+        waits for its scale-up instead."""
+        pool_settings = self.settings.pool(pool)
+        autoscaling = pool_settings.autoscaling
+        if autoscaling is not None and autoscaling.min_replicas == 0 and handle is self.pools.get(pool):
+            return
+        running = await self.replicas.running(handle.deployment_name, fresh)
+        if running == 0:
+            raise ReplicaLost(
+                f"no {pool} replica is running right now (Serve is starting its replacement); retry after the "
+                "Retry-After seconds",
+                self.settings.retry_after_s,
+            )
 
     def _handle(self, pool: str, priority: str, pairs: int) -> DeploymentHandle:
         """The pool's realtime variant when asked for and deployed, else its batched deployment."""

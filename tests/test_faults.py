@@ -14,6 +14,35 @@ from ray import serve
 from tests.conftest import deploy
 
 BODY = {"query": "what is the capital of france", "documents": ["paris is the capital", "a red car", "the dog"]}
+Answer = tuple[float, int, float, str | None]  # (sent at, status, seconds, Retry-After)
+
+
+def load_and_kill(url: str, clients: int, observe_s: float) -> tuple[list[Answer], float]:
+    """`clients` callers in a loop; after 3 s the first text replica is SIGKILLed; every answer, and when."""
+    replicas = httpx.get(f"{url}/v1/models", timeout=60).json()["pools"]["text"]["replicas"]
+    answers: list[Answer] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(timeout=30) as http:
+            while not stop.is_set():
+                sent = time.monotonic()
+                response = http.post(f"{url}/v2/rerank", json=BODY)
+                answers.append(
+                    (sent, response.status_code, time.monotonic() - sent, response.headers.get("retry-after"))
+                )
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    time.sleep(3)
+    killed_at = time.monotonic()
+    os.kill(replicas[0]["pid"], signal.SIGKILL)
+    time.sleep(observe_s)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=60)
+    return answers, killed_at
 
 
 def test_a_killed_replica_costs_at_most_a_retry_and_no_request_waits_for_the_deadline(serve_url, model_dirs):
@@ -26,42 +55,14 @@ def test_a_killed_replica_costs_at_most_a_retry_and_no_request_waits_for_the_dea
         },
     )
     try:
-        run_kill(f"{serve_url}/faults")
+        answers, killed_at = load_and_kill(f"{serve_url}/faults", clients=4, observe_s=12)
     finally:
         serve.delete("faults")
-
-
-def run_kill(url: str) -> None:
-    replicas = httpx.get(f"{url}/v1/models", timeout=60).json()["pools"]["text"]["replicas"]
-    assert len(replicas) == 2
-    answers: list[tuple[float, int, float, str | None]] = []  # (sent at, status, seconds, Retry-After)
-    stop = threading.Event()
-
-    def client() -> None:
-        with httpx.Client(timeout=30) as http:
-            while not stop.is_set():
-                sent = time.monotonic()
-                response = http.post(f"{url}/v2/rerank", json=BODY)
-                answers.append(
-                    (sent, response.status_code, time.monotonic() - sent, response.headers.get("retry-after"))
-                )
-
-    threads = [threading.Thread(target=client) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    time.sleep(3)
-    killed_at = time.monotonic()
-    os.kill(replicas[0]["pid"], signal.SIGKILL)
-    time.sleep(12)
-    stop.set()
-    for thread in threads:
-        thread.join(timeout=60)
-
     after = [a for a in answers if a[0] >= killed_at]
     failed = [a for a in after if a[1] != 200]
     recovered_s = max((a[0] + a[2] - killed_at for a in failed), default=0.0)
     print(
-        f"\nreplica killed under 4 clients: {len(after)} requests after the kill, {len(failed)} failed "
+        f"\nreplica killed under 4 clients (2 replicas): {len(after)} requests after the kill, {len(failed)} failed "
         f"({sorted({a[1] for a in failed})}), all succeed again {recovered_s:.1f} s after the kill; "
         f"slowest {max(a[2] for a in after):.1f} s"
     )
@@ -71,25 +72,46 @@ def run_kill(url: str) -> None:
     assert recovered_s < 10
 
 
-def test_a_model_that_appears_after_start_up_is_loaded_by_a_replacement_replica(serve_url, model_dirs, tmp_path):
-    late = tmp_path / "late-model"
+def test_with_one_replica_killed_requests_are_refused_fast_until_its_replacement_runs(serve_url, model_dirs):
     deploy(
-        "late",
-        {"text": {"model": str(late), "load_retry_s": 1}, "image_text": {"enabled": False}},
+        "lone",
+        {
+            "text": {"model": str(model_dirs["cross_encoder"]), "num_cpus": 0.5},
+            "image_text": {"enabled": False},
+            "request_timeout_s": 4,
+        },
     )
     try:
-        load_late(f"{serve_url}/late", late, model_dirs)
+        answers, killed_at = load_and_kill(f"{serve_url}/lone", clients=2, observe_s=40)
+    finally:
+        serve.delete("lone")
+    after = [a for a in answers if a[0] >= killed_at]
+    failed = [a for a in after if a[1] != 200]
+    last_failure = max((a[0] for a in failed), default=killed_at)
+    served_again = [a[0] + a[2] - killed_at for a in after if a[1] == 200 and a[0] >= last_failure]
+    print(
+        f"\none replica, killed under 2 clients: {len(failed)} of {len(after)} requests refused "
+        f"({sorted({a[1] for a in failed})}), serving again {min(served_again, default=float('nan')):.1f} s after "
+        f"the kill; slowest {max(a[2] for a in after):.1f} s"
+    )
+    assert all(status == 503 and retry for _, status, _, retry in failed), failed  # no 500, no 504
+    assert max(a[2] for a in after) < 4  # nobody parked until the deadline
+    assert served_again and after[-1][1] == 200  # and the replacement serves
+
+
+def test_a_model_that_appears_after_start_up_is_loaded_by_a_replacement_replica(serve_url, model_dirs, tmp_path):
+    late = tmp_path / "late-model"
+    deploy("late", {"text": {"model": str(late), "load_retry_s": 1}, "image_text": {"enabled": False}})
+    try:
+        url = f"{serve_url}/late"
+        assert httpx.post(f"{url}/v2/rerank", json=BODY, timeout=60).status_code == 503
+        shutil.copytree(model_dirs["cross_encoder"], late)  # the volume is mounted, the download finished ...
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if httpx.post(f"{url}/v2/rerank", json=BODY, timeout=60).status_code == 200:
+                break
+            time.sleep(1)
+        else:
+            raise AssertionError("the pool never loaded the model that appeared")
     finally:
         serve.delete("late")
-
-
-def load_late(url: str, late, model_dirs) -> None:
-    assert httpx.post(f"{url}/v2/rerank", json=BODY, timeout=60).status_code == 503
-    shutil.copytree(model_dirs["cross_encoder"], late)  # the volume is mounted, the download finished ...
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if httpx.post(f"{url}/v2/rerank", json=BODY, timeout=60).status_code == 200:
-            break
-        time.sleep(1)
-    else:
-        raise AssertionError("the pool never loaded the model that appeared")
