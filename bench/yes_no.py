@@ -18,6 +18,7 @@ import logging
 import platform
 import re
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     where = loaded["reuse"].placement
     result = {
         "date": datetime.date.today().isoformat(),
-        "command": "python -m bench.yes_no " + " ".join(argv if argv is not None else []),
+        "command": " ".join(["python -m bench.yes_no", *(sys.argv[1:] if argv is None else argv)]),
         "device": where.gpu_name
         or f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "dtype": loaded["reuse"].profile.dtype,
