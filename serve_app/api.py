@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import hmac
 import time
 from typing import Protocol
@@ -221,12 +222,15 @@ def build_api(ingress: RerankService) -> FastAPI:
     app.add_exception_handler(RequestValidationError, validation_error)
     authorized = [api_key_check(settings)]
 
+    @functools.cache
+    def limited_schema() -> dict:  # the settings of a replica never change: built once
+        return schema_with_limits(copy.deepcopy(app.openapi()), settings)
+
     # FastAPI's own /docs and /openapi.json take no dependencies: these two do what they do, behind the key.
     @app.get("/openapi.json", include_in_schema=False, dependencies=authorized)
     async def openapi(request: Request) -> JSONResponse:
         root = request.scope.get("root_path", "").rstrip("/")  # Serve's route prefix, where there is one
-        schema = schema_with_limits(copy.deepcopy(app.openapi()), settings)
-        return JSONResponse({**schema, **({"servers": [{"url": root}]} if root else {})})
+        return JSONResponse({**limited_schema(), **({"servers": [{"url": root}]} if root else {})})
 
     @app.get("/docs", include_in_schema=False, dependencies=authorized)
     async def docs(request: Request) -> HTMLResponse:

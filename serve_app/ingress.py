@@ -49,11 +49,19 @@ class RunningReplicas:
     def __init__(self) -> None:
         self.at = -1.0e9
         self.counts: dict[str, int] | None = None
+        self.reading: asyncio.Future | None = None  # one read in flight, awaited by every call that needs it
 
     async def running(self, deployment: str, fresh: bool = False) -> int | None:
         if fresh or time.monotonic() - self.at > self.REFRESH_S:
-            self.counts = await asyncio.to_thread(running_replicas)
-            self.at = time.monotonic()
+            if self.reading is None:
+                self.reading = asyncio.ensure_future(asyncio.to_thread(running_replicas))
+            reading = self.reading
+            try:
+                counts = await asyncio.shield(reading)
+            finally:
+                if self.reading is reading and reading.done():
+                    self.reading = None
+            self.counts, self.at = counts, time.monotonic()
         return None if self.counts is None else self.counts.get(deployment)
 
 

@@ -11,9 +11,9 @@ import threading
 import warnings
 
 import httpx
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
-from serve_app.errors import InputTooLarge, InvalidInput, Overloaded
+from serve_app.errors import InputTooLarge, InvalidInput, Overloaded, RerankError
 from serve_app.settings import Settings
 
 DATA_URI = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
@@ -170,14 +170,9 @@ def open_image(data: bytes, settings: Settings, field: str, budget: RequestImage
             image = ImageOps.exif_transpose(image)
             image = image.convert("RGB")
             image.thumbnail((settings.max_image_size, settings.max_image_size), Image.Resampling.BICUBIC)
-    except (
-        UnidentifiedImageError,
-        OSError,
-        ValueError,
-        SyntaxError,  # some of Pillow's plugins raise it for a malformed header
-        Image.DecompressionBombWarning,
-        Image.DecompressionBombError,
-    ) as exc:
+    except (RerankError, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - any decoder failure (OSError, SyntaxError, struct.error ...)
         raise InvalidInput(
             f"{field}: not a readable image in an accepted format ({', '.join(settings.image_formats)}; setting "
             f"image_formats): {type(exc).__name__}: {str(exc)[:200]}",

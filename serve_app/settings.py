@@ -172,9 +172,9 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=1, le=65535)
     api_key: SecretStr | None = Field(
         default=None,
-        description=f"When set, every route but /health needs it (Bearer or X-API-Key). Several keys, comma-"
-        f"separated, are all valid (rotation: add the new key, move clients, drop the old one). Each key needs "
-        f"{MIN_API_KEY_CHARS}+ characters; set but empty refuses to start (unset it to turn authentication off).",
+        description=f"When set, every route but /health and /health/live needs it (Bearer or X-API-Key). Several "
+        f"keys, comma-separated, are all valid (rotation: add the new key, move clients, drop the old one). Each "
+        f"key needs {MIN_API_KEY_CHARS}+ characters; set but empty refuses to start (unset: authentication off).",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -384,3 +384,16 @@ def test_one_bad_image_cancels_its_siblings_fetches(image_server):
     elapsed, left = asyncio.run(go())
     assert elapsed < 0.9  # refused at once, not after the slow fetches (1 s each)
     assert not left  # and none of them still running
+
+
+def test_any_decoder_failure_is_invalid_input(monkeypatch):
+    import struct
+
+    from PIL import ImageOps
+
+    def broken_exif(image):
+        raise struct.error("unpack requires a buffer of 4 bytes")
+
+    monkeypatch.setattr(ImageOps, "exif_transpose", broken_exif)
+    with pytest.raises(InvalidInput, match="struct.error|error: unpack"):
+        load(b64(png_bytes((8, 8))))

@@ -88,3 +88,25 @@ def test_a_replica_asks_to_be_replaced_after_a_device_fault_or_a_failed_load():
     assert unhealthy_because(None, False, now - 10, pool) is None  # not loaded, retried later
     assert "load it again" in unhealthy_because(None, False, now - 61, pool)
     assert unhealthy_because(None, False, now - 3600, TextPoolSettings(load_retry_s=None)) is None
+
+
+def test_concurrent_calls_share_one_read_of_the_running_replicas(monkeypatch):
+    import time
+
+    from serve_app import ingress
+
+    reads = []
+
+    def slow_status() -> dict[str, int]:
+        reads.append(1)
+        time.sleep(0.2)
+        return {"text_pool": 2}
+
+    monkeypatch.setattr(ingress, "running_replicas", slow_status)
+    watch = ingress.RunningReplicas()
+
+    async def many() -> list[int | None]:
+        return await asyncio.gather(*(watch.running("text_pool") for _ in range(50)))
+
+    assert asyncio.run(many()) == [2] * 50
+    assert len(reads) == 1  # not one controller call per waiting request

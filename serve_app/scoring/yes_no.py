@@ -95,6 +95,7 @@ class YesNoScorer(FamilyScorer):
         self.prefix_ids = self.encode(PREFIX)
         self.suffix_ids = self.encode(suffix)
         self.image_processor = AutoImageProcessor.from_pretrained(model_dir) if self.vision else None
+        self.image_marker = f"{VISION_START}{IMAGE_PAD}{VISION_END}" if self.vision else ""
         if self.vision:
             self.image_pad_id = self.token_id(IMAGE_PAD)
             if self.image_pad_id is None:
@@ -166,11 +167,10 @@ class YesNoScorer(FamilyScorer):
         are never cut."""
         images, keys = self.images_of(pairs)
         counts = [self.image_tokens(image) for image in images]
-        marker = f"{VISION_START}{IMAGE_PAD}{VISION_END}" if self.vision else ""
         out = []
         for i, pair in enumerate(pairs):
             document = self.document_text(pair) or ""
-            body = prompt_body(pair, document, marker)
+            body = prompt_body(pair, document, self.image_marker)
             encoding = self.tokenizer(body, add_special_tokens=False, return_offsets_mapping=True)
             ids = encoding["input_ids"]
             room = self.room(sum(counts[k] - 1 for k in keys[i]))
@@ -198,14 +198,13 @@ class YesNoScorer(FamilyScorer):
             return
         images, keys = self.images_of(pairs)
         counts = [self.image_tokens(image) for image in images]
-        marker = f"{VISION_START}{IMAGE_PAD}{VISION_END}" if self.vision else ""
         heads: dict[tuple, int] = {}
         for i, pair in enumerate(pairs):
             key = (pair.instruction, pair.query.text, tuple(keys[i]))
             if key not in heads:
                 # Everything but the document's text: the part truncation may not cut.
                 head = Pair(pair.query, Content(text="", image=pair.document.image), pair.instruction)
-                heads[key] = len(self.encode(prompt_body(head, "", marker)))
+                heads[key] = len(self.encode(prompt_body(head, "", self.image_marker)))
             room = self.room(sum(counts[k] - 1 for k in keys[i]))
             if heads[key] > room:
                 raise too_long(i, heads[key] - room + self.max_length, self.max_length, False)
