@@ -228,7 +228,7 @@ class Ingress:
 
     async def _score_call(self, pool: str, handle: DeploymentHandle, pairs: list[Pair], truncate: bool) -> list[Score]:
         """One pool call. A replica that dies with it (killed, out of memory, a failed GPU) gets the call again
-        once, to a live replica. Twice lost, or no replica running (Serve is starting the replacement): 503 +
+        once, where another replica may be alive. Lost with none left, or twice, or no replica running: 503 +
         Retry-After at once, rather than a call parked in the router until the deadline."""
         for attempt in range(2):
             await self._refuse_without_replicas(pool, handle, fresh=attempt > 0)
@@ -244,12 +244,16 @@ class Ingress:
                 log.warning(
                     "pool %s: a replica died with a call of %d pairs (%s)", pool, len(pairs), type(exc).__name__
                 )
+                # Retry only where another replica may be alive: Serve's count may still include the dead one
+                # for a few seconds, and a retry with none alive would wait in the router for the replacement.
+                if (await self.replicas.running(handle.deployment_name, fresh=True) or 0) < 2:
+                    break
             except BaseException:  # cancelled (deadline, client gone), refused above, or the call failed
                 response.cancel()
                 waiting.cancel()
                 raise
         raise ReplicaLost(
-            f"a {pool} replica died while scoring this request, twice; Serve is replacing it: retry after the "
+            f"a {pool} replica died while scoring this request; Serve is replacing it: retry after the "
             "Retry-After seconds",
             self.settings.retry_after_s,
         )
