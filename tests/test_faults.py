@@ -97,9 +97,8 @@ def test_with_one_replica_killed_requests_are_refused_fast_until_its_replacement
     # Known gap: until Serve's status notices the death (a few seconds, longer under load), a call can still
     # wait in the router for the deadline (504). Past that window every refusal is a fast 503 + Retry-After.
     parked = [a for a in failed if a[1] == 504]
-    print(
-        f"{len(parked)} request(s) sent within {max((a[0] - killed_at for a in parked), default=0):.1f} s of the kill hit the deadline"
-    )
+    window = max((a[0] - killed_at for a in parked), default=0.0)
+    print(f"{len(parked)} request(s) sent within {window:.1f} s of the kill hit the deadline")
     assert all((status == 503 and retry) or status == 504 for _, status, _, retry in failed), failed  # never 500
     assert all(sent - killed_at < 5 for sent, *_ in parked), parked
     assert all(a[2] < 4 for a in failed if a[0] - killed_at >= 5)  # later: refused fast, nobody parked
