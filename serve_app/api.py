@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from serve_app.errors import RerankError, Unauthorized
+from serve_app.errors import ModelNotFound, RerankError, Unauthorized
 from serve_app.schemas import (
     ErrorResponse,
     HealthResponse,
@@ -40,6 +40,7 @@ ERRORS: dict[int | str, dict] = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in {
         401: "API key missing or wrong (when `api_key` is set)",
+        404: "`model` names no served model; the error lists the served names",
         413: "over a limit: body, documents, text, image bytes or pixels, or a pair too long with truncate=false",
         422: "invalid input: the message names the field and what to send instead",
         503: "a pool is unavailable or its queue is full; retry after `Retry-After` seconds",
@@ -79,12 +80,16 @@ def schema_with_limits(schema: dict, settings: Settings) -> dict:
     return schema
 
 
-def error_body(kind: str, message: str, field: str | None) -> dict:
-    return {"error": {"type": kind, "message": message, "field": field}}
+def error_body(kind: str, message: str, field: str | None, **more) -> dict:
+    """`message` at the top, as Cohere answers errors; `error` with the type and the field at fault."""
+    return {"message": message, "error": {"type": kind, "message": message, "field": field, **more}}
 
 
 async def rerank_error(request: Request, exc: RerankError) -> JSONResponse:
-    return JSONResponse(error_body(exc.kind, exc.message, exc.field), status_code=exc.status, headers=exc.headers())
+    more = {"models": exc.models} if isinstance(exc, ModelNotFound) else {}
+    return JSONResponse(
+        error_body(exc.kind, exc.message, exc.field, **more), status_code=exc.status, headers=exc.headers()
+    )
 
 
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,34 +1,53 @@
-"""build_app(args): binds the two pools (and their realtime variants) and the ingress into one application."""
+"""build_app(args): binds the pools (one per own-placed model, their realtime variants, the shared multiplexed
+pool) and the ingress into one application."""
 
 from __future__ import annotations
 
 from ray.serve import Application
 from ray.serve.config import BackpressureConfig
 
+from serve_app.catalog import SHARED, Catalog
 from serve_app.hardware import load_profile_rows
 from serve_app.ingress import Ingress
-from serve_app.replica import PoolReplica
+from serve_app.replica import PoolReplica, SharedReplica
 from serve_app.settings import POOLS, Settings, replica_options
 
 
 def bind_pools(settings: Settings, realtime: bool) -> dict[str, Application | None]:
-    """One deployment per enabled pool (or per pool with realtime replicas, for the realtime variant)."""
+    """One deployment per own-placed model (or per such model with realtime replicas, for the realtime variant),
+    by key: "text", "image_text", "model_<name>". A disabled default pool is there as None."""
     profiles = load_profile_rows(settings.batch_profiles_path)
-    bound: dict[str, Application | None] = {}
-    for pool in POOLS:
-        pool_settings = settings.pool(pool)
-        if not pool_settings.enabled or (realtime and pool_settings.realtime_replicas == 0):
-            bound[pool] = None
+    bound: dict[str, Application | None] = dict.fromkeys(POOLS)
+    for served in Catalog(settings).models:
+        pool_settings = served.settings
+        if served.placement != "own" or (realtime and pool_settings.realtime_replicas == 0):
             continue
         options = (
-            pool_settings.realtime_options(f"{pool}_realtime_pool")
+            pool_settings.realtime_options(f"{served.key}_realtime_pool")
             if realtime
-            else pool_settings.deployment_options(f"{pool}_pool")
+            else pool_settings.deployment_options(f"{served.key}_pool")
         )
-        bound[pool] = PoolReplica.options(**options, logging_config={"log_level": settings.log_level}).bind(
-            pool, pool_settings, settings.model_cache_dir, profiles, realtime
+        bound[served.key] = PoolReplica.options(**options, logging_config={"log_level": settings.log_level}).bind(
+            served.modality,
+            pool_settings,
+            settings.model_cache_dir,
+            profiles,
+            realtime,
+            served.name,
+            served.key,
+            served.set_where("model"),
         )
     return bound
+
+
+def bind_shared(settings: Settings) -> Application | None:
+    """The shared multiplexed pool, where any model is placed in it."""
+    shared = {m.name: (m.modality, m.settings) for m in Catalog(settings).models if m.placement == "shared"}
+    if not shared:
+        return None
+    return SharedReplica.options(
+        **settings.shared_pool.deployment_options(f"{SHARED}_pool"), logging_config={"log_level": settings.log_level}
+    ).bind(shared, settings.shared_pool, settings.model_cache_dir, load_profile_rows(settings.batch_profiles_path))
 
 
 def build_app(args: dict | None = None) -> Application:
@@ -47,4 +66,5 @@ def build_app(args: dict | None = None) -> Application:
         bind_pools(settings, realtime=True),
         settings,
         settings.instruction_templates(),
+        bind_shared(settings),
     )

@@ -32,6 +32,20 @@ class InputTooLarge(RerankError):
     kind = "input_too_large"
 
 
+class ModelNotFound(RerankError):
+    """A request's `model` names no served model: the answer lists the names that are served."""
+
+    status = 404
+    kind = "model_not_found"
+
+    def __init__(self, message: str, models: list[str] | None = None) -> None:
+        super().__init__(message, "model")
+        self.models = models or []
+
+    def __reduce__(self):
+        return (type(self), (self.message, self.models))
+
+
 class Unauthorized(RerankError):
     status = 401
     kind = "unauthorized"

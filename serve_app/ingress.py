@@ -16,6 +16,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.api import build_api
+from serve_app.catalog import SHARED, Catalog, Served
 from serve_app.errors import DeadlineExceeded, Overloaded, PoolUnavailable, ReplicaLost
 from serve_app.media import RequestImages, load_image
 from serve_app.schemas import (
@@ -33,7 +34,7 @@ from serve_app.schemas import (
     rank,
 )
 from serve_app.scoring.types import Content, Pair, Score
-from serve_app.settings import POOLS, Settings, env_name
+from serve_app.settings import POOLS, Settings
 
 log = logging.getLogger("ray.serve")
 # What a pool call raises when its replica died under it.
@@ -91,22 +92,29 @@ class Ingress:
         realtime_pools: dict[str, DeploymentHandle | None],
         settings: Settings,
         templates: dict[str, str],
+        shared: DeploymentHandle | None = None,
     ) -> None:
-        self.pools = pools
+        self.pools = pools  # own pools by key: "text", "image_text" (None: disabled), "model_<name>"
         self.realtime_pools = realtime_pools
+        self.shared = shared
         self.settings = settings
+        self.catalog = Catalog(settings)
         self.templates = templates
         self.http = httpx.AsyncClient(follow_redirects=False)
         self.cached_health: CachedHealth | None = None
-        self.pairs_sent = dict.fromkeys(POOLS, 0)
+        self.pairs_sent: dict[str, int] = {}
         self.replicas = RunningReplicas()
+        # One handle per shared model, made once: each call names its model to the multiplexing router.
+        self.shared_handles = {
+            name: shared.options(multiplexed_model_id=name) for name in self.catalog.shared() if shared is not None
+        }
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_api(self)
 
     async def rerank(self, request: RerankRequest, return_documents: bool, api_version: str) -> RerankResponse:
         """The Cohere/Jina answer: sorted results, documents echoed when asked, pairs per pool in meta."""
-        scored, pairs = await self._rerank(request.to_job(self.templates))
+        scored, pairs, models = await self._rerank(request.to_job(self.templates))
         results = [
             RerankResult(
                 index=s.index,
@@ -120,11 +128,16 @@ class Ingress:
             id=str(uuid.uuid4()),
             model=request.model,
             results=results,
-            meta={"api_version": {"version": api_version}, "billed_units": {"search_units": 1}, "pairs": pairs},
+            meta={
+                "api_version": {"version": api_version},
+                "billed_units": {"search_units": 1},
+                "pairs": pairs,
+                "models": models,
+            },
         )
 
     async def rerank_tei(self, request: TeiRerankRequest) -> list[TeiRank]:
-        scored, _ = await self._rerank(request.to_job(self.settings.auto_truncate))
+        scored, _, _ = await self._rerank(request.to_job(self.settings.auto_truncate))
         return [
             TeiRank(
                 index=s.index,
@@ -142,28 +155,75 @@ class Ingress:
         return self.cached_health.response, self.cached_health.status_code
 
     def _deployments(self) -> dict[str, DeploymentHandle | None]:
-        """Every pool deployment by the name /v1/models shows: text, image_text, text_realtime ..."""
+        """Every pool deployment by the key /v1/models and /v1/stats show: text, image_text, model_<name>,
+        text_realtime ..., shared."""
         named = dict(self.pools)
-        named.update({f"{name}_realtime": handle for name, handle in self.realtime_pools.items() if handle})
+        named.update({f"{key}_realtime": handle for key, handle in self.realtime_pools.items() if handle})
+        if self.shared is not None:
+            named[SHARED] = self.shared
         return named
 
     async def models(self) -> dict:
-        described = {}
-        for name, handle in self._deployments().items():
+        """Every served model (`data`, OpenAI's list shape) and every pool with its replicas (`pools`)."""
+        pools = {}
+        for key, handle in self._deployments().items():
             if handle is None:
-                described[name] = {"pool": name, "available": False, "reason": "disabled in settings"}
+                pools[key] = {"pool": key, "available": False, "reason": "disabled in settings"}
                 continue
             replicas = await each_replica(handle, "info", self.settings.retry_after_s)
-            counters = {key: sum(r["counters"][key] for r in replicas) for key in replicas[0]["counters"]}
-            counters["largest_batch"] = max(r["counters"]["largest_batch"] for r in replicas)
-            described[name] = {
-                **replicas[0],
-                "counters": counters,
-                "replica_count": replica_count(handle.deployment_name),
-                "replicas": replicas,
-                "pairs_sent": self.pairs_sent.get(name, 0),
+            described = {"replica_count": replica_count(handle.deployment_name), "replicas": replicas}
+            if key != SHARED:
+                counters = {name: sum(r["counters"][name] for r in replicas) for name in replicas[0]["counters"]}
+                counters["largest_batch"] = max(r["counters"]["largest_batch"] for r in replicas)
+                described = {**replicas[0], "counters": counters, **described}
+            pools[key] = {**described, "pairs_sent": self.pairs_sent.get(key, 0)}
+        return {"object": "list", "data": [self._describe(m, pools) for m in self.catalog.models], "pools": pools}
+
+    def _describe(self, served: Served, pools: dict) -> dict:
+        """One model of /v1/models: name, aliases, family, modality, placement, replicas, batch cap and source."""
+        pool = pools.get(served.key) or {}
+        described = {
+            "id": served.name,
+            "object": "model",
+            "aliases": list(served.aliases),
+            "default_for": served.modality if served.default else None,
+            "modality": served.modality,
+            "placement": served.placement,
+            "pool": served.key,
+            "model": served.settings.model,
+            "family": served.settings.family,
+        }
+        if served.placement == "own":
+            return {
+                **described,
+                "family": pool.get("family") or served.settings.family,
+                "available": pool.get("available", False),
+                "reason": pool.get("reason"),
+                "replicas": pool.get("replica_count"),
+                "realtime_replicas": served.settings.realtime_replicas,
+                "max_batch_size": pool.get("max_batch_size"),
+                "max_batch_size_source": pool.get("max_batch_size_source"),
             }
-        return {"object": "list", "pools": described}
+        # Shared: loaded where a replica holds it; family and cap known once loaded somewhere.
+        holding = [
+            (replica["replica"], held)
+            for replica in pool.get("replicas", [])
+            for held in replica["loaded"]
+            if held["name"] == served.name
+        ]
+        errors = [r["load_errors"][served.name] for r in pool.get("replicas", []) if served.name in r["load_errors"]]
+        first = holding[0][1] if holding else {}
+        return {
+            **described,
+            "family": first.get("family") or served.settings.family,
+            "available": bool(holding) or not errors,
+            "reason": errors[0] if errors and not holding else None,
+            "replicas": pool.get("replica_count"),
+            "loaded_on": [replica for replica, _ in holding],
+            "max_models_per_replica": self.settings.shared_pool.max_models_per_replica,
+            "max_batch_size": first.get("max_batch_size", served.settings.max_batch_size),
+            "max_batch_size_source": first.get("max_batch_size_source", "known once loaded"),
+        }
 
     async def stats(self) -> dict:
         pools = {}
@@ -174,8 +234,9 @@ class Ingress:
 
     # ---- the one internal path ----------------------------------------------------------
 
-    async def _rerank(self, job: RerankJob) -> tuple[list[ScoredDocument], dict[str, int]]:
-        """The ranking (threshold and top_n applied) and how many pairs each pool scored, within the deadline.
+    async def _rerank(self, job: RerankJob) -> tuple[list[ScoredDocument], dict[str, int], dict[str, int]]:
+        """The ranking (threshold and top_n applied) and how many pairs of each kind, and each model, scored,
+        within the deadline.
 
         Past the deadline, or when the client goes away (Serve cancels this task), the pending pool
         calls are cancelled with it, and pairs still queued in a replica's batcher are never scored."""
@@ -192,25 +253,29 @@ class Ingress:
                 self.settings.retry_after_s,
             ) from None
 
-    async def _rank_pairs(self, job: RerankJob) -> tuple[list[ScoredDocument], dict[str, int]]:
+    async def _rank_pairs(self, job: RerankJob) -> tuple[list[ScoredDocument], dict[str, int], dict[str, int]]:
         check_limits(job, self.settings)
+        kinds = ["image_text" if d.image is not None or job.query.image is not None else "text" for d in job.documents]
+        counts = {pool: kinds.count(pool) for pool in POOLS}
+        routes = self.catalog.route(job.model, counts)  # before any image is fetched: a wrong name costs nothing
         query, documents = await self._load(job)
         pairs = [Pair(query, d, job.instruction, job.max_tokens_per_doc) for d in documents]
         priority = job.priority or self.settings.default_priority
-        by_pool: dict[str, list[int]] = {pool: [] for pool in POOLS}
-        for i, pair in enumerate(pairs):
-            by_pool["image_text" if pair.needs_image_model else "text"].append(i)
-        handles = {pool: self._handle(pool, priority, len(indices)) for pool, indices in by_pool.items() if indices}
+        by_model: dict[str, list[int]] = {}
+        for i, kind in enumerate(kinds):
+            by_model.setdefault(routes[kind].name, []).append(i)
+        served = {name: self.catalog.find(name) for name in by_model}
+        handles = {name: self._handle(served[name], priority) for name in by_model}
         calls = []
-        for pool, handle in handles.items():
-            indices = by_pool[pool]
-            self.pairs_sent[pool] += len(indices)
+        for name, indices in by_model.items():
+            key = served[name].key
+            self.pairs_sent[key] = self.pairs_sent.get(key, 0) + len(indices)
             step = self.settings.max_pairs_per_call
             for start in range(0, len(indices), step):
                 chunk = indices[start : start + step]
-                call = self._score_call(pool, handle, [pairs[i] for i in chunk], job.truncate)
+                call = self._score_call(served[name], handles[name], [pairs[i] for i in chunk], job.truncate)
                 calls.append((chunk, asyncio.ensure_future(call)))
-        # Every pool's chunks are in flight at once; merge them back into document order.
+        # Every model's chunks are in flight at once; merge them back into document order.
         try:
             results = await asyncio.gather(*(response for _, response in calls))
         except BaseException:
@@ -222,27 +287,28 @@ class Ingress:
         for (chunk, _), chunk_scores in zip(calls, results):
             for i, value in zip(chunk, chunk_scores):
                 scores[i] = value
-        return rank(scores, job.threshold, job.top_n), {
-            pool: len(indices) for pool, indices in by_pool.items() if indices
-        }
+        per_kind = {kind: count for kind, count in counts.items() if count}
+        return rank(scores, job.threshold, job.top_n), per_kind, {name: len(i) for name, i in by_model.items()}
 
-    async def _score_call(self, pool: str, handle: DeploymentHandle, pairs: list[Pair], truncate: bool) -> list[Score]:
+    async def _score_call(
+        self, served: Served, handle: DeploymentHandle, pairs: list[Pair], truncate: bool
+    ) -> list[Score]:
         """One pool call. A replica that dies with it (killed, out of memory, a failed GPU) gets the call again
         once, where another replica may be alive. Lost with none left, or twice, or no replica running: 503 +
         Retry-After at once, rather than a call parked in the router until the deadline."""
         for attempt in range(2):
-            await self._refuse_without_replicas(pool, handle, fresh=attempt > 0)
+            await self._refuse_without_replicas(served, handle, fresh=attempt > 0)
             response = handle.score.remote(pairs, truncate)
             waiting = asyncio.ensure_future(response)
             try:
                 # While the call waits, keep asking whether the pool still has a running replica: a call the
                 # router holds for a replica that is not there yet is refused within a second or two.
                 while not (await asyncio.wait({waiting}, timeout=RunningReplicas.REFRESH_S))[0]:
-                    await self._refuse_without_replicas(pool, handle, fresh=False)
+                    await self._refuse_without_replicas(served, handle, fresh=False)
                 return waiting.result()
             except REPLICA_GONE as exc:
                 log.warning(
-                    "pool %s: a replica died with a call of %d pairs (%s)", pool, len(pairs), type(exc).__name__
+                    "pool %s: a replica died with a call of %d pairs (%s)", served.key, len(pairs), type(exc).__name__
                 )
                 # Retry only where another replica may be alive: Serve's count may still include the dead one
                 # for a few seconds, and a retry with none alive would wait in the router for the replacement.
@@ -253,38 +319,36 @@ class Ingress:
                 waiting.cancel()
                 raise
         raise ReplicaLost(
-            f"a {pool} replica died while scoring this request; Serve is replacing it: retry after the "
+            f"a {served.key} replica died while scoring this request; Serve is replacing it: retry after the "
             "Retry-After seconds",
             self.settings.retry_after_s,
         )
 
-    async def _refuse_without_replicas(self, pool: str, handle: DeploymentHandle, fresh: bool) -> None:
+    async def _refuse_without_replicas(self, served: Served, handle: DeploymentHandle, fresh: bool) -> None:
         """ReplicaLost when the pool should have replicas and none is running. A pool that may scale to zero
         waits for its scale-up instead."""
-        pool_settings = self.settings.pool(pool)
-        autoscaling = pool_settings.autoscaling
-        if autoscaling is not None and autoscaling.min_replicas == 0 and handle is self.pools.get(pool):
+        autoscaling = self.settings.shared_pool.autoscaling if served.key == SHARED else served.settings.autoscaling
+        if autoscaling is not None and autoscaling.min_replicas == 0 and handle is not self._realtime(served):
             return
         running = await self.replicas.running(handle.deployment_name, fresh)
         if running == 0:
             raise ReplicaLost(
-                f"no {pool} replica is running right now (Serve is starting its replacement); retry after the "
+                f"no {served.key} replica is running right now (Serve is starting its replacement); retry after the "
                 "Retry-After seconds",
                 self.settings.retry_after_s,
             )
 
-    def _handle(self, pool: str, priority: str, pairs: int) -> DeploymentHandle:
-        """The pool's realtime variant when asked for and deployed, else its batched deployment."""
-        handle = self.pools[pool]
-        if priority == "realtime" and self.realtime_pools.get(pool) is not None:
-            handle = self.realtime_pools[pool]
-        if handle is None:
-            raise PoolUnavailable(
-                f"this request has {pairs} {pool.replace('_', '-')} pair(s) but the {pool} pool is disabled; "
-                f"enable it ({env_name(pool, 'enabled')}=true) with a model ({env_name(pool, 'model')})",
-                "documents",
-            )
-        return handle
+    def _realtime(self, served: Served) -> DeploymentHandle | None:
+        return self.realtime_pools.get(served.key) if served.placement == "own" else None
+
+    def _handle(self, served: Served, priority: str) -> DeploymentHandle:
+        """The model's realtime variant when asked for and deployed, else its batched pool; the shared pool for a
+        model placed there."""
+        if served.placement == "shared":
+            return self.shared_handles[served.name]
+        if priority == "realtime" and self._realtime(served) is not None:
+            return self._realtime(served)
+        return self.pools[served.key]
 
     async def _load(self, job: RerankJob) -> tuple[Content, list[Content]]:
         """Decode every image of the job at once; each document keeps its text."""
@@ -336,8 +400,20 @@ class Ingress:
                 return PoolHealth(status="down", reason="scoring a probe pair failed; the ingress log says why")
             return PoolHealth(status="ok", latency_ms=round(latency, 2))
 
+        async def shared() -> PoolHealth:
+            # Probing would load a model on demand: the shared pool is up while a replica runs.
+            running = await self.replicas.running(self.shared.deployment_name, fresh=True)
+            if running == 0:
+                return PoolHealth(status="down", reason="no shared replica is running")
+            return PoolHealth(status="ok")
+
         start = time.perf_counter()
-        pools = dict(zip(POOLS, await asyncio.gather(*(probe(n, self.pools[n]) for n in POOLS))))
+        names = list(self.pools)
+        probes = [probe(name, self.pools[name]) for name in names]
+        if self.shared is not None:
+            names.append(SHARED)
+            probes.append(shared())
+        pools = dict(zip(names, await asyncio.gather(*probes)))
         latency_ms = round((time.perf_counter() - start) * 1000, 2)
         # Ready while any pool scores: a pool that is down or overloaded sheds its own requests (503) instead
         # of taking every node out of the load balancer.

@@ -22,6 +22,7 @@ from serve_app.settings import PoolSettings
 log = logging.getLogger(__name__)
 
 DERIVE_PROBE_PAIRS = 8
+CPU_COST_PROBE_PAIRS = 8
 # GPU warm-up runs every length bucket up to this many tokens: a BERT-class window whole, an LLM reranker's
 # 8192 only in part (longer shapes pay their kernel choice once, on first use).
 WARM_UP_MAX_TOKENS = 1024
@@ -146,7 +147,12 @@ def tune_forward_cost(scorer: Scorer, pool: str, pool_settings: PoolSettings, ma
     if pool_settings.forward_cost_tokens is not None:
         scorer.options.forward_cost_tokens = pool_settings.forward_cost_tokens
     elif pool == "text":
-        scorer.options.forward_cost_tokens = measure_forward_cost_tokens(scorer, max_batch_size)
+        # A GPU needs a full batch to show a per-token cost (smaller ones are launch-bound); a CPU shows it in a
+        # few pairs, and a full batch of a MiniLM-sized model would cost a CPU replica's start (or an on-demand
+        # load in the shared pool) tens of seconds.
+        on_gpu = scorer.options.device.startswith("cuda")
+        batch = max_batch_size if on_gpu else min(max_batch_size, CPU_COST_PROBE_PAIRS)
+        scorer.options.forward_cost_tokens = measure_forward_cost_tokens(scorer, batch)
     return scorer.options.forward_cost_tokens
 
 

@@ -20,7 +20,7 @@ from serve_app import hardware, pools
 from serve_app.errors import InputTooLarge, InvalidInput, Overloaded, PoolUnavailable
 from serve_app.hardware import ProfileRow
 from serve_app.scoring.types import ModelLoadError, Pair, PairTooLong, Score, ScoringError, TokenCount
-from serve_app.settings import PoolSettings, env_name
+from serve_app.settings import PoolSettings, SharedPoolSettings, env_name
 from serve_app.stats import percentile
 
 log = logging.getLogger("ray.serve")
@@ -43,102 +43,116 @@ def pairs_in(calls: list[list[Pair]]) -> int:
 
 
 class PoolMetrics:
-    """Prometheus series through Ray's metrics export, tagged by pool."""
+    """Prometheus series through Ray's metrics export, tagged by pool and model."""
 
-    def __init__(self, pool: str) -> None:
-        tags = {"pool": pool}
-        self.pairs = metrics.Counter("rerank_pairs_scored", "Pairs scored.", tag_keys=("pool",))
+    def __init__(self, pool: str, model: str) -> None:
+        keys = ("pool", "model")
+        self.pairs = metrics.Counter("rerank_pairs_scored", "Pairs scored.", tag_keys=keys)
         self.batch_pairs = metrics.Histogram(
             "rerank_batch_pairs", "Pairs per batch.", boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024],
-            tag_keys=("pool",),
+            tag_keys=keys,
         )  # fmt: skip
         self.batch_ms = metrics.Histogram(
             "rerank_batch_latency_ms", "Prepare + forward time per batch.",
-            boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000], tag_keys=("pool",),
+            boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000], tag_keys=keys,
         )  # fmt: skip
-        self.queue = metrics.Gauge("rerank_pending_pairs", "Pairs waiting for or in a batch.", tag_keys=("pool",))
+        self.queue = metrics.Gauge("rerank_pending_pairs", "Pairs waiting for or in a batch.", tag_keys=keys)
         self.memory = metrics.Gauge(
-            "rerank_memory_bytes", "CUDA allocated bytes, or RSS on the CPU.", tag_keys=("pool", "kind")
+            "rerank_memory_bytes", "CUDA allocated bytes, or RSS on the CPU.", tag_keys=("pool", "model", "kind")
         )
-        for series in (self.pairs, self.batch_pairs, self.batch_ms, self.queue, self.memory):
-            series.set_default_tags(tags)
+        self.loads = metrics.Counter("rerank_model_loads", "Models loaded on demand (shared pool).", tag_keys=keys)
+        self.evictions = metrics.Counter(
+            "rerank_model_evictions", "Models evicted, least recently used (shared pool).", tag_keys=keys
+        )
+        for series in (
+            self.pairs,
+            self.batch_pairs,
+            self.batch_ms,
+            self.queue,
+            self.memory,
+            self.loads,
+            self.evictions,
+        ):
+            series.set_default_tags({"pool": pool, "model": model})
 
 
-@serve.deployment
-class PoolReplica:
-    """One replica of a pool. Its batch cap counts pairs and comes from the profile of its GPU kind,
-    unless the pool's settings set one. A realtime replica scores each call as its own batch, at once."""
+COUNTERS = ("calls", "pairs", "batches", "largest_batch")
 
-    def __init__(
-        self,
-        pool: str,
-        pool_settings: PoolSettings,
-        cache_dir: Path,
-        profiles: list[ProfileRow],
-        realtime: bool = False,
-    ) -> None:
-        self.pool = pool
-        self.pool_settings = pool_settings
-        self.realtime = realtime
-        self.placement = hardware.placement()
-        self.load_error: str | None = None
-        self.device_fault: str | None = None
-        self.started = time.monotonic()
-        self.forward_lock = asyncio.Lock()
-        self.pending_pairs = 0
+
+class Resident:
+    """A model loaded in a replica: its scorer, its counters and when it was last asked for. In the shared
+    pool Serve's multiplexer holds these, least recently used first, and calls __del__ when it evicts one."""
+
+    def __init__(self, name: str, pool: str, settings: PoolSettings, loaded: pools.PoolScorer, load_s: float = 0.0):
+        self.name = name
+        self.pool = pool  # the modality: "text" or "image_text"
+        self.settings = settings
+        self.loaded = loaded
+        self.load_s = load_s
+        self.last_used = time.monotonic()
         self.calls = self.pairs = self.batches = self.largest_batch = 0
         self.tokens = TokenCount()
         self.batch_latencies_ms: deque[float] = deque(maxlen=1000)
         self.batch_sizes: deque[int] = deque(maxlen=1000)
-        self.metrics = PoolMetrics(pool)
+        self.on_evict = None
+
+    def __del__(self) -> None:
+        hook, self.on_evict = self.on_evict, None
+        if hook is not None:
+            hook(self)
+
+    def counters(self) -> dict:
+        return {name: getattr(self, name) for name in COUNTERS}
+
+    def describe(self) -> dict:
+        """This model as /v1/models shows it: batch cap and its source, dtype, family, load options."""
+        profile, scorer = self.loaded.profile, self.loaded.scorer
+        return {
+            "name": self.name,
+            "model": self.settings.model,
+            "dtype": profile.dtype,
+            "max_batch_size": profile.max_batch_size,
+            "max_batch_size_source": profile.source,
+            "forward_cost_tokens": scorer.options.forward_cost_tokens,
+            "load_options": scorer.options.describe(),
+            **asdict(scorer.info),
+        }
+
+
+class ScoringReplica:
+    """What every replica does with the model(s) it holds: checks a call, batches it with other callers' calls
+    (of the same model), prepares on one thread and runs the forward pass on another. Subclasses say which
+    model a call is for (`_resident`)."""
+
+    realtime = False
+
+    def _start(self, pool: str, model: str, torch_threads: int | None) -> None:
+        self.placement = hardware.placement()
+        self.device_fault: str | None = None
+        self.started = time.monotonic()
+        self.forward_lock = asyncio.Lock()
+        self.pending_pairs = 0
+        self.metrics = PoolMetrics(pool, model)
         # Every forward pass runs on this one thread, loading and warm-up included: each thread that calls
         # into torch gets its own OpenMP team, and idle teams spinning beside the busy one cost a CPU replica ~15%.
-        self.torch_threads = pools.set_torch_threads(pool_settings.torch_threads)
+        self.torch_threads = pools.set_torch_threads(torch_threads)
         self.device_thread = ThreadPoolExecutor(
             1, f"{pool}-device", initializer=pools.set_torch_threads, initargs=(self.torch_threads,)
         )
         self.prepare_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{pool}-prepare")
-        self.loaded: pools.PoolScorer | None = None
-        try:
-            self.loaded = self.device_thread.submit(
-                pools.load_pool, pool, pool_settings, profiles, cache_dir, where=self.placement
-            ).result()
-        except ModelLoadError as exc:
-            # The service stays up without this pool; /health and /v1/models say why.
-            self.load_error = f"{exc}. Set {env_name(pool, 'model')} to a local model directory."
-            log.error("pool %s unavailable: %s", pool, self.load_error)
 
-    def check_health(self) -> None:
-        """Serve replaces a replica whose check raises: one whose GPU failed (every later call would fail too),
-        and one whose model did not load, after load_retry_s, so that the new replica loads it again."""
-        reason = unhealthy_because(self.device_fault, self.loaded is not None, self.started, self.pool_settings)
-        if reason:
-            log.error("pool %s replica unhealthy: %s", self.pool, reason)
-            raise RuntimeError(reason)
+    async def _resident(self) -> Resident:
+        raise NotImplementedError
 
-    def reconfigure(self, user_config: dict) -> None:
-        """The pool's explicit cap and wait win over the profile (also on a live `serve deploy`)."""
-        if self.loaded is None:
-            return
-        profile = self.loaded.profile.overridden(
-            user_config.get("max_batch_size"), user_config.get("batch_wait_timeout_s")
-        )
-        self.loaded.profile = profile
-        self._score_batch.set_max_batch_size(profile.max_batch_size)
-        self._score_batch.set_batch_wait_timeout_s(0.0 if self.realtime else profile.batch_wait_timeout_s)
-
-    # ---- the scoring path -------------------------------------------------------------------
-
-    def _scorer(self) -> pools.PoolScorer:
+    def _check_device(self, pool: str) -> None:
         if self.device_fault is not None:
-            raise Overloaded(f"a {self.pool} replica's GPU failed and it is being replaced; retry shortly", 1)
-        if self.loaded is None:
-            raise PoolUnavailable(f"the {self.pool} pool is unavailable: {self.load_error}")
-        return self.loaded
+            raise Overloaded(f"a {pool} replica's GPU failed and it is being replaced; retry shortly", 1)
 
     async def score(self, pairs: list[Pair], truncate: bool = True) -> list[Score]:
         """A score per pair, in order. Bad input fails this call only, before it is batched."""
-        loaded = self._scorer()
+        resident = await self._resident()
+        resident.last_used = time.monotonic()
+        loaded = resident.loaded
         try:
             if truncate:
                 loaded.scorer.check(pairs, truncate)
@@ -148,7 +162,7 @@ class PoolReplica:
             raise InputTooLarge(str(exc), "documents") from None
         except ScoringError as exc:
             raise InvalidInput(str(exc), "documents") from None
-        self.calls += 1
+        resident.calls += 1
         # A call larger than the cap would be refused by the batcher: cut it here, where the cap is known.
         cap = loaded.profile.max_batch_size
         pieces = [pairs[i : i + cap] for i in range(0, len(pairs), cap)]
@@ -173,6 +187,7 @@ class PoolReplica:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=pairs_in, max_concurrent_batches=2)
     async def _score_batch(self, calls: list[list[Pair]]) -> list[list[Score] | Exception]:
+        # Serve splits a gathered batch by multiplexed model id: every call here is for one model.
         try:
             return await self._run(calls)
         except Exception:
@@ -183,27 +198,32 @@ class PoolReplica:
             return [await self._run_alone(call) for call in calls]
 
     async def _run(self, calls: list[list[Pair]]) -> list[list[Score]]:
-        """Prepare (CPU) then forward (device). Two batches may be in flight: one prepares while the
-        other holds the device, unless overlap_preprocessing is off."""
-        scorer = self._scorer().scorer
+        """Prepare (CPU) then forward (device), in pieces of the model's cap (a shared replica's batch may be
+        larger than a small model's cap). Two batches may be in flight: one prepares while the other holds the
+        device, unless overlap_preprocessing is off."""
+        resident = await self._resident()
+        scorer, cap = resident.loaded.scorer, resident.loaded.profile.max_batch_size
         flat = [pair for call in calls for pair in call]
-        start = time.perf_counter()
         loop = asyncio.get_running_loop()
-        try:
-            if self.pool_settings.overlap_preprocessing:
-                prepared = await loop.run_in_executor(self.prepare_thread, scorer.prepare, flat)
-                async with self.forward_lock:
-                    raw = await loop.run_in_executor(self.device_thread, scorer.forward, prepared)
-            else:
-                async with self.forward_lock:
-                    prepared = await loop.run_in_executor(self.prepare_thread, scorer.prepare, flat)
-                    raw = await loop.run_in_executor(self.device_thread, scorer.forward, prepared)
-        except Exception as exc:
-            if hardware.is_device_fault(exc):
-                self.device_fault = f"{type(exc).__name__}: {str(exc)[:300]}"
-            raise
-        self._record(len(flat), (time.perf_counter() - start) * 1000, scorer.tokens(prepared))
-        scored = scorer.calibrate(raw)
+        scored = []
+        for offset in range(0, len(flat), cap):
+            piece = flat[offset : offset + cap]
+            start = time.perf_counter()
+            try:
+                if resident.settings.overlap_preprocessing:
+                    prepared = await loop.run_in_executor(self.prepare_thread, scorer.prepare, piece)
+                    async with self.forward_lock:
+                        raw = await loop.run_in_executor(self.device_thread, scorer.forward, prepared)
+                else:
+                    async with self.forward_lock:
+                        prepared = await loop.run_in_executor(self.prepare_thread, scorer.prepare, piece)
+                        raw = await loop.run_in_executor(self.device_thread, scorer.forward, prepared)
+            except Exception as exc:
+                if hardware.is_device_fault(exc):
+                    self.device_fault = f"{type(exc).__name__}: {str(exc)[:300]}"
+                raise
+            self._record(resident, len(piece), (time.perf_counter() - start) * 1000, scorer.tokens(prepared))
+            scored.extend(scorer.calibrate(raw))
         out, offset = [], 0
         for call in calls:
             out.append(scored[offset : offset + len(call)])
@@ -216,16 +236,122 @@ class PoolReplica:
         except Exception as exc:  # noqa: BLE001 - handed back to that caller only
             return exc
 
-    def _record(self, pairs: int, ms: float, tokens: TokenCount) -> None:
-        self.batches += 1
-        self.tokens += tokens
-        self.pairs += pairs
-        self.largest_batch = max(self.largest_batch, pairs)
-        self.batch_sizes.append(pairs)
-        self.batch_latencies_ms.append(ms)
-        self.metrics.pairs.inc(pairs)
-        self.metrics.batch_pairs.observe(pairs)
-        self.metrics.batch_ms.observe(ms)
+    def _record(self, resident: Resident, pairs: int, ms: float, tokens: TokenCount) -> None:
+        resident.batches += 1
+        resident.tokens += tokens
+        resident.pairs += pairs
+        resident.largest_batch = max(resident.largest_batch, pairs)
+        resident.batch_sizes.append(pairs)
+        resident.batch_latencies_ms.append(ms)
+        tags = {"model": resident.name}
+        self.metrics.pairs.inc(pairs, tags=tags)
+        self.metrics.batch_pairs.observe(pairs, tags=tags)
+        self.metrics.batch_ms.observe(ms, tags=tags)
+
+    def _where(self) -> dict:
+        return {
+            "replica": serve.get_replica_context().replica_id.unique_id,
+            "node": self.placement.node,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "gpu_kind": self.placement.gpu_kind,
+            "gpu_name": self.placement.gpu_name,
+            "device": self.placement.device,
+            "torch_threads": self.torch_threads,
+            "pid": os.getpid(),
+        }
+
+    def _memory(self, pool: str) -> dict:
+        memory = hardware.memory_stats()
+        self.metrics.memory.set(
+            memory.get("allocated_bytes") or memory.get("rss_bytes") or 0, tags={"kind": memory["device"]}
+        )
+        return memory
+
+
+def batch_stats(resident: Resident | None) -> dict:
+    """A model's batches as /v1/stats shows them: fill, padding, latency."""
+    if resident is None:
+        return {"batches": 0, "pairs": 0}
+    p50, p95 = (percentile(resident.batch_latencies_ms, q) for q in (0.5, 0.95))
+    tokens = resident.tokens
+    return {
+        "batches": resident.batches,
+        "pairs": resident.pairs,
+        "mean_batch_fill_pairs": round(statistics.fmean(resident.batch_sizes), 2) if resident.batch_sizes else None,
+        # Counted since start-up (warm-up excluded): differences between two readings give a window's figures.
+        "real_tokens": tokens.real,
+        "padded_tokens": tokens.padded,
+        "padding_waste": round(tokens.padded / tokens.real - 1, 4) if tokens.real else None,
+        "max_batch_size": resident.loaded.profile.max_batch_size,
+        "batch_latency_ms_p50": None if p50 is None else round(p50, 2),
+        "batch_latency_ms_p95": None if p95 is None else round(p95, 2),
+    }
+
+
+@serve.deployment
+class PoolReplica(ScoringReplica):
+    """One replica of a pool of its own: one model, loaded at start. Its batch cap counts pairs and comes from
+    the profile of its GPU kind, unless the pool's settings set one. A realtime replica scores each call as its
+    own batch, at once."""
+
+    def __init__(
+        self,
+        pool: str,
+        pool_settings: PoolSettings,
+        cache_dir: Path,
+        profiles: list[ProfileRow],
+        realtime: bool = False,
+        name: str | None = None,
+        key: str | None = None,
+        set_where: str | None = None,
+    ) -> None:
+        self.pool = pool
+        self.key = key or pool
+        self.name = name or pool_settings.served_name()
+        self.pool_settings = pool_settings
+        self.realtime = realtime
+        self.load_error: str | None = None
+        self._start(pool, self.name, pool_settings.torch_threads)
+        self.resident: Resident | None = None
+        try:
+            start = time.perf_counter()
+            loaded = self.device_thread.submit(
+                pools.load_pool, pool, pool_settings, profiles, cache_dir, where=self.placement
+            ).result()
+            self.resident = Resident(self.name, pool, pool_settings, loaded, time.perf_counter() - start)
+        except ModelLoadError as exc:
+            # The service stays up without this pool; /health and /v1/models say why.
+            self.load_error = f"{exc}. Set {set_where or env_name(pool, 'model')} to a local model directory."
+            log.error("pool %s unavailable: %s", self.key, self.load_error)
+
+    @property
+    def loaded(self) -> pools.PoolScorer | None:
+        return self.resident.loaded if self.resident else None
+
+    def check_health(self) -> None:
+        """Serve replaces a replica whose check raises: one whose GPU failed (every later call would fail too),
+        and one whose model did not load, after load_retry_s, so that the new replica loads it again."""
+        reason = unhealthy_because(self.device_fault, self.resident is not None, self.started, self.pool_settings)
+        if reason:
+            log.error("pool %s replica unhealthy: %s", self.key, reason)
+            raise RuntimeError(reason)
+
+    def reconfigure(self, user_config: dict) -> None:
+        """The pool's explicit cap and wait win over the profile (also on a live `serve deploy`)."""
+        if self.resident is None:
+            return
+        loaded = self.resident.loaded
+        loaded.profile = loaded.profile.overridden(
+            user_config.get("max_batch_size"), user_config.get("batch_wait_timeout_s")
+        )
+        self._score_batch.set_max_batch_size(loaded.profile.max_batch_size)
+        self._score_batch.set_batch_wait_timeout_s(0.0 if self.realtime else loaded.profile.batch_wait_timeout_s)
+
+    async def _resident(self) -> Resident:
+        self._check_device(self.key)
+        if self.resident is None:
+            raise PoolUnavailable(f"the {self.key} pool is unavailable: {self.load_error}")
+        return self.resident
 
     # ---- what the ingress asks of a replica --------------------------------------------------
 
@@ -237,62 +363,167 @@ class PoolReplica:
 
     def info(self) -> dict:
         """What /v1/models shows of this replica."""
-        loaded = self.loaded
-        profile = loaded.profile if loaded else None
+        resident = self.resident
+        profile = resident.loaded.profile if resident else None
         described = {
-            "pool": self.pool,
+            "pool": self.key,
+            "modality": self.pool,
             "variant": "realtime" if self.realtime else "batch",
+            "name": self.name,
             "model": self.pool_settings.model,
-            "available": loaded is not None,
+            "available": resident is not None,
             "reason": self.load_error,
-            "replica": serve.get_replica_context().replica_id.unique_id,
-            "node": self.placement.node,
-            "node_id": ray.get_runtime_context().get_node_id(),
-            "gpu_kind": self.placement.gpu_kind,
-            "gpu_name": self.placement.gpu_name,
-            "device": self.placement.device,
+            **self._where(),
             "dtype": profile.dtype if profile else None,
             "max_batch_size": profile.max_batch_size if profile else None,
             "batch_wait_timeout_s": (0.0 if self.realtime else profile.batch_wait_timeout_s) if profile else None,
             "max_batch_size_source": profile.source if profile else None,
-            "forward_cost_tokens": loaded.scorer.options.forward_cost_tokens if loaded else None,
-            "load_options": loaded.scorer.options.describe() if loaded else None,
-            "torch_threads": self.torch_threads,
-            "pid": os.getpid(),
-            "counters": {
-                "calls": self.calls,
-                "pairs": self.pairs,
-                "batches": self.batches,
-                "largest_batch": self.largest_batch,
-            },
+            "forward_cost_tokens": resident.loaded.scorer.options.forward_cost_tokens if resident else None,
+            "load_options": resident.loaded.scorer.options.describe() if resident else None,
+            "counters": resident.counters()
+            if resident
+            else dict.fromkeys(("calls", "pairs", "batches", "largest_batch"), 0),
         }
-        if loaded is not None:
-            described.update(asdict(loaded.scorer.info))
+        if resident is not None:
+            described.update(asdict(resident.loaded.scorer.info))
         return described
 
     def stats(self) -> dict:
         """What /v1/stats shows of this replica: memory, batches, fill, latency, queue."""
-        memory = hardware.memory_stats()
-        self.metrics.memory.set(
-            memory.get("allocated_bytes") or memory.get("rss_bytes") or 0, tags={"kind": memory["device"]}
-        )
-        p50, p95 = (percentile(self.batch_latencies_ms, q) for q in (0.5, 0.95))
         return {
-            "pool": self.pool,
+            "pool": self.key,
+            "name": self.name,
             "variant": "realtime" if self.realtime else "batch",
             "replica": serve.get_replica_context().replica_id.unique_id,
             "node_id": ray.get_runtime_context().get_node_id(),
             "gpu_kind": self.placement.gpu_kind,
-            "memory": memory,
-            "batches": self.batches,
-            "pairs": self.pairs,
-            "mean_batch_fill_pairs": round(statistics.fmean(self.batch_sizes), 2) if self.batch_sizes else None,
-            # Counted since start-up (warm-up excluded): differences between two readings give a window's figures.
-            "real_tokens": self.tokens.real,
-            "padded_tokens": self.tokens.padded,
-            "padding_waste": round(self.tokens.padded / self.tokens.real - 1, 4) if self.tokens.real else None,
+            "memory": self._memory(self.pool),
+            **batch_stats(self.resident),
             "max_batch_size": self.loaded.profile.max_batch_size if self.loaded else None,
-            "batch_latency_ms_p50": None if p50 is None else round(p50, 2),
-            "batch_latency_ms_p95": None if p95 is None else round(p95, 2),
+            "pending_pairs": self.pending_pairs,
+        }
+
+
+@serve.deployment
+class SharedReplica(ScoringReplica):
+    """A replica of the shared pool: it loads a `placement: shared` model the first time a call names it
+    (`multiplexed_model_id`), holds at most max_models_per_replica, and evicts the least recently used.
+    Calls for models it holds go on while another loads (the load runs on its own thread)."""
+
+    def __init__(
+        self,
+        models: dict[str, tuple[str, PoolSettings]],
+        shared: SharedPoolSettings,
+        cache_dir: Path,
+        profiles: list[ProfileRow],
+    ) -> None:
+        self.models = models  # name -> (modality, settings)
+        self.shared = shared
+        self.cache_dir = cache_dir
+        self.profiles = profiles
+        self._start("shared", "", shared.torch_threads)
+        self.load_thread = ThreadPoolExecutor(
+            1, "shared-load", initializer=pools.set_torch_threads, initargs=(self.torch_threads,)
+        )
+        self.residents: dict[str, Resident] = {}
+        self.loading: dict[str, asyncio.Future] = {}
+        self.loads = self.evictions = 0
+        self.load_errors: dict[str, str] = {}
+        # Serve's multiplexer (LRU, at most N models) over our loader; N is a setting, so it is wired up here.
+        # (It keeps its state on the function it wraps: a plain function, since a bound method takes no attributes.)
+        async def load(name: str) -> Resident:
+            return await self._load(name)
+
+        self.get_model = serve.multiplexed(max_num_models_per_replica=shared.max_models_per_replica)(load)
+        self.cap = shared.max_batch_size or max(
+            (hardware.choose_profile(profiles, self.placement, pool, s).max_batch_size for pool, s in models.values()),
+            default=8,
+        )
+        self._score_batch.set_max_batch_size(self.cap)
+
+    def check_health(self) -> None:
+        if self.device_fault is not None:
+            raise RuntimeError(f"the device failed ({self.device_fault}); a new process gets a fresh context")
+
+    async def _resident(self) -> Resident:
+        self._check_device("shared")
+        name = serve.get_multiplexed_model_id()
+        if name not in self.models:
+            raise InvalidInput(f"the shared pool serves {sorted(self.models)}, not {name!r}", "model")
+        return await self.get_model(name)
+
+    async def _load(self, name: str) -> Resident:
+        """Load `name` on the load thread. A load outlives a caller that gives up (its deadline): the next call
+        for the model takes the finished load instead of starting again."""
+        task = self.loading.get(name)
+        if task is None or (task.done() and task.exception() is not None):
+            task = self.loading[name] = asyncio.ensure_future(self._load_now(name))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved, never logged as lost
+        resident = await asyncio.shield(task)
+        self.loading.pop(name, None)
+        resident.on_evict = self._evicted
+        self.residents[name] = resident
+        return resident
+
+    async def _load_now(self, name: str) -> Resident:
+        pool, settings = self.models[name]
+        start = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        try:
+            # No start-up warm-up: the caller is waiting (a GPU pays each new shape's kernel choice once).
+            loaded = await loop.run_in_executor(
+                self.load_thread,
+                lambda: pools.load_pool(
+                    pool, settings, self.profiles, self.cache_dir, warm_up=False, where=self.placement
+                ),
+            )
+        except ModelLoadError as exc:
+            self.load_errors[name] = str(exc)
+            log.error("shared pool: model %s did not load: %s", name, exc)
+            raise PoolUnavailable(
+                f"model {name!r} could not load: {exc}. Set models[name={name}].model to a local model directory"
+            ) from None
+        self.load_errors.pop(name, None)
+        self.loads += 1
+        self.metrics.loads.inc(tags={"model": name})
+        seconds = time.perf_counter() - start
+        log.info("shared pool: loaded %s in %.1f s", name, seconds)
+        return Resident(name, pool, settings, loaded, seconds)
+
+    def _evicted(self, resident: Resident) -> None:
+        """Serve's multiplexer evicted `resident` (least recently used): forget it; its memory is freed once the
+        batches still running on it finish."""
+        if self.residents.get(resident.name) is resident:
+            del self.residents[resident.name]
+        self.evictions += 1
+        self.metrics.evictions.inc(tags={"model": resident.name})
+        log.info("shared pool: evicted %s (least recently used)", resident.name)
+
+    def info(self) -> dict:
+        """What /v1/models shows of this replica: the models it holds, least recently used first."""
+        held = sorted(self.residents.values(), key=lambda r: r.last_used)
+        return {
+            "pool": "shared",
+            "variant": "multiplexed",
+            **self._where(),
+            "max_models_per_replica": self.shared.max_models_per_replica,
+            "max_batch_size": self.cap,
+            "loaded": [{**r.describe(), "load_s": round(r.load_s, 3), "counters": r.counters()} for r in held],
+            "loading": sorted(name for name, task in self.loading.items() if not task.done()),
+            "load_errors": dict(self.load_errors),
+            "loads": self.loads,
+            "evictions": self.evictions,
+        }
+
+    def stats(self) -> dict:
+        return {
+            "pool": "shared",
+            "variant": "multiplexed",
+            "replica": serve.get_replica_context().replica_id.unique_id,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "gpu_kind": self.placement.gpu_kind,
+            "memory": self._memory("shared"),
+            "models": {name: batch_stats(r) for name, r in self.residents.items()},
+            "max_batch_size": self.cap,
             "pending_pairs": self.pending_pairs,
         }

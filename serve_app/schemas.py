@@ -70,6 +70,7 @@ class RerankJob:
     max_tokens_per_doc: int | None = None
     truncate: bool = True
     priority: Priority | None = None
+    model: str | None = None  # a served name or alias; None: the defaults
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,9 @@ class RerankRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: Text | None = Field(
-        default=None, description="Accepted for client compatibility; pairs are routed by content type."
+        default=None,
+        description="The served model (or an alias) that scores every pair; GET /v1/models lists them. Unset: "
+        "the default text model for text pairs and the default image-text model for pairs with an image.",
     )
     query: Text | ContentIn
     documents: list[Text | ContentIn] = Field(min_length=1)
@@ -203,6 +206,7 @@ class RerankRequest(BaseModel):
             instruction=instruction,
             max_tokens_per_doc=self.max_tokens_per_doc,
             priority=self.priority,
+            model=self.model,
         )
 
 
@@ -222,12 +226,17 @@ class BulkRow(RerankRequest):
 
 
 class ErrorDetail(BaseModel):
-    type: str = Field(description="invalid_input, input_too_large, unauthorized, overloaded, timeout, unavailable")
+    type: str = Field(
+        description="invalid_input, input_too_large, unauthorized, model_not_found, overloaded, replica_lost, "
+        "pool_unavailable, deadline_exceeded"
+    )
     message: str = Field(description="What was wrong and how to fix it.")
     field: str | None = Field(default=None, description="The request field at fault, where there is one.")
+    models: list[str] | None = Field(default=None, description="model_not_found: the names this service serves.")
 
 
 class ErrorResponse(BaseModel):
+    message: str = Field(description="The error's message, where Cohere's clients read it.")
     error: ErrorDetail
 
 

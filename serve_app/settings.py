@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "RERANK_"
@@ -47,11 +48,25 @@ def replica_options(num_replicas: int, autoscaling: Autoscaling | None) -> dict:
     return {"num_replicas": "auto", "autoscaling_config": autoscaling.model_dump()}
 
 
+# A served model's name: what clients send as `model`. No spaces or control characters, so logs and metric tags stay
+# one token; a default model named by its path or hub id (the `model` setting) fits too.
+MODEL_NAME_PATTERN = r"^[^\s\x00-\x1f\x7f]{1,200}$"
+ModelName = Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]
+
+
 class PoolSettings(BaseModel):
     """One pool of scoring replicas: its model, its resources and its batch cap."""
 
     enabled: bool = True
     model: str = Field(description="Local model directory or model id, loaded with from_pretrained.")
+    name: ModelName | None = Field(
+        default=None, description="The name a request's `model` field picks this model by. Unset: the `model` setting."
+    )
+    aliases: list[ModelName] = Field(
+        default_factory=list,
+        description="More names that pick this model, e.g. a vendor's model name a client hard-codes "
+        "(rerank-v3.5, jina-reranker-m0).",
+    )
     max_ongoing_requests: int = Field(
         default=64, ge=1, description="Calls a replica takes at once; must exceed the calls one batch gathers."
     )
@@ -129,6 +144,9 @@ class PoolSettings(BaseModel):
         "batch and score only each document's own tokens.",
     )
 
+    def served_name(self) -> str:
+        return self.name or self.model
+
     def deployment_options(self, name: str) -> dict:
         """Serve deployment options for this pool."""
         return {
@@ -163,6 +181,62 @@ class ImageTextPoolSettings(PoolSettings):
     num_cpus: float = Field(default=0.5, ge=0)
 
 
+class ModelSettings(PoolSettings):
+    """One more served model, picked by name: a pool of its own (its own replicas, autoscaling and GPU pinning),
+    or a place in the shared pool (loaded on demand, least recently used evicted). A shared model's replica
+    settings (replicas, autoscaling, CPUs, GPUs, accelerator, queues) are the shared pool's; its own are unused."""
+
+    name: ModelName = Field(description="The name a request's `model` field picks this model by.")
+    modality: Literal["text", "image_text"] = Field(
+        default="text",
+        description="text: scores text pairs only (an image pair sent to it is a 422); image_text: takes image "
+        "pairs, and text pairs where its family scores them.",
+    )
+    placement: Literal["own", "shared"] = Field(
+        default="own", description="own: a pool (deployment) of its own; shared: the multiplexed shared pool."
+    )
+
+
+class SharedPoolSettings(BaseModel):
+    """The multiplexed pool: its replicas load the `placement: shared` models on first use, at most
+    max_models_per_replica each, evicting the least recently used; a batch never mixes models."""
+
+    max_models_per_replica: int = Field(
+        default=2, ge=1, description="Models one shared replica holds loaded; past it the least recently used goes."
+    )
+    num_replicas: int = Field(default=1, ge=1)
+    autoscaling: Autoscaling | None = Field(default=None, description="Unset: num_replicas, fixed.")
+    num_cpus: float = Field(default=1.0, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    accelerator_type: str | None = None
+    max_ongoing_requests: int = Field(default=64, ge=1)
+    max_queued_requests: int = Field(default=256, ge=-1)
+    max_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="Most pairs one gathered batch holds, all models together (each model's own cap still cuts its "
+        "forward passes). Unset: the largest cap among the shared models' profiles.",
+    )
+    torch_threads: int | None = Field(default=None, ge=1)
+
+    def deployment_options(self, name: str) -> dict:
+        actor: dict = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.accelerator_type:
+            actor["accelerator_type"] = self.accelerator_type
+        return {
+            "name": name,
+            **replica_options(self.num_replicas, self.autoscaling),
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "ray_actor_options": actor,
+        }
+
+
+def deployment_key(name: str) -> str:
+    """The key (and deployment name stem) of a named model's own pool: model_<name with [^A-Za-z0-9_-] as _>."""
+    return "model_" + re.sub(r"[^A-Za-z0-9_-]", "_", name)
+
+
 class Settings(BaseSettings):
     """All settings. Env: RERANK_<NAME>, nested with '__' (RERANK_TEXT__MODEL=...)."""
 
@@ -178,8 +252,20 @@ class Settings(BaseSettings):
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
-    text: TextPoolSettings = TextPoolSettings()
-    image_text: ImageTextPoolSettings = ImageTextPoolSettings()
+    text: TextPoolSettings = Field(
+        default=TextPoolSettings(), description="The default model for text pairs (a request with no `model`)."
+    )
+    image_text: ImageTextPoolSettings = Field(
+        default=ImageTextPoolSettings(), description="The default model for pairs with an image."
+    )
+    models: list[ModelSettings] = Field(
+        default_factory=list,
+        description="More models, each picked by its `name` (or an alias) in a request's `model` field "
+        "(env: a JSON list).",
+    )
+    shared_pool: SharedPoolSettings = Field(
+        default=SharedPoolSettings(), description="Replicas of the models placed `shared`; deployed only if any is."
+    )
     ingress_replicas: int = Field(default=1, ge=1)
     ingress_num_cpus: float = Field(default=0.5, ge=0)
     ingress_max_ongoing_requests: int = Field(
@@ -264,6 +350,28 @@ class Settings(BaseSettings):
         if name not in POOLS:
             raise ValueError(f"no pool named {name!r}; the pools are {POOLS}")
         return getattr(self, name)
+
+    @model_validator(mode="after")
+    def _distinct_names(self) -> Settings:
+        """Every served name and alias picks one model; every own pool gets its own deployment."""
+        seen: dict[str, str] = {}
+        keys: dict[str, str] = {}
+        served = [(pool, self.pool(pool)) for pool in POOLS] + [(f"models[{i}]", m) for i, m in enumerate(self.models)]
+        for where, model in served:
+            if not model.enabled:
+                continue
+            for name in [model.served_name(), *model.aliases]:
+                if name in seen and seen[name] != where:
+                    raise ValueError(f"{where}: the name {name!r} is taken by {seen[name]}; each name picks one model")
+                seen[name] = where
+            if isinstance(model, ModelSettings) and model.placement == "own":
+                key = deployment_key(model.name)
+                if key in keys:
+                    raise ValueError(
+                        f"{where}: {model.name!r} and {keys[key]!r} would share the deployment {key}_pool; rename one"
+                    )
+                keys[key] = model.name
+        return self
 
     @field_validator("api_key")
     @classmethod

@@ -1,0 +1,179 @@
+"""Many models in one application, chosen per request: named defaults with aliases, a model in a pool of its
+own, and a shared multiplexed pool that loads models on first use and evicts the least recently used."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from tests import direct
+from tests.conftest import b64, deploy, noise_image
+
+QUERY = "what is the capital of france"
+DOCUMENTS = ["paris is the capital of france", "a red car in the rain", "the dog", "berlin is in germany"]
+IMAGES = [noise_image((40, 30), seed) for seed in range(2)]
+
+
+@pytest.fixture(scope="module")
+def many(serve_url, model_dirs) -> httpx.Client:
+    from ray import serve
+
+    deploy(
+        "many",
+        {
+            "text": {"model": str(model_dirs["cross_encoder"]), "name": "small", "aliases": ["rerank-v3.5"]},
+            "image_text": {"model": str(model_dirs["clip"]), "name": "clip", "aliases": ["jina-reranker-m0"]},
+            "models": [
+                {"name": "large", "model": str(model_dirs["cross_encoder_2"]), "num_cpus": 0.5},
+                {"name": "tail-a", "model": str(model_dirs["cross_encoder"]), "placement": "shared"},
+                {"name": "tail-b", "model": str(model_dirs["embedding"]), "placement": "shared"},
+                # MiniLM-sized: its load (and the forward cost measured with it) takes seconds.
+                {"name": "tail-slow", "model": str(model_dirs["slow"]), "placement": "shared"},
+            ],
+            "shared_pool": {"max_models_per_replica": 2, "num_cpus": 0.5},
+        },
+    )
+    with httpx.Client(base_url=f"{serve_url}/many", timeout=120) as client:
+        yield client
+    serve.delete("many")
+
+
+def rerank(client: httpx.Client, body: dict) -> dict:
+    response = client.post("/v2/rerank", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def raw_scores(client: httpx.Client, model: str | None, documents: list = DOCUMENTS, query=QUERY) -> list[float]:
+    body = {"query": query, "documents": documents, "raw_scores": True}
+    if model is not None:
+        body["model"] = model
+    by_index = {r["index"]: r["raw_score"] for r in rerank(client, body)["results"]}
+    return [by_index[i] for i in range(len(documents))]
+
+
+def served(client: httpx.Client) -> dict[str, dict]:
+    return {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+
+
+def test_each_name_gives_its_own_models_scores(many, model_dirs):
+    small = raw_scores(many, "small")
+    large = raw_scores(many, "large")
+    assert small == pytest.approx(direct.cross_encoder(model_dirs["cross_encoder"], QUERY, DOCUMENTS), abs=1e-4)
+    assert large == pytest.approx(direct.cross_encoder(model_dirs["cross_encoder_2"], QUERY, DOCUMENTS), abs=1e-4)
+    assert small != pytest.approx(large, abs=1e-3)
+    # No name: the default text model, which is "small".
+    assert raw_scores(many, None) == pytest.approx(small, abs=1e-6)
+
+
+def test_an_alias_picks_the_model_it_maps_to(many):
+    answer = rerank(many, {"model": "rerank-v3.5", "query": QUERY, "documents": DOCUMENTS, "raw_scores": True})
+    assert answer["model"] == "rerank-v3.5"  # echoed as sent
+    assert answer["meta"]["models"] == {"small": len(DOCUMENTS)}
+    assert sorted(r["raw_score"] for r in answer["results"]) == pytest.approx(sorted(raw_scores(many, "small")))
+
+
+def test_an_unknown_name_is_a_404_listing_the_served_names(many):
+    response = many.post("/v2/rerank", json={"model": "rerank-english-v2.0", "query": QUERY, "documents": DOCUMENTS})
+    assert response.status_code == 404
+    body = response.json()
+    assert body["error"]["type"] == "model_not_found" and body["error"]["field"] == "model"
+    assert body["error"]["models"] == ["small", "clip", "large", "tail-a", "tail-b", "tail-slow"]
+    assert "rerank-english-v2.0" in body["message"] and "tail-slow" in body["message"]  # Cohere reads `message`
+
+
+def test_a_text_model_with_an_image_pair_is_a_422_naming_the_models_that_take_images(many):
+    documents = ["a red car", {"image": b64(IMAGES[0])}]
+    response = many.post("/v2/rerank", json={"model": "large", "query": "red", "documents": documents})
+    assert response.status_code == 422
+    message = response.json()["error"]["message"]
+    assert "'large' scores text pairs only" in message and "['clip']" in message
+
+
+@torch.inference_mode()
+def clip_text_text(model_dir, query: str, documents: list[str]) -> list[float]:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModel.from_pretrained(model_dir).eval()
+    features = model.get_text_features(**tokenizer([query, *documents], padding=True, return_tensors="pt"))
+    features = features if isinstance(features, torch.Tensor) else features.pooler_output
+    features = torch.nn.functional.normalize(features, dim=-1)
+    return (features[1:] @ features[0]).tolist()
+
+
+def test_a_multimodal_name_scores_text_and_image_pairs_of_one_request(many, model_dirs):
+    documents = ["a red photo of noise", {"image": b64(IMAGES[0])}, "the dog", {"image": b64(IMAGES[1])}]
+    answer = rerank(
+        many, {"model": "jina-reranker-m0", "query": "a red photo", "documents": documents, "raw_scores": True}
+    )
+    assert answer["meta"]["models"] == {"clip": 4}
+    assert answer["meta"]["pairs"] == {"text": 2, "image_text": 2}
+    got = {r["index"]: r["raw_score"] for r in answer["results"]}
+    images = direct.clip_text_image(model_dirs["clip"], "a red photo", IMAGES)
+    texts = clip_text_text(model_dirs["clip"], "a red photo", ["a red photo of noise", "the dog"])
+    assert [got[1], got[3]] == pytest.approx(images, abs=1e-4)
+    assert [got[0], got[2]] == pytest.approx(texts, abs=1e-4)
+
+
+def test_models_lists_every_served_model(many):
+    models = served(many)
+    assert list(models) == ["small", "clip", "large", "tail-a", "tail-b", "tail-slow"]
+    small, clip, large = models["small"], models["clip"], models["large"]
+    assert small["aliases"] == ["rerank-v3.5"] and small["default_for"] == "text" and small["placement"] == "own"
+    assert clip["modality"] == "image_text" and clip["family"] == "dual_encoder" and clip["default_for"] == "image_text"
+    assert large["family"] == "cross_encoder" and large["pool"] == "model_large" and large["replicas"] == 1
+    assert large["max_batch_size"] >= 1 and large["max_batch_size_source"]
+    for name in ("tail-a", "tail-b", "tail-slow"):
+        assert models[name]["placement"] == "shared" and models[name]["max_models_per_replica"] == 2
+    pools = many.get("/v1/models").json()["pools"]
+    assert set(pools) == {"text", "image_text", "model_large", "shared"}
+
+
+def test_the_shared_pool_loads_on_first_use_evicts_the_least_recently_used_and_answers_meanwhile(many, model_dirs):
+    tail_a = direct.cross_encoder(model_dirs["cross_encoder"], QUERY, DOCUMENTS)
+    assert raw_scores(many, "tail-a") == pytest.approx(tail_a, abs=1e-4)
+    got_b = raw_scores(many, "tail-b")
+    (replica,) = many.get("/v1/models").json()["pools"]["shared"]["replicas"]
+    (info,) = [m for m in replica["loaded"] if m["name"] == "tail-b"]
+    tail_b = direct.embedding(model_dirs["embedding"], QUERY, DOCUMENTS, max_length=info["max_length"])
+    assert got_b == pytest.approx(tail_b, abs=1e-4)
+    raw_scores(many, "tail-a")  # tail-a is now the most recently used; tail-b the least
+    models = served(many)
+    assert models["tail-a"]["loaded_on"] and models["tail-b"]["loaded_on"] and not models["tail-slow"]["loaded_on"]
+
+    # The third model loads on first use (seconds) while calls for tail-a keep being answered.
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(lambda: (raw_scores(many, "tail-slow"), time.monotonic()))
+        answered = []
+        while not slow.done():
+            assert raw_scores(many, "tail-a") == pytest.approx(tail_a, abs=1e-4)
+            answered.append(time.monotonic())
+        slow_scores, slow_done = slow.result()
+    assert len(slow_scores) == len(DOCUMENTS)
+    assert sum(at < slow_done for at in answered) >= 3, "tail-a was not answered while tail-slow loaded"
+
+    models = served(many)
+    assert not models["tail-b"]["loaded_on"], "past the limit, the least recently used model goes"
+    assert models["tail-a"]["loaded_on"] and models["tail-slow"]["loaded_on"]
+    assert models["tail-slow"]["family"] == "cross_encoder" and models["tail-slow"]["max_batch_size"] >= 1
+    raw_scores(many, "tail-slow")
+    (replica,) = many.get("/v1/models").json()["pools"]["shared"]["replicas"]
+    assert replica["loads"] == 3 and replica["evictions"] == 1
+    assert [m["name"] for m in replica["loaded"]] == ["tail-a", "tail-slow"]  # least recently used first
+
+    # An evicted model loads again when asked for, with the same scores.
+    assert raw_scores(many, "tail-b") == pytest.approx(tail_b, abs=1e-4)
+    assert not served(many)["tail-a"]["loaded_on"]
+
+
+def test_a_batch_never_mixes_models(many):
+    """Concurrent calls for two shared models: each gets its own model's scores, never the other's."""
+    expected = {name: raw_scores(many, name) for name in ("tail-a", "tail-slow")}
+    with ThreadPoolExecutor(8) as pool:
+        jobs = [(name, pool.submit(raw_scores, many, name)) for name in ["tail-a", "tail-slow"] * 8]
+        for name, job in jobs:
+            assert job.result() == pytest.approx(expected[name], abs=1e-4)
