@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from pydantic import ValidationError
 
 from serve_app import hardware, pools
+from serve_app.catalog import Catalog, Served
 from serve_app.errors import RerankError
 from serve_app.hardware import Placement
 from serve_app.media import decode_base64, is_url, open_image
@@ -164,6 +165,15 @@ class ParsedRow:
     job: RerankJob
     query: dict
     documents: list[dict]
+    models: list[str]  # the served model that scores each document's pair
+
+
+def route_row(query: dict, documents: list[dict], model: str | None, options: Options, catalog: Catalog) -> list[str]:
+    """Each document's model, as the service picks it: the row's `model`, else --model, else the default of its
+    kind of pair (or of --pool's)."""
+    kinds = [pool_of(query, d, options.pool) for d in documents]
+    routes = catalog.route(model or options.model, {kind: kinds.count(kind) for kind in POOLS})
+    return [routes[kind].name for kind in kinds]
 
 
 def with_defaults(row: dict, options: Options) -> dict:
@@ -197,7 +207,8 @@ def parse_row(
     documents = [content_of(d, settings, f"documents[{i}]", check_images) for i, d in enumerate(job.documents)]
     if options.pool == "text" and (query["image"] or any(d["image"] for d in documents)):
         raise RowError("row has images but --pool text was asked for; use --pool auto or image_text")
-    return ParsedRow(str(request.id), job, query, documents)
+    models = route_row(query, documents, request.model, options, Catalog(settings))
+    return ParsedRow(str(request.id), job, query, documents, models)
 
 
 def row_id(row: object) -> str:
@@ -210,7 +221,7 @@ def expand(
     shard_item: dict, branch: str, options: Options, settings: Settings, templates: dict[str, str]
 ) -> list[dict]:
     """Records of one shard. Branch "rows": one record per row (its id, pair count and ranking options, or
-    why it cannot be scored); branch "text" / "image_text": the pairs that pool scores."""
+    why it cannot be scored); any other branch is a served model's name: the pairs that model scores."""
     shard = Shard(**shard_item)
     records = []
     for row_index, row in enumerate(read_shard(shard)):
@@ -229,8 +240,8 @@ def expand(
             ranking = {"top_n": parsed.job.top_n, "threshold": asdict(threshold) if threshold else None}
             records.append({**base, "n_pairs": len(parsed.documents), "ranking": json.dumps(ranking)})
             continue
-        for doc_index, document in enumerate(parsed.documents):
-            if pool_of(parsed.query, document, options.pool) == branch:
+        for doc_index, (document, model) in enumerate(zip(parsed.documents, parsed.models)):
+            if model == branch:
                 payload = {
                     "query": parsed.query,
                     "document": document,
@@ -244,19 +255,26 @@ def expand(
 # ---- scoring actors -------------------------------------------------------------------------------
 
 
-class PairScorer:
-    """A Ray Data actor holding one pool's scorer, loaded as the service loads it (pools.load_pool)."""
+def served_model(name: str, settings: Settings) -> Served:
+    """A served model by name; a pool's name ("text", "image_text") stands for that pool's default."""
+    catalog = Catalog(settings)
+    return catalog.defaults[name] if name in POOLS and name in catalog.defaults else catalog.find(name)
 
-    def __init__(self, pool: str, settings: Settings) -> None:
+
+class PairScorer:
+    """A Ray Data actor holding one model's scorer, loaded as the service loads it (pools.load_pool)."""
+
+    def __init__(self, model: str, settings: Settings) -> None:
         self.settings = settings
         self.scorer = None
         self.load_error: str | None = None
         rows = hardware.load_profile_rows(settings.batch_profiles_path)
+        served = served_model(model, settings)
         try:
-            self.scorer = pools.load_pool(pool, settings.pool(pool), rows, settings.model_cache_dir).scorer
+            self.scorer = pools.load_pool(served.modality, served.settings, rows, settings.model_cache_dir).scorer
         except ModelLoadError as exc:
-            # As in the service: the job goes on; this pool's pairs fail their rows, with the reason.
-            self.load_error = f"the {pool} model is unavailable: {exc}"
+            # As in the service: the job goes on; this model's pairs fail their rows, with the reason.
+            self.load_error = f"the model {served.name} is unavailable: {exc}"
 
     def _pair(self, payload: str) -> Pair:
         fields = json.loads(payload)
@@ -434,6 +452,7 @@ class Options:
     input: str
     output: str
     pool: str = "auto"
+    model: str | None = None
     top_n: int | None = None
     strategy: str | None = None
     threshold: float | None = None
@@ -449,6 +468,7 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--input", required=True, help="JSONL or Parquet file, or a folder of them")
     parser.add_argument("--output", required=True, help="output folder (rerun with the same one to resume)")
     parser.add_argument("--pool", choices=["auto", "text", "image_text"], default="auto")
+    parser.add_argument("--model", help="served model name or alias for rows that name none (default: by pair kind)")
     parser.add_argument("--top-n", type=int)
     parser.add_argument("--strategy", choices=sorted(STRATEGIES))
     parser.add_argument("--threshold", type=float)
@@ -491,7 +511,7 @@ SCORING_SETTINGS = {"model", "family", "answer_tokens", "dtype", "quantize", "ca
 
 def check_job_file(root: Path, options: Options, shards: list[Shard], settings: Settings) -> None:
     """A rerun must be the same job: same input cut the same way, same options, same models."""
-    models = {pool: settings.pool(pool).model_dump(mode="json", include=SCORING_SETTINGS) for pool in POOLS}
+    models = {m.name: m.settings.model_dump(mode="json", include=SCORING_SETTINGS) for m in Catalog(settings).models}
     job = {"options": asdict(options), "shards": [asdict(s) for s in shards], "models": models}
     path = root / "_job.json"
     if path.exists():
@@ -516,6 +536,11 @@ def run(options: Options, settings: Settings | None = None) -> dict:
     templates = settings.instruction_templates()
     if options.instruction_template and options.instruction_template not in templates:
         raise SystemExit(f"no instruction template {options.instruction_template!r}; known: {sorted(templates)}")
+    if options.model is not None:
+        try:
+            Catalog(settings).find(options.model)
+        except RerankError as exc:
+            raise SystemExit(f"--model: {exc.message}") from None
 
     shards = plan_shards(input_files(Path(options.input)), options.shard_rows)
     out = Output(Path(options.output), options.format)
@@ -549,6 +574,24 @@ def run(options: Options, settings: Settings | None = None) -> dict:
     return summary
 
 
+def models_used(shards: list[Shard], options: Options, settings: Settings) -> list[Served]:
+    """The models the job's pairs may go to, each one actor pool: --model's, or the defaults of the kinds of pair
+    --pool allows; and every model a row names in its `model` field (found by a pass over the rows' `model`
+    alone). A name no model has fails its rows, not the job."""
+    catalog = Catalog(settings)
+    if options.model is not None:
+        names = {catalog.find(options.model).name}
+    else:
+        kinds = POOLS if options.pool == "auto" else [options.pool]
+        names = {catalog.defaults[kind].name for kind in kinds if kind in catalog.defaults}
+    for shard in shards:
+        for row in read_shard(shard):
+            named = row.get("model") if isinstance(row, dict) else None
+            if isinstance(named, str) and named in catalog.by_name:
+                names.add(catalog.by_name[named].name)
+    return [m for m in catalog.models if m.name in names]
+
+
 def score_shards(
     todo: list[Shard],
     out: Output,
@@ -571,17 +614,17 @@ def score_shards(
 
     datasets = [records("rows")]
     has_gpus = bool(ray.cluster_resources().get("GPU", 0))
-    actors = {"text": options.text_actors, "image_text": options.image_actors}  # actor pool size per branch
-    for pool in POOLS if options.pool == "auto" else [options.pool]:
-        pool_settings = settings.pool(pool)
+    actors = {"text": options.text_actors, "image_text": options.image_actors}  # actor pool size per modality
+    for served in models_used(todo, options, settings):
+        pool_settings = served.settings
         # Ray Data restarts a lost actor and retries its batch (max_restarts / max_task_retries -1 by default).
         datasets.append(
-            records(pool).map_batches(
+            records(served.name).map_batches(
                 PairScorer,
-                fn_constructor_kwargs={"pool": pool, "settings": settings},
-                batch_size=batch_size_for(pool, pool_settings, settings),
+                fn_constructor_kwargs={"model": served.name, "settings": settings},
+                batch_size=batch_size_for(served.modality, pool_settings, settings),
                 batch_format="pandas",
-                compute=ray.data.ActorPoolStrategy(size=actors[pool]),
+                compute=ray.data.ActorPoolStrategy(size=actors[served.modality]),
                 num_cpus=pool_settings.num_cpus,
                 num_gpus=pool_settings.num_gpus if has_gpus else 0,
             )

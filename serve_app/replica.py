@@ -429,6 +429,7 @@ class SharedReplica(ScoringReplica):
         self.loading: dict[str, asyncio.Future] = {}
         self.loads = self.evictions = 0
         self.load_errors: dict[str, str] = {}
+
         # Serve's multiplexer (LRU, at most N models) over our loader; N is a setting, so it is wired up here.
         # (It keeps its state on the function it wraps: a plain function, since a bound method takes no attributes.)
         async def load(name: str) -> Resident:

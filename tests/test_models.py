@@ -3,14 +3,20 @@ own, and a shared multiplexed pool that loads models on first use and evicts the
 
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
+import pyarrow.parquet as pq
 import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
+from serve_app.bulk import Options, parse_row, run
+from serve_app.errors import InvalidInput, ModelNotFound
+from serve_app.settings import Settings
 from tests import direct
 from tests.conftest import b64, deploy, noise_image
 
@@ -177,3 +183,67 @@ def test_a_batch_never_mixes_models(many):
         jobs = [(name, pool.submit(raw_scores, many, name)) for name in ["tail-a", "tail-slow"] * 8]
         for name, job in jobs:
             assert job.result() == pytest.approx(expected[name], abs=1e-4)
+
+
+def many_settings(model_dirs) -> Settings:
+    return Settings(
+        text={"model": str(model_dirs["cross_encoder"]), "name": "small", "aliases": ["rerank-v3.5"]},
+        image_text={"model": str(model_dirs["clip"]), "name": "clip"},
+        models=[{"name": "large", "model": str(model_dirs["cross_encoder_2"])}],
+    )
+
+
+def test_a_bulk_row_is_routed_as_a_request_is(model_dirs):
+    settings = many_settings(model_dirs)
+
+    def parse(row: dict, **options):
+        job = Options(input="in", output="out", **options)
+        return parse_row(row, job, settings, settings.instruction_templates(), check_images=True)
+
+    image = {"image": b64(IMAGES[0])}
+    assert parse({"id": 1, "query": "q", "documents": ["x", image]}).models == ["small", "clip"]
+    assert parse({"id": 1, "query": "q", "documents": ["x"]}, model="large").models == ["large"]
+    assert parse({"id": 1, "query": "q", "documents": ["x"], "model": "rerank-v3.5"}, model="large").models == ["small"]
+    assert parse({"id": 1, "query": "q", "documents": ["x", image], "model": "clip"}).models == ["clip", "clip"]
+    with pytest.raises(ModelNotFound, match="'nope' not found.*'small', 'clip', 'large'"):
+        parse({"id": 1, "query": "q", "documents": ["x"], "model": "nope"})
+    with pytest.raises(InvalidInput, match="scores text pairs only"):
+        parse({"id": 1, "query": "q", "documents": [image], "model": "large"})
+
+
+def test_the_bulk_job_scores_each_row_with_its_model(model_dirs, tmp_path, cluster):
+    rows = [
+        {"id": "default", "query": QUERY, "documents": DOCUMENTS},
+        {"id": "large", "query": QUERY, "documents": DOCUMENTS, "model": "large"},
+        {"id": "alias", "query": QUERY, "documents": DOCUMENTS, "model": "rerank-v3.5"},
+        {"id": "unknown", "query": QUERY, "documents": DOCUMENTS, "model": "rerank-english-v2.0"},
+    ]
+    with open(tmp_path / "in.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    settings = many_settings(model_dirs)
+    expected = {
+        "small": direct.cross_encoder(model_dirs["cross_encoder"], QUERY, DOCUMENTS),
+        "large": direct.cross_encoder(model_dirs["cross_encoder_2"], QUERY, DOCUMENTS),
+    }
+
+    def written(out: Path) -> dict[str, list[float]]:
+        table = pq.read_table(out / "part-00000.parquet").to_pylist()
+        return {r["id"]: [s for _, s in sorted((x["index"], x["raw_score"]) for x in r["results"])] for r in table}
+
+    run(Options(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out")), settings)
+    scores = written(tmp_path / "out")
+    assert scores["default"] == pytest.approx(expected["small"], abs=1e-4)
+    assert scores["alias"] == pytest.approx(expected["small"], abs=1e-4)
+    assert scores["large"] == pytest.approx(expected["large"], abs=1e-4)
+    (error,) = [
+        json.loads(line) for line in (tmp_path / "out" / "errors" / "part-00000.jsonl").read_text().splitlines()
+    ]
+    assert error["id"] == "unknown" and "not found" in error["error"] and "large" in error["error"]
+
+    # --model: the model of every row that names none.
+    run(Options(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out2"), model="large"), settings)
+    scores = written(tmp_path / "out2")
+    assert scores["default"] == pytest.approx(expected["large"], abs=1e-4)
+    assert scores["alias"] == pytest.approx(expected["small"], abs=1e-4)
+    with pytest.raises(SystemExit, match="--model: model 'nope' not found"):
+        run(Options(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out3"), model="nope"), settings)
