@@ -403,7 +403,8 @@ class Ingress:
         async def shared() -> PoolHealth:
             # Probing would load a model on demand: the shared pool is up while a replica runs.
             running = await self.replicas.running(self.shared.deployment_name, fresh=True)
-            if running == 0:
+            autoscaling = self.settings.shared_pool.autoscaling
+            if running == 0 and not (autoscaling and autoscaling.min_replicas == 0):
                 return PoolHealth(status="down", reason="no shared replica is running")
             return PoolHealth(status="ok")
 

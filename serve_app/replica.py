@@ -462,6 +462,7 @@ class SharedReplica(ScoringReplica):
             task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved, never logged as lost
         resident = await asyncio.shield(task)
         self.loading.pop(name, None)
+        self.loop = asyncio.get_running_loop()
         resident.on_evict = self._evicted
         self.residents[name] = resident
         return resident
@@ -492,8 +493,12 @@ class SharedReplica(ScoringReplica):
         return Resident(name, pool, settings, loaded, seconds)
 
     def _evicted(self, resident: Resident) -> None:
-        """Serve's multiplexer evicted `resident` (least recently used): forget it; its memory is freed once the
-        batches still running on it finish."""
+        """Serve's multiplexer evicted `resident` (least recently used; it calls this from a worker thread): forget
+        it on the event loop, where everything else reads the models held. Its memory is freed once the batches
+        still running on it finish."""
+        self.loop.call_soon_threadsafe(self._forget, resident)
+
+    def _forget(self, resident: Resident) -> None:
         if self.residents.get(resident.name) is resident:
             del self.residents[resident.name]
         self.evictions += 1

@@ -33,3 +33,10 @@ def test_readme_prefix_reuse_table_matches_its_result_files():
 
     assert list(RESULTS.glob("yes-no-*.json")), "run: python -m bench.yes_no"
     assert rendered_readme() == README.read_text(), "run: python -m bench.yes_no --readme"
+
+
+def test_readme_multiplex_lines_match_their_result_file():
+    from bench.multiplex import RESULTS, rendered_readme
+
+    assert (RESULTS / "multiplex-cpu.json").exists(), "run: python -m bench.multiplex"
+    assert rendered_readme() == README.read_text(), "run: python -m bench.multiplex --readme"

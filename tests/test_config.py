@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from ray.serve import Application
 
-from serve_app.settings import DEPLOY_DIR, PoolSettings, Settings
+from serve_app.settings import DEPLOY_DIR, ModelSettings, PoolSettings, Settings, SharedPoolSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,5 +39,16 @@ def test_image_text_pool_keeps_its_own_defaults_when_partly_configured():
 
 def test_readme_documents_every_setting():
     readme = (ROOT / "README.md").read_text()
-    missing = [f"`{name}`" for name in [*Settings.model_fields, *PoolSettings.model_fields] if name not in readme]
+    fields = [*Settings.model_fields, *PoolSettings.model_fields, *ModelSettings.model_fields]
+    missing = [f"`{name}`" for name in [*fields, *SharedPoolSettings.model_fields] if name not in readme]
     assert not missing, f"README.md does not document {missing}"
+
+
+def test_serve_config_serves_two_text_models_and_one_image_text_model():
+    from serve_app.catalog import Catalog
+
+    config = yaml.safe_load((DEPLOY_DIR / "serve_config.yaml").read_text())
+    catalog = Catalog(Settings(**config["applications"][0]["args"]))
+    assert sorted(m.modality for m in catalog.models) == ["image_text", "text", "text"]
+    assert {m.placement for m in catalog.models} == {"own", "shared"}
+    assert catalog.find("rerank-v3.5").name == "ms-marco-minilm" and catalog.find("jina-reranker-m0").name == "clip"

@@ -104,7 +104,10 @@ def test_replica_figures_reach_prometheus_through_ray_metrics(pinned):
     while True:
         body = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
         found = {
-            name for name in wanted for line in body.splitlines() if line.startswith(name) and 'pool="text"' in line
+            name
+            for name in wanted
+            for line in body.splitlines()
+            if line.startswith(name) and 'pool="text"' in line and 'model="' in line
         }
         if found == set(wanted) or time.monotonic() > deadline:
             break

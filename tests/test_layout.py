@@ -51,7 +51,7 @@ LAYERS = [
     ["scoring.loading"],
     ["scoring.cross_encoder", "scoring.embedding", "scoring.dual_encoder", "scoring.blip_itm", "scoring.yes_no"],
     ["scoring.family", "hardware"],
-    ["scoring.batching", "schemas", "media"],
+    ["scoring.batching", "schemas", "media", "catalog"],
     ["scoring.types", "settings", "errors", "stats", "ports", "scoring"],
 ]
 PACKAGE = Path(__file__).resolve().parent.parent / "serve_app"

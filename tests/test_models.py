@@ -15,7 +15,8 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from serve_app.bulk import Options, parse_row, run
-from serve_app.errors import InvalidInput, ModelNotFound
+from serve_app.catalog import Catalog
+from serve_app.errors import InvalidInput, ModelNotFound, PoolUnavailable
 from serve_app.settings import Settings
 from tests import direct
 from tests.conftest import b64, deploy, noise_image
@@ -23,6 +24,41 @@ from tests.conftest import b64, deploy, noise_image
 QUERY = "what is the capital of france"
 DOCUMENTS = ["paris is the capital of france", "a red car in the rain", "the dog", "berlin is in germany"]
 IMAGES = [noise_image((40, 30), seed) for seed in range(2)]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"models": [{"name": "a", "model": "x"}, {"name": "a", "model": "y"}]}, "the name 'a' is taken"),
+        ({"text": {"aliases": ["b"]}, "models": [{"name": "b", "model": "x"}]}, "the name 'b' is taken by text"),
+        ({"models": [{"name": "m", "model": "x"}, {"name": "n", "model": "y", "aliases": ["m"]}]}, "'m' is taken"),
+        ({"models": [{"name": "a.b", "model": "x"}, {"name": "a_b", "model": "y"}]}, "share the deployment"),
+        ({"models": [{"name": "a b", "model": "x"}]}, "should match pattern"),
+        ({"models": [{"name": "", "model": "x"}]}, "should match pattern"),
+        ({"models": [{"model": "x"}]}, "name"),
+        ({"shared_pool": {"max_models_per_replica": 0}}, "greater than or equal to 1"),
+    ],
+)
+def test_names_that_would_pick_two_models_are_refused_at_start(args, message):
+    with pytest.raises(ValueError, match=message):
+        Settings(**args)
+
+
+def test_two_models_may_share_a_name_only_when_one_is_disabled():
+    settings = Settings(text={"enabled": False, "name": "a"}, models=[{"name": "a", "model": "x"}])
+    assert Catalog(settings).find("a").key == "model_a"
+
+
+def test_without_a_default_for_a_kind_of_pair_the_refusal_names_the_models_that_take_it():
+    catalog = Catalog(
+        Settings(image_text={"enabled": False}, models=[{"name": "v", "model": "x", "modality": "image_text"}])
+    )
+    with pytest.raises(PoolUnavailable, match=r"image_text pool is disabled.*name a model .*'v'"):
+        catalog.route(None, {"text": 1, "image_text": 1})
+    assert {kind: m.name for kind, m in catalog.route("v", {"text": 1, "image_text": 1}).items()} == {
+        "text": "v",
+        "image_text": "v",
+    }
 
 
 @pytest.fixture(scope="module")
