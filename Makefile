@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 INFINITY_VENV := .venv-infinity
 INFINITY_STAMP := $(INFINITY_VENV)/.installed
 
-.PHONY: run test bench lint install clean nginx
+.PHONY: run test bench lint install clean nginx chromium
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,7 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python -m serve_app
 
-test: $(STAMP) nginx
+test: $(STAMP) nginx chromium
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # The benchmark (bench/compare.py): our service against the raw forward pass, sentence-transformers and
@@ -50,6 +50,16 @@ nginx:
 	  $$SUDO apt-get update -q && \
 	  { $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nginx-light || \
 	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nginx; }; \
+	fi
+
+# tests/test_playground.py drives serve_app/static/playground.html in headless Chromium through Selenium, so
+# `make test` installs Debian's chromium and chromium-driver where either is missing (sudo only when not root).
+chromium:
+	@if test -x /usr/bin/chromium && test -x /usr/bin/chromedriver; then :; else \
+	  SUDO=$$(test "$$(id -u)" -eq 0 || echo sudo); \
+	  echo "chromium/chromedriver not found: installing Debian's chromium and chromium-driver for tests/test_playground.py"; \
+	  $$SUDO apt-get update -q && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver; \
 	fi
 
 lint: $(STAMP)

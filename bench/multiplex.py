@@ -111,15 +111,24 @@ def timed(http: httpx.Client, body: dict) -> float:
     return time.perf_counter() - start
 
 
+def held(http: httpx.Client) -> tuple[list[str], int]:
+    """The models the (one) shared replica holds, and how many loads it has made."""
+    (replica,) = http.get("/v1/models").json()["pools"]["shared"]["replicas"]
+    return [m["name"] for m in replica["loaded"]], replica["loads"]
+
+
 def cold_and_warm(url: str, body: dict, loads: int) -> dict:
-    """Each step names the shared model used least recently (with two of three held, it is the one not held):
-    its request waits for the load; the same request again, now loaded, is the warm figure."""
+    """Each step names a shared model the replica does not hold (so its request waits for the load, evicting the
+    least recently used); the same request again, now loaded, is the warm figure. A step that made no load is
+    an error, not a figure."""
     cold, warm = [], []
-    order = ["ce-copy", "ce", "emb"]  # ce and emb were used last (the throughput phases): ce-copy is not held
     with httpx.Client(base_url=url, timeout=300) as http:
-        for step in range(loads):
-            model = order[step % len(order)]
+        for _ in range(loads):
+            holding, before = held(http)
+            model = next(m for m in ("ce", "emb", "ce-copy") if m not in holding)
             cold.append(timed(http, {**body, "model": model}))
+            if held(http)[1] != before + 1:
+                raise RuntimeError(f"the request for {model} made no load: the first-request figure would be wrong")
             warm.append(min(timed(http, {**body, "model": model}) for _ in range(3)))
             log.info("%s: first request %.2f s, loaded %.3f s", model, cold[-1], warm[-1])
     return {"first_request_s": cold, "loaded_request_s": warm}

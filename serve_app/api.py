@@ -7,6 +7,7 @@ import copy
 import functools
 import hmac
 import time
+from pathlib import Path
 from typing import Protocol
 
 from fastapi import Depends, FastAPI, Request
@@ -97,7 +98,10 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
     return JSONResponse(error_body("invalid_input", message, field), status_code=422)
 
 
-OPEN_PATHS = ("/health", "/health/live")  # answer without a key
+# Answer without a key: health, and the playground page with its index (the page sends the key it is given
+# with each API call it makes; it holds no data of its own).
+OPEN_PATHS = ("/health", "/health/live", "", "/", "/playground")
+PLAYGROUND = Path(__file__).resolve().parent / "static" / "playground.html"
 
 
 class RequestGate:
@@ -288,6 +292,23 @@ def build_api(ingress: RerankService) -> FastAPI:
         """Liveness: this process answers. Scores nothing, so a busy or broken pool never fails it: restart a
         container on this, take it out of the load balancer on /health."""
         return {"status": "alive"}
+
+    page = PLAYGROUND.read_text(encoding="utf-8")
+
+    @app.get("/playground", include_in_schema=False)
+    async def playground() -> HTMLResponse:
+        """A page to try queries: text or image query and documents, model, strategy and template; the ranking
+        with scores as bars, the strategy's threshold line and the time taken."""
+        return HTMLResponse(page)
+
+    @app.get("/", include_in_schema=False)
+    async def index(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "").rstrip("/")
+        links = "".join(
+            f'<li><a href="{root}{path}">{what}</a></li>'
+            for path, what in (("/playground", "Playground: try a query"), ("/docs", "API documentation"))
+        )
+        return HTMLResponse(f"<!doctype html><title>Reranker</title><h1>Multimodal reranker</h1><ul>{links}</ul>")
 
     @app.get("/v1/models", dependencies=authorized, responses={401: ERRORS[401]})
     async def models() -> dict:

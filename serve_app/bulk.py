@@ -42,7 +42,7 @@ from serve_app.schemas import (
     rank,
 )
 from serve_app.scoring.types import Content, ModelLoadError, Pair, Score, ScoringError
-from serve_app.settings import POOLS, PoolSettings, Settings
+from serve_app.settings import POOLS, PoolSettings, Settings, score_map_path
 
 log = logging.getLogger("serve_app.bulk")
 
@@ -271,7 +271,9 @@ class PairScorer:
         rows = hardware.load_profile_rows(settings.batch_profiles_path)
         served = served_model(model, settings)
         try:
-            self.scorer = pools.load_pool(served.modality, served.settings, rows, settings.model_cache_dir).scorer
+            self.scorer = pools.load_pool(
+                served.modality, served.settings, rows, settings.model_cache_dir, name=served.name
+            ).scorer
         except ModelLoadError as exc:
             # As in the service: the job goes on; this model's pairs fail their rows, with the reason.
             self.load_error = f"the model {served.name} is unavailable: {exc}"
@@ -505,13 +507,27 @@ def batch_size_for(pool: str, pool_settings: PoolSettings, settings: Settings) -
     return profile.overridden(pool_settings.max_batch_size, None).max_batch_size
 
 
-# What of a pool's settings changes its scores: a resumed job must score with the same.
-SCORING_SETTINGS = {"model", "family", "answer_tokens", "dtype", "quantize", "calibration"}
+# What of a pool's settings changes its scores: a resumed job must score with the same (and the same score map).
+SCORING_SETTINGS = {"model", "family", "answer_tokens", "dtype", "quantize", "calibration", "score_map"}
+
+
+def score_map_digest(served: Served) -> str | None:
+    """The content of the score map the model's pool would load, hashed: a refitted map is another job."""
+    import hashlib
+
+    path = Path(served.settings.score_map or score_map_path(served.name))
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
 
 
 def check_job_file(root: Path, options: Options, shards: list[Shard], settings: Settings) -> None:
     """A rerun must be the same job: same input cut the same way, same options, same models."""
-    models = {m.name: m.settings.model_dump(mode="json", include=SCORING_SETTINGS) for m in Catalog(settings).models}
+    models = {
+        m.name: {
+            **m.settings.model_dump(mode="json", include=SCORING_SETTINGS),
+            "score_map_sha256": score_map_digest(m),
+        }
+        for m in Catalog(settings).models
+    }
     job = {"options": asdict(options), "shards": [asdict(s) for s in shards], "models": models}
     path = root / "_job.json"
     if path.exists():

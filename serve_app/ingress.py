@@ -203,6 +203,7 @@ class Ingress:
                 "realtime_replicas": served.settings.realtime_replicas,
                 "max_batch_size": pool.get("max_batch_size"),
                 "max_batch_size_source": pool.get("max_batch_size_source"),
+                "score_map": pool.get("score_map"),
             }
         # Shared: loaded where a replica holds it; family and cap known once loaded somewhere.
         holding = [
@@ -223,6 +224,7 @@ class Ingress:
             "max_models_per_replica": self.settings.shared_pool.max_models_per_replica,
             "max_batch_size": first.get("max_batch_size", served.settings.max_batch_size),
             "max_batch_size_source": first.get("max_batch_size_source", "known once loaded"),
+            "score_map": first.get("score_map"),
         }
 
     async def stats(self) -> dict:

@@ -3,6 +3,7 @@ load options, derived cap, warm-up and the measured cost of one more forward pas
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -13,11 +14,12 @@ from PIL import Image
 
 from serve_app import hardware
 from serve_app.hardware import BatchProfile, Placement, ProfileRow
+from serve_app.score_fit import FittedMap, ScoreMap
 from serve_app.scoring.batching import BUCKET
 from serve_app.scoring.family import CPU_MAX_TOKENS_PER_FORWARD, LoadOptions
 from serve_app.scoring.loading import load_scorer
-from serve_app.scoring.types import Content, Logistic, Pair, Scorer
-from serve_app.settings import PoolSettings
+from serve_app.scoring.types import Calibrator, Content, Logistic, ModelLoadError, Pair, Scorer
+from serve_app.settings import PoolSettings, score_map_path
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +47,18 @@ def load_pool(
     cache_dir: Path,
     warm_up: bool = True,
     where: Placement | None = None,
+    name: str | None = None,
+    fitted_map: bool = True,
 ) -> PoolScorer:
-    """The one way to load a pool's scorer. Raises ModelLoadError when the model cannot load."""
+    """The one way to load a pool's scorer (`name`: the model's served name, which finds its fitted score map).
+    Raises ModelLoadError when the model cannot load."""
     set_torch_threads(pool_settings.torch_threads)
     where = where or hardware.placement()
     profile = hardware.choose_profile(profiles, where, pool, pool_settings)
-    scorer = load_scorer(pool_settings.model, load_options(pool_settings, where, profile, cache_dir))
+    options = load_options(pool_settings, where, profile, cache_dir)
+    if fitted_map:  # off: the family's own map (or the `calibration` setting), as calibrate_scores' "before"
+        options.calibration = calibration(pool_settings, name or pool_settings.served_name())
+    scorer = load_scorer(pool_settings.model, options)
     if profile.source.startswith("derive"):
         profile = derive_profile(scorer, pool, profile, where)
     profile = profile.overridden(pool_settings.max_batch_size, pool_settings.batch_wait_timeout_s)
@@ -84,6 +92,45 @@ def load_options(pool_settings: PoolSettings, where: Placement, profile: BatchPr
         answer_tokens=pool_settings.answer_tokens,
         prefix_reuse=pool_settings.prefix_reuse,
     )
+
+
+def calibration(pool_settings: PoolSettings, name: str) -> Calibrator | None:
+    """The model's raw -> 0..1 map: the `calibration` setting, else its fitted score map (the `score_map` setting,
+    else deploy/score_maps/<name>.json where that exists), else None: its family's own map."""
+    if pool_settings.calibration is not None:
+        return Logistic(pool_settings.calibration.scale, pool_settings.calibration.shift)
+    explicit = pool_settings.score_map is not None
+    path = Path(pool_settings.score_map) if explicit else score_map_path(name)
+    if not path.exists():
+        if explicit:
+            raise ModelLoadError(
+                f"score_map {path} does not exist: fit one (python -m serve_app.calibrate_scores) or unset score_map"
+            )
+        return None
+    try:
+        fitted = json.loads(path.read_text())
+        score_map = ScoreMap.from_json(fitted["map"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"score_map {path} cannot be read: {type(exc).__name__}: {exc}") from None
+    if fitted.get("model") != pool_settings.model:
+        message = (
+            f"the score map {path} was fitted for {fitted.get('model')}, not for {pool_settings.model}: refit it "
+            "(python -m serve_app.calibrate_scores)"
+        )
+        if explicit:
+            raise ModelLoadError(message)
+        log.warning("%s; the family's own map is used", message)
+        return None
+    return FittedMap(score_map, int(fitted.get("labels", 0)), str(path))
+
+
+def describe_calibration(scorer: Scorer) -> dict:
+    """What /v1/models shows of a scorer's map: a fitted one's kind, label count and file, else which map."""
+    calibrator = scorer.calibrator
+    if isinstance(calibrator, FittedMap):
+        return calibrator.describe()
+    kind = "family default" if calibrator is type(scorer).default_calibration else "calibration setting"
+    return {"kind": kind, "map": repr(calibrator)}
 
 
 def derive_profile(scorer: Scorer, pool: str, profile: BatchProfile, where: Placement) -> BatchProfile:

@@ -114,6 +114,7 @@ class Resident:
             "max_batch_size": profile.max_batch_size,
             "max_batch_size_source": profile.source,
             "forward_cost_tokens": scorer.options.forward_cost_tokens,
+            "score_map": pools.describe_calibration(scorer),
             "load_options": scorer.options.describe(),
             **asdict(scorer.info),
         }
@@ -316,7 +317,7 @@ class PoolReplica(ScoringReplica):
         try:
             start = time.perf_counter()
             loaded = self.device_thread.submit(
-                pools.load_pool, pool, pool_settings, profiles, cache_dir, where=self.placement
+                pools.load_pool, pool, pool_settings, profiles, cache_dir, where=self.placement, name=self.name
             ).result()
             self.resident = Resident(self.name, pool, pool_settings, loaded, time.perf_counter() - start)
         except ModelLoadError as exc:
@@ -379,6 +380,7 @@ class PoolReplica(ScoringReplica):
             "batch_wait_timeout_s": (0.0 if self.realtime else profile.batch_wait_timeout_s) if profile else None,
             "max_batch_size_source": profile.source if profile else None,
             "forward_cost_tokens": resident.loaded.scorer.options.forward_cost_tokens if resident else None,
+            "score_map": pools.describe_calibration(resident.loaded.scorer) if resident else None,
             "load_options": resident.loaded.scorer.options.describe() if resident else None,
             "counters": resident.counters()
             if resident
@@ -476,7 +478,7 @@ class SharedReplica(ScoringReplica):
             loaded = await loop.run_in_executor(
                 self.load_thread,
                 lambda: pools.load_pool(
-                    pool, settings, self.profiles, self.cache_dir, warm_up=False, where=self.placement
+                    pool, settings, self.profiles, self.cache_dir, warm_up=False, where=self.placement, name=name
                 ),
             )
         except ModelLoadError as exc:

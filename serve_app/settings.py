@@ -15,6 +15,7 @@ DEPLOY_DIR = Path(__file__).resolve().parent.parent / "deploy"
 DEFAULT_TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_IMAGE_TEXT_MODEL = "openai/clip-vit-base-patch32"
 DEFAULT_MODEL_CACHE_DIR = Path.home() / ".cache" / "serve_app" / "models"
+SCORE_MAPS_DIR = DEPLOY_DIR / "score_maps"
 
 MIN_API_KEY_CHARS = 16
 
@@ -122,6 +123,11 @@ class PoolSettings(BaseModel):
         description="Torch CPU threads per replica. Unset: Ray's OMP_NUM_THREADS, i.e. the replica's num_cpus.",
     )
     calibration: Calibration | None = Field(default=None, description="Override of the family's raw -> 0..1 map.")
+    score_map: Path | None = Field(
+        default=None,
+        description="A raw -> 0..1 map fitted from labels (python -m serve_app.calibrate_scores). Unset: "
+        "deploy/score_maps/<name>.json where it exists and was fitted for this model; `calibration` wins over both.",
+    )
     load_retry_s: float | None = Field(
         default=300.0,
         gt=0,
@@ -230,6 +236,11 @@ class SharedPoolSettings(BaseModel):
             "max_queued_requests": self.max_queued_requests,
             "ray_actor_options": actor,
         }
+
+
+def score_map_path(name: str) -> Path:
+    """Where calibrate_scores writes a served model's fitted map, and where its pool looks for one by default."""
+    return SCORE_MAPS_DIR / (re.sub(r"[^A-Za-z0-9_.-]", "_", name) + ".json")
 
 
 def deployment_key(name: str) -> str:

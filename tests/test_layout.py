@@ -46,11 +46,11 @@ LAYERS = [
     ["app"],
     ["ingress"],
     ["api"],
-    ["replica", "bulk", "calibrate"],
+    ["replica", "bulk", "calibrate", "calibrate_scores"],
     ["pools"],
     ["scoring.loading"],
     ["scoring.cross_encoder", "scoring.embedding", "scoring.dual_encoder", "scoring.blip_itm", "scoring.yes_no"],
-    ["scoring.family", "hardware"],
+    ["scoring.family", "hardware", "score_fit"],
     ["scoring.batching", "schemas", "media", "catalog"],
     ["scoring.types", "settings", "errors", "stats", "ports", "scoring"],
 ]

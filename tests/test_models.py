@@ -19,7 +19,7 @@ from serve_app.catalog import Catalog
 from serve_app.errors import InvalidInput, ModelNotFound, PoolUnavailable
 from serve_app.settings import Settings
 from tests import direct
-from tests.conftest import b64, deploy, noise_image
+from tests.conftest import b64, deploy, node_with, noise_image
 
 QUERY = "what is the capital of france"
 DOCUMENTS = ["paris is the capital of france", "a red car in the rain", "the dog", "berlin is in germany"]
@@ -71,13 +71,25 @@ def many(serve_url, model_dirs) -> httpx.Client:
             "text": {"model": str(model_dirs["cross_encoder"]), "name": "small", "aliases": ["rerank-v3.5"]},
             "image_text": {"model": str(model_dirs["clip"]), "name": "clip", "aliases": ["jina-reranker-m0"]},
             "models": [
-                {"name": "large", "model": str(model_dirs["cross_encoder_2"]), "num_cpus": 0.5},
+                # Its own pool, pinned to a GPU kind (declared by a test node; the model runs on its CPU).
+                {
+                    "name": "large",
+                    "model": str(model_dirs["cross_encoder_2"]),
+                    "num_cpus": 0.5,
+                    "num_gpus": 0.5,
+                    "accelerator_type": "B200",
+                },
                 {"name": "tail-a", "model": str(model_dirs["cross_encoder"]), "placement": "shared"},
                 {"name": "tail-b", "model": str(model_dirs["embedding"]), "placement": "shared"},
                 # MiniLM-sized: its load (and the forward cost measured with it) takes seconds.
                 {"name": "tail-slow", "model": str(model_dirs["slow"]), "placement": "shared"},
             ],
-            "shared_pool": {"max_models_per_replica": 2, "num_cpus": 0.5},
+            "shared_pool": {
+                "max_models_per_replica": 2,
+                "num_cpus": 0.5,
+                "num_gpus": 0.5,
+                "accelerator_type": "RTX3060",
+            },
         },
     )
     with httpx.Client(base_url=f"{serve_url}/many", timeout=120) as client:
@@ -173,6 +185,18 @@ def test_models_lists_every_served_model(many):
         assert models[name]["placement"] == "shared" and models[name]["max_models_per_replica"] == 2
     pools = many.get("/v1/models").json()["pools"]
     assert set(pools) == {"text", "image_text", "model_large", "shared"}
+
+
+def test_an_own_pool_and_the_shared_pool_are_pinned_and_sized_for_their_gpu_kind(many):
+    raw_scores(many, "tail-a")
+    pools = many.get("/v1/models").json()["pools"]
+    (large,) = pools["model_large"]["replicas"]
+    assert large["node_id"] == node_with("B200") and large["gpu_kind"] == "B200"
+    (shared,) = pools["shared"]["replicas"]
+    assert shared["node_id"] == node_with("RTX3060") and shared["gpu_kind"] == "RTX3060"
+    (tail_a,) = [m for m in shared["loaded"] if m["name"] == "tail-a"]
+    assert tail_a["max_batch_size_source"].startswith("table: RTX3060/text")
+    assert served(many)["tail-a"]["max_batch_size"] == tail_a["max_batch_size"] == 8
 
 
 def test_the_shared_pool_loads_on_first_use_evicts_the_least_recently_used_and_answers_meanwhile(many, model_dirs):
