@@ -20,6 +20,7 @@ import argparse
 import datetime
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -28,9 +29,11 @@ import numpy as np
 from serve_app import score_fit
 from serve_app.catalog import Catalog, Served
 from serve_app.errors import RerankError
-from serve_app.settings import Settings, score_map_path
+from serve_app.settings import DEFAULT_TEXT_MODEL, Settings, score_map_path
 
 log = logging.getLogger("serve_app.calibrate_scores")
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
 
 
 class LabelError(ValueError):
@@ -193,16 +196,45 @@ def print_summary(fitted: dict, report: dict, path: Path) -> None:
         print(f"{name:<10} {row['threshold']:<10} {precision:<10} {recall:<7} {'':41}{suggested}")
 
 
+README_SECTION = re.compile(r"(<!-- calibration:text -->\n)(.*?)(<!-- /calibration:text -->)", re.S)
+
+
+def readme_lines(report_path: Path) -> str:
+    """The README's lines on the shipped map, from its report file."""
+    written = json.loads(report_path.read_text())
+    held, report = written["held_out"], written["report"]
+    rows = "".join(
+        f"| {name} | {row['threshold']} | {row['after']['precision']:.2f} | {row['after']['recall']:.2f} "
+        f"| {report['suggested'][name]} |\n"
+        for name, row in report["strategies"].items()
+    )
+    return (
+        f"On it, the default text model ({written['model']}, real weights) gets a {written['map']['kind']} map "
+        f"(`{report_path.with_name(report_path.name.replace('.report', '')).relative_to(ROOT)}`, shipped): "
+        f"held-out ECE **{held['ece_before']:.3f} with the family's guess, {held['ece_after']:.3f} with the map** "
+        f"({held['rows']} held-out pairs; `{written['command']}`). On the held-out pairs, after the map:\n\n"
+        "| strategy | threshold | precision | recall | suggested threshold |\n|---|---|---|---|---|\n" + rows
+    )
+
+
+def rendered_readme() -> str:
+    report = score_map_path(DEFAULT_TEXT_MODEL).with_suffix(".report.json")
+    return README_SECTION.sub(lambda m: m.group(1) + readme_lines(report) + m.group(3), README.read_text())
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m serve_app.calibrate_scores", description=__doc__.splitlines()[0])
-    parser.add_argument("--labels", type=Path, required=True, help="JSONL: query, document, label 0/1, group")
+    parser.add_argument("--labels", type=Path, help="JSONL: query, document, label 0/1, group")
     parser.add_argument("--model", help="served model name or alias (default: the default model of the pairs)")
     parser.add_argument("--url", help="score through a running service instead of in-process")
     parser.add_argument("--api-key", help="the service's API key, with --url")
     parser.add_argument("--out", type=Path, help="where the map goes (default: deploy/score_maps)")
     parser.add_argument("--min-isotonic", type=int, default=200, help="train labels needed to try isotonic")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--readme", action="store_true", help="render the README's lines from the shipped map")
     args = parser.parse_args(argv)
+    if not args.readme and args.labels is None:
+        parser.error("--labels is required")
     args.argv = sys.argv[1:] if argv is None else argv
     return args
 
@@ -210,6 +242,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(argv)
+    if args.readme:
+        README.write_text(rendered_readme())
+        return 0
     try:
         run(args)
     except (LabelError, RerankError) as exc:

@@ -40,3 +40,9 @@ def test_readme_multiplex_lines_match_their_result_file():
 
     assert (RESULTS / "multiplex-cpu.json").exists(), "run: python -m bench.multiplex"
     assert rendered_readme() == README.read_text(), "run: python -m bench.multiplex --readme"
+
+
+def test_readme_calibration_lines_match_the_shipped_map():
+    from serve_app.calibrate_scores import rendered_readme
+
+    assert rendered_readme() == README.read_text(), "run: python -m serve_app.calibrate_scores --readme"

@@ -8,7 +8,7 @@ fills, the request has the shape the API takes (strategy, raw_scores, no model),
 (data-index order, data-score, 3-decimal scores) is the stand-in's, with the balanced threshold line drawn over the
 bars at 0.55 and the time taken in #elapsed; the key is not stored in localStorage, cookies or the URL; an added
 document row with an image goes out as {"text", "image": data URI} and comes back as a thumbnail. A screenshot of
-the ranked page goes to bench/results/playground.png.
+the ranked page goes to $PLAYGROUND_SCREENSHOT.
 
 Chromium and chromedriver must be installed (Debian: apt-get install chromium chromium-driver; `make chromium`):
 a missing binary fails here rather than skipping.
@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import re
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -40,7 +42,8 @@ from serve_app.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "serve_app" / "static" / "playground.html"
-SCREENSHOT = ROOT / "bench" / "results" / "playground.png"
+# The README's picture: PLAYGROUND_SCREENSHOT=bench/results/playground.png renews it; by default a temporary file.
+SCREENSHOT = Path(os.environ.get("PLAYGROUND_SCREENSHOT", Path(tempfile.gettempdir()) / "playground.png"))
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 PREFIX = "/pg"
