@@ -353,7 +353,7 @@ async def bench_service(service: Service, family: str, requests_by_use: RequestS
     handle = service.handle(family)
 
     async def via_handle(request: dict) -> None:
-        answer = await handle.rerank.remote(RerankRequest(**body_of(request)), False, "v2")
+        answer, _headers = await handle.rerank.remote(RerankRequest(**body_of(request)), False, "v2")
         assert len(answer.results) == pairs_of([request])
 
     rows = []

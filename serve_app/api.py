@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Protocol
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -21,6 +21,8 @@ from serve_app.schemas import (
     HealthResponse,
     RerankRequest,
     RerankResponse,
+    ScoreRequest,
+    ScoreResponse,
     TeiRank,
     TeiRerankRequest,
     describe_errors,
@@ -29,7 +31,9 @@ from serve_app.settings import Settings
 
 DESCRIPTION = (
     "Scores (query, document) pairs with text and image-text models and returns a ranking. "
-    "Dialects: Cohere v2 (`/v2/rerank`), Jina (`/v1/rerank`), text-embeddings-inference (`/rerank`). "
+    "Dialects: Cohere v2 (`/v2/rerank`), Jina (`/v1/rerank`), text-embeddings-inference (`/rerank`), vLLM "
+    "(`/score`, `/v1/score`). Every rerank answer carries TEI's timing headers (x-total-time, x-queue-time, "
+    "x-tokenization-time, x-inference-time in ms; x-compute-tokens, x-compute-pairs). "
     "Documents may be strings or objects with `text` and/or `image` (base64, data URI, or an "
     "allow-listed URL). Thresholds: `strategy` strict (> 0.75), balanced (>= 0.55), explore (> 0.4), "
     "or an explicit `threshold`."
@@ -69,15 +73,18 @@ def schema_with_limits(schema: dict, settings: Settings) -> dict:
         "RerankRequest": ("query", "documents", "instruction"),
         "TeiRerankRequest": ("query", "texts"),
         "ContentIn": ("text",),
+        "ContentPart": ("text",),
+        "ScoreRequest": ("text_1", "text_2"),
     }
     for model, names in fields.items():
         properties = components.get(model, {}).get("properties", {})
         for name in names:
             if name in properties:
                 bound(properties[name], settings.max_text_chars)
-    image = components.get("ContentIn", {}).get("properties", {}).get("image")
-    if image is not None:
-        bound(image, image_chars)
+    for model, name in (("ContentIn", "image"), ("ImageUrl", "url")):
+        image = components.get(model, {}).get("properties", {}).get(name)
+        if image is not None:
+            bound(image, image_chars)
     return schema
 
 
@@ -206,9 +213,13 @@ class RerankService(Protocol):
 
     settings: Settings
 
-    async def rerank(self, request: RerankRequest, return_documents: bool, api_version: str) -> RerankResponse: ...
+    async def rerank(
+        self, request: RerankRequest, return_documents: bool, api_version: str
+    ) -> tuple[RerankResponse, dict[str, str]]: ...
 
-    async def rerank_tei(self, request: TeiRerankRequest) -> list[TeiRank]: ...
+    async def rerank_tei(self, request: TeiRerankRequest) -> tuple[list[TeiRank], dict[str, str]]: ...
+
+    async def score_pairs(self, request: ScoreRequest) -> tuple[ScoreResponse, dict[str, str]]: ...
 
     async def health(self) -> tuple[HealthResponse, int]: ...
 
@@ -253,9 +264,11 @@ def build_api(ingress: RerankService) -> FastAPI:
         dependencies=authorized,
         responses=ERRORS,
     )
-    async def rerank_v2(request: RerankRequest) -> RerankResponse:
+    async def rerank_v2(request: RerankRequest, response: Response) -> RerankResponse:
         """Cohere v2 shape; documents are echoed only when `return_documents` is true."""
-        return await ingress.rerank(request, return_documents=bool(request.return_documents), api_version="2")
+        body, headers = await ingress.rerank(request, bool(request.return_documents), api_version="2")
+        response.headers.update(headers)
+        return body
 
     @app.post(
         "/v1/rerank",
@@ -264,9 +277,11 @@ def build_api(ingress: RerankService) -> FastAPI:
         dependencies=authorized,
         responses=ERRORS,
     )
-    async def rerank_v1(request: RerankRequest) -> RerankResponse:
+    async def rerank_v1(request: RerankRequest, response: Response) -> RerankResponse:
         """Jina shape; documents are echoed unless `return_documents` is false."""
-        return await ingress.rerank(request, return_documents=request.return_documents is not False, api_version="1")
+        body, headers = await ingress.rerank(request, request.return_documents is not False, api_version="1")
+        response.headers.update(headers)
+        return body
 
     @app.post(
         "/rerank",
@@ -275,9 +290,28 @@ def build_api(ingress: RerankService) -> FastAPI:
         dependencies=authorized,
         responses=ERRORS,
     )
-    async def rerank_tei(request: TeiRerankRequest) -> list[TeiRank]:
+    async def rerank_tei(request: TeiRerankRequest, response: Response) -> list[TeiRank]:
         """text-embeddings-inference shape: a bare list sorted by score."""
-        return await ingress.rerank_tei(request)
+        body, headers = await ingress.rerank_tei(request)
+        response.headers.update(headers)
+        return body
+
+    async def score(request: ScoreRequest, response: Response) -> ScoreResponse:
+        """vLLM `/score`: `text_1` against `text_2` (one against many, or pairwise lists); a score per pair in the
+        pairs' order, `usage` with the real tokens computed."""
+        body, headers = await ingress.score_pairs(request)
+        response.headers.update(headers)
+        return body
+
+    for path in ("/score", "/v1/score"):
+        app.post(
+            path,
+            response_model=ScoreResponse,
+            response_model_exclude_none=True,
+            dependencies=authorized,
+            responses=ERRORS,
+            operation_id=f"score_{path.strip('/').replace('/', '_')}",
+        )(score)
 
     @app.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
     async def health() -> JSONResponse:

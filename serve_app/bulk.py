@@ -41,7 +41,7 @@ from serve_app.schemas import (
     describe_errors,
     rank,
 )
-from serve_app.scoring.types import Content, ModelLoadError, Pair, Score, ScoringError
+from serve_app.scoring.types import Content, ModelLoadError, Pair, Score, ScoringError, Windows
 from serve_app.settings import POOLS, PoolSettings, Settings, score_map_path
 
 log = logging.getLogger("serve_app.bulk")
@@ -271,9 +271,8 @@ class PairScorer:
         rows = hardware.load_profile_rows(settings.batch_profiles_path)
         served = served_model(model, settings)
         try:
-            self.scorer = pools.load_pool(
-                served.modality, served.settings, rows, settings.model_cache_dir, name=served.name
-            ).scorer
+            loaded = pools.load_pool(served.modality, served.settings, rows, settings.model_cache_dir, name=served.name)
+            self.scorer, self.cap = loaded.scorer, loaded.profile.max_batch_size
         except ModelLoadError as exc:
             # As in the service: the job goes on; this model's pairs fail their rows, with the reason.
             self.load_error = f"the model {served.name} is unavailable: {exc}"
@@ -318,20 +317,32 @@ class PairScorer:
         if not pairs:
             return []
         try:
-            self.scorer.check(pairs, truncate=True)
-            return [(at, self.scorer.calibrate(self.scorer.score(pairs)))]
+            return [(at, self._score_windows(pairs))]
         except Exception:  # noqa: BLE001 - whatever failed, find the pair and score the others
             out = []
             for pair, i in zip(pairs, at):
                 try:
-                    self.scorer.check([pair], truncate=True)
-                    out.append(([i], self.scorer.calibrate(self.scorer.score([pair]))))
+                    out.append(([i], self._score_windows([pair])))
                 except ScoringError as exc:
                     errors[i] = str(exc)
                 except Exception as exc:  # noqa: BLE001 - the pair's row fails with the reason, the job goes on
                     log.exception("pair failed to score")
                     errors[i] = f"scoring failed: {type(exc).__name__}: {str(exc)[:300]}"
             return out
+
+    def _score_windows(self, pairs: list[Pair]) -> list[Score]:
+        """As a replica scores a call: a long document as windows (setting long_documents), its best window's
+        score; forwards of at most the batch cap."""
+        windows = (
+            self.scorer.expand_windows(pairs, self.settings.window_stride_tokens)
+            if self.settings.long_documents == "windows"
+            else Windows.whole(pairs)
+        )
+        self.scorer.check(windows.pairs, truncate=True)
+        raw = []
+        for start in range(0, len(windows.pairs), self.cap):
+            raw.extend(self.scorer.score(windows.pairs[start : start + self.cap]))
+        return windows.merge(self.scorer.calibrate(raw))
 
 
 # ---- output: shards committed atomically -------------------------------------------------------
@@ -528,6 +539,8 @@ def check_job_file(root: Path, options: Options, shards: list[Shard], settings: 
         }
         for m in Catalog(settings).models
     }
+    # How long documents are scored changes their scores too.
+    models["long_documents"] = {"mode": settings.long_documents, "stride": settings.window_stride_tokens}
     job = {"options": asdict(options), "shards": [asdict(s) for s in shards], "models": models}
     path = root / "_job.json"
     if path.exists():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.api import build_api
 from serve_app.catalog import SHARED, Catalog, Served
-from serve_app.errors import DeadlineExceeded, Overloaded, PoolUnavailable, ReplicaLost
+from serve_app.errors import DeadlineExceeded, InputTooLarge, Overloaded, PoolUnavailable, ReplicaLost
 from serve_app.media import RequestImages, load_image
 from serve_app.schemas import (
     ContentSpec,
@@ -27,13 +28,16 @@ from serve_app.schemas import (
     RerankRequest,
     RerankResponse,
     RerankResult,
+    ScoreData,
     ScoredDocument,
+    ScoreRequest,
+    ScoreResponse,
     TeiRank,
     TeiRerankRequest,
     check_limits,
     rank,
 )
-from serve_app.scoring.types import Content, Pair, Score
+from serve_app.scoring.types import CallResult, Content, Pair, Score
 from serve_app.settings import POOLS, Settings
 
 log = logging.getLogger("ray.serve")
@@ -75,6 +79,39 @@ def running_replicas() -> dict[str, int] | None:
 
 
 @dataclass
+class Ranked:
+    """A request's ranking and what it took: pairs per kind and per model, and its pool calls' costs."""
+
+    scored: list[ScoredDocument]
+    per_kind: dict[str, int]
+    per_model: dict[str, int]
+    calls: list[CallResult]
+    total_ms: float = 0.0
+
+    @property
+    def tokens(self) -> int:
+        return sum(call.tokens for call in self.calls)
+
+    @property
+    def split(self) -> int:
+        return sum(call.split for call in self.calls)
+
+    def headers(self) -> dict[str, str]:
+        """text-embeddings-inference's timing headers (ms). The calls run in parallel: queue, tokenization and
+        inference are those of the slowest call (the request's critical path), so queue + inference <= total."""
+        slowest = max(self.calls, key=lambda call: call.busy_ms, default=CallResult([]))
+        # Whole ms: the parts rounded down and the total up, so the sums the headers promise survive rounding.
+        return {
+            "x-total-time": str(math.ceil(self.total_ms)),
+            "x-queue-time": str(math.floor(slowest.queue_ms)),
+            "x-tokenization-time": str(math.floor(slowest.tokenize_ms)),
+            "x-inference-time": str(math.floor(slowest.inference_ms)),
+            "x-compute-tokens": str(self.tokens),
+            "x-compute-pairs": str(sum(call.pairs for call in self.calls)),
+        }
+
+
+@dataclass
 class CachedHealth:
     at: float
     response: HealthResponse
@@ -112,9 +149,13 @@ class Ingress:
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_api(self)
 
-    async def rerank(self, request: RerankRequest, return_documents: bool, api_version: str) -> RerankResponse:
-        """The Cohere/Jina answer: sorted results, documents echoed when asked, pairs per pool in meta."""
-        scored, pairs, models = await self._rerank(request.to_job(self.templates))
+    async def rerank(
+        self, request: RerankRequest, return_documents: bool, api_version: str
+    ) -> tuple[RerankResponse, dict[str, str]]:
+        """The Cohere (v2) / Jina (v1) answer: sorted results, documents echoed when asked; meta with billed units,
+        tokens, pairs per kind and model, documents split into windows; Jina's `usage` on v1. And the timing
+        headers."""
+        ranked = await self._rerank(request.to_job(self.templates))
         results = [
             RerankResult(
                 index=s.index,
@@ -122,30 +163,80 @@ class Ingress:
                 raw_score=s.raw_score if request.raw_scores else None,
                 document=document_out(request.documents[s.index]) if return_documents else None,
             )
-            for s in scored
+            for s in ranked.scored
         ]
-        return RerankResponse(
+        response = RerankResponse(
             id=str(uuid.uuid4()),
             model=request.model,
             results=results,
             meta={
                 "api_version": {"version": api_version},
                 "billed_units": {"search_units": 1},
-                "pairs": pairs,
-                "models": models,
+                "tokens": {"input_tokens": ranked.tokens, "output_tokens": 0},
+                "pairs": ranked.per_kind,
+                "models": ranked.per_model,
+                "split_documents": ranked.split,
             },
+            usage={"total_tokens": ranked.tokens} if api_version == "1" else None,
         )
+        return response, ranked.headers()
 
-    async def rerank_tei(self, request: TeiRerankRequest) -> list[TeiRank]:
-        scored, _, _ = await self._rerank(request.to_job(self.settings.auto_truncate))
-        return [
+    async def rerank_tei(self, request: TeiRerankRequest) -> tuple[list[TeiRank], dict[str, str]]:
+        ranked = await self._rerank(request.to_job(self.settings.auto_truncate))
+        ranks = [
             TeiRank(
                 index=s.index,
                 score=s.raw_score if request.raw_scores else s.relevance_score,
                 text=request.texts[s.index] if request.return_text else None,
             )
-            for s in scored
+            for s in ranked.scored
         ]
+        return ranks, ranked.headers()
+
+    async def score_pairs(self, request: ScoreRequest) -> tuple[ScoreResponse, dict[str, str]]:
+        """vLLM's /score: a score per pair, in the pairs' order. Pairs of one query are one job (its documents
+        batched together); the jobs of several queries run at once."""
+        started = time.perf_counter()
+        pairs = request.pairs()
+        if len(pairs) > self.settings.max_documents_per_request:
+            raise InputTooLarge(
+                f"text_2: {len(pairs)} pairs; the limit is {self.settings.max_documents_per_request} "
+                "(setting max_documents_per_request)",
+                "text_2",
+            )
+        groups: dict[ContentSpec, list[int]] = {}
+        for i, (query, _) in enumerate(pairs):
+            groups.setdefault(query, []).append(i)
+        jobs = [
+            RerankJob(
+                query=query,
+                documents=[pairs[i][1] for i in indices],
+                max_tokens_per_doc=request.truncate_prompt_tokens,
+                model=request.model,
+            )
+            for query, indices in groups.items()
+        ]
+        tasks = [asyncio.ensure_future(self._rerank(job)) for job in jobs]
+        try:
+            answers = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
+        scores = [0.0] * len(pairs)
+        for indices, ranked in zip(groups.values(), answers):
+            for scored in ranked.scored:
+                scores[indices[scored.index]] = scored.relevance_score
+        combined = Ranked([], {}, {}, [call for ranked in answers for call in ranked.calls])
+        combined.total_ms = (time.perf_counter() - started) * 1000
+        response = ScoreResponse(
+            id=f"score-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=request.model,
+            data=[ScoreData(index=i, score=score) for i, score in enumerate(scores)],
+            usage={"prompt_tokens": combined.tokens, "total_tokens": combined.tokens},
+        )
+        return response, combined.headers()
 
     async def health(self) -> tuple[HealthResponse, int]:
         now = time.monotonic()
@@ -236,14 +327,16 @@ class Ingress:
 
     # ---- the one internal path ----------------------------------------------------------
 
-    async def _rerank(self, job: RerankJob) -> tuple[list[ScoredDocument], dict[str, int], dict[str, int]]:
-        """The ranking (threshold and top_n applied) and how many pairs of each kind, and each model, scored,
-        within the deadline.
+    async def _rerank(self, job: RerankJob) -> Ranked:
+        """The ranking (threshold and top_n applied) and what it took, within the deadline.
 
         Past the deadline, or when the client goes away (Serve cancels this task), the pending pool
         calls are cancelled with it, and pairs still queued in a replica's batcher are never scored."""
         try:
-            return await asyncio.wait_for(self._rank_pairs(job), self.settings.request_timeout_s)
+            started = time.perf_counter()
+            ranked = await asyncio.wait_for(self._rank_pairs(job), self.settings.request_timeout_s)
+            ranked.total_ms = (time.perf_counter() - started) * 1000
+            return ranked
         except asyncio.TimeoutError:  # the builtin TimeoutError from 3.11 on
             raise DeadlineExceeded(
                 f"the request took longer than {self.settings.request_timeout_s} s (setting request_timeout_s); "
@@ -255,7 +348,7 @@ class Ingress:
                 self.settings.retry_after_s,
             ) from None
 
-    async def _rank_pairs(self, job: RerankJob) -> tuple[list[ScoredDocument], dict[str, int], dict[str, int]]:
+    async def _rank_pairs(self, job: RerankJob) -> Ranked:
         check_limits(job, self.settings)
         kinds = ["image_text" if d.image is not None or job.query.image is not None else "text" for d in job.documents]
         counts = {pool: kinds.count(pool) for pool in POOLS}
@@ -263,6 +356,8 @@ class Ingress:
         query, documents = await self._load(job)
         pairs = [Pair(query, d, job.instruction, job.max_tokens_per_doc) for d in documents]
         priority = job.priority or self.settings.default_priority
+        windows = job.windows and job.truncate and self.settings.long_documents == "windows"
+        stride = self.settings.window_stride_tokens if windows else None
         by_model: dict[str, list[int]] = {}
         for i, kind in enumerate(kinds):
             by_model.setdefault(routes[kind].name, []).append(i)
@@ -275,7 +370,7 @@ class Ingress:
             step = self.settings.max_pairs_per_call
             for start in range(0, len(indices), step):
                 chunk = indices[start : start + step]
-                call = self._score_call(served[name], handles[name], [pairs[i] for i in chunk], job.truncate)
+                call = self._score_call(served[name], handles[name], [pairs[i] for i in chunk], job.truncate, stride)
                 calls.append((chunk, asyncio.ensure_future(call)))
         # Every model's chunks are in flight at once; merge them back into document order.
         try:
@@ -286,21 +381,25 @@ class Ingress:
                 response.cancel()
             raise
         scores: list[Score] = [Score(0.0, 0.0)] * len(pairs)
-        for (chunk, _), chunk_scores in zip(calls, results):
-            for i, value in zip(chunk, chunk_scores):
+        for (chunk, _), result in zip(calls, results):
+            for i, value in zip(chunk, result.scores):
                 scores[i] = value
-        per_kind = {kind: count for kind, count in counts.items() if count}
-        return rank(scores, job.threshold, job.top_n), per_kind, {name: len(i) for name, i in by_model.items()}
+        return Ranked(
+            scored=rank(scores, job.threshold, job.top_n),
+            per_kind={kind: count for kind, count in counts.items() if count},
+            per_model={name: len(i) for name, i in by_model.items()},
+            calls=results,
+        )
 
     async def _score_call(
-        self, served: Served, handle: DeploymentHandle, pairs: list[Pair], truncate: bool
-    ) -> list[Score]:
+        self, served: Served, handle: DeploymentHandle, pairs: list[Pair], truncate: bool, stride: int | None
+    ) -> CallResult:
         """One pool call. A replica that dies with it (killed, out of memory, a failed GPU) gets the call again
         once, where another replica may be alive. Lost with none left, or twice, or no replica running: 503 +
         Retry-After at once, rather than a call parked in the router until the deadline."""
         for attempt in range(2):
             await self._refuse_without_replicas(served, handle, fresh=attempt > 0)
-            response = handle.score.remote(pairs, truncate)
+            response = handle.score.remote(pairs, truncate, stride)
             waiting = asyncio.ensure_future(response)
             try:
                 # While the call waits, keep asking whether the pool still has a running replica: a call the

@@ -9,7 +9,7 @@ import statistics
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import ray
@@ -19,7 +19,16 @@ from ray.util import metrics
 from serve_app import hardware, pools
 from serve_app.errors import InputTooLarge, InvalidInput, Overloaded, PoolUnavailable
 from serve_app.hardware import ProfileRow
-from serve_app.scoring.types import ModelLoadError, Pair, PairTooLong, Score, ScoringError, TokenCount
+from serve_app.scoring.types import (
+    CallResult,
+    ModelLoadError,
+    Pair,
+    PairTooLong,
+    Score,
+    ScoringError,
+    TokenCount,
+    Windows,
+)
 from serve_app.settings import PoolSettings, SharedPoolSettings, env_name
 from serve_app.stats import percentile
 
@@ -77,6 +86,19 @@ class PoolMetrics:
 
 
 COUNTERS = ("calls", "pairs", "batches", "largest_batch")
+
+
+@dataclass(frozen=True)
+class Part:
+    """One call's share of a batch: its scores, its share of the batch's real tokens, when the batch started
+    and finished (perf_counter), and the batch's preparation and forward time in ms."""
+
+    scores: list[Score]
+    tokens: int
+    started: float
+    done: float
+    tokenize_ms: float
+    inference_ms: float
 
 
 class Resident:
@@ -149,45 +171,70 @@ class ScoringReplica:
         if self.device_fault is not None:
             raise Overloaded(f"a {pool} replica's GPU failed and it is being replaced; retry shortly", 1)
 
-    async def score(self, pairs: list[Pair], truncate: bool = True) -> list[Score]:
-        """A score per pair, in order. Bad input fails this call only, before it is batched."""
-        resident = await self._resident()
+    async def score(self, pairs: list[Pair], truncate: bool = True, window_stride: int | None = None) -> CallResult:
+        """A score per pair, in order, and what they cost. With `window_stride`, a document longer than the
+        model's window is scored as overlapping windows (sharing that many tokens) and gets its best window's
+        score; without, it is truncated (or refused, truncate=False). Bad input fails this call only, before it
+        is batched."""
+        arrived = time.perf_counter()
+        resident = await self._resident()  # in the shared pool: perhaps a load, counted as waiting
+        ready = time.perf_counter()
         resident.last_used = time.monotonic()
         loaded = resident.loaded
         try:
-            if truncate:
-                loaded.scorer.check(pairs, truncate)
+            if window_stride is not None:
+                windows = await asyncio.get_running_loop().run_in_executor(
+                    self.prepare_thread, loaded.scorer.expand_windows, pairs, window_stride
+                )
             else:
-                await asyncio.to_thread(loaded.scorer.check, pairs, truncate)
+                windows = Windows.whole(pairs)
+            windowed = time.perf_counter()
+            if truncate:
+                loaded.scorer.check(windows.pairs, truncate)
+            else:
+                await asyncio.to_thread(loaded.scorer.check, windows.pairs, truncate)
         except PairTooLong as exc:
             raise InputTooLarge(str(exc), "documents") from None
         except ScoringError as exc:
             raise InvalidInput(str(exc), "documents") from None
         resident.calls += 1
+        scored = windows.pairs
         # A call larger than the cap would be refused by the batcher: cut it here, where the cap is known.
         cap = loaded.profile.max_batch_size
-        pieces = [pairs[i : i + cap] for i in range(0, len(pairs), cap)]
+        pieces = [scored[i : i + cap] for i in range(0, len(scored), cap)]
         if self.realtime:
-            results = [await self._run([piece]) for piece in pieces]
-            return [scored for result in results for scored in result[0]]
-        # Nothing queued or running: a batch would only wait for company, so it starts at once. Busy: the
-        # batch forming now waits (the profile's wait) and fills while the device finishes the last one.
-        self._score_batch.set_batch_wait_timeout_s(loaded.profile.batch_wait_timeout_s if self.pending_pairs else 0.0)
-        self.pending_pairs += len(pairs)
-        self.metrics.queue.set(self.pending_pairs)
-        try:
-            results = await asyncio.gather(*(self._score_batch(piece) for piece in pieces))
-        finally:
-            # Also when the caller is cancelled: its queued pieces leave the batcher unscored.
-            self.pending_pairs -= len(pairs)
+            results = [(await self._run([piece]))[0] for piece in pieces]
+        else:
+            # Nothing queued or running: a batch would only wait for company, so it starts at once. Busy: the
+            # batch forming now waits (the profile's wait) and fills while the device finishes the last one.
+            wait = loaded.profile.batch_wait_timeout_s if self.pending_pairs else 0.0
+            self._score_batch.set_batch_wait_timeout_s(wait)
+            self.pending_pairs += len(scored)
             self.metrics.queue.set(self.pending_pairs)
-        for piece in results:
-            if isinstance(piece, Exception):  # this call failed on its own inside a shared batch
-                raise piece
-        return [scored for piece in results for scored in piece]
+            try:
+                results = await asyncio.gather(*(self._score_batch(piece) for piece in pieces))
+            finally:
+                # Also when the caller is cancelled: its queued pieces leave the batcher unscored.
+                self.pending_pairs -= len(scored)
+                self.metrics.queue.set(self.pending_pairs)
+            for piece in results:
+                if isinstance(piece, Exception):  # this call failed on its own inside a shared batch
+                    raise piece
+        # The slowest piece is this call's critical path: its wait for a batch, its preparation, its forward.
+        last = max(results, key=lambda part: part.done)
+        return CallResult(
+            scores=windows.merge([score for part in results for score in part.scores]),
+            pairs=len(scored),
+            tokens=sum(part.tokens for part in results),
+            split=windows.split,
+            # Cutting documents into windows tokenizes them: tokenization time, not queueing.
+            queue_ms=(ready - arrived + last.started - windowed) * 1000,
+            tokenize_ms=(windowed - ready) * 1000 + last.tokenize_ms,
+            inference_ms=last.inference_ms,
+        )
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=pairs_in, max_concurrent_batches=2)
-    async def _score_batch(self, calls: list[list[Pair]]) -> list[list[Score] | Exception]:
+    async def _score_batch(self, calls: list[list[Pair]]) -> list[Part | Exception]:
         # Serve splits a gathered batch by multiplexed model id: every call here is for one model.
         try:
             return await self._run(calls)
@@ -198,7 +245,7 @@ class ScoringReplica:
             log.exception("batch of %d calls failed; scoring them one by one", len(calls))
             return [await self._run_alone(call) for call in calls]
 
-    async def _run(self, calls: list[list[Pair]]) -> list[list[Score]]:
+    async def _run(self, calls: list[list[Pair]]) -> list[Part]:
         """Prepare (CPU) then forward (device), in pieces of the model's cap (a shared replica's batch may be
         larger than a small model's cap). Two batches may be in flight: one prepares while the other holds the
         device, unless overlap_preprocessing is off."""
@@ -206,32 +253,47 @@ class ScoringReplica:
         scorer, cap = resident.loaded.scorer, resident.loaded.profile.max_batch_size
         flat = [pair for call in calls for pair in call]
         loop = asyncio.get_running_loop()
-        scored = []
+        scored, real_tokens = [], 0
+        started = time.perf_counter()
+        tokenize_s = inference_s = 0.0
         for offset in range(0, len(flat), cap):
             piece = flat[offset : offset + cap]
             start = time.perf_counter()
             try:
                 if resident.settings.overlap_preprocessing:
                     prepared = await loop.run_in_executor(self.prepare_thread, scorer.prepare, piece)
+                    tokenized = time.perf_counter()
                     async with self.forward_lock:
+                        forward_start = time.perf_counter()
                         raw = await loop.run_in_executor(self.device_thread, scorer.forward, prepared)
                 else:
                     async with self.forward_lock:
                         prepared = await loop.run_in_executor(self.prepare_thread, scorer.prepare, piece)
+                        tokenized = forward_start = time.perf_counter()
                         raw = await loop.run_in_executor(self.device_thread, scorer.forward, prepared)
             except Exception as exc:
                 if hardware.is_device_fault(exc):
                     self.device_fault = f"{type(exc).__name__}: {str(exc)[:300]}"
                 raise
-            self._record(resident, len(piece), (time.perf_counter() - start) * 1000, scorer.tokens(prepared))
+            done = time.perf_counter()
+            tokenize_s += tokenized - start
+            inference_s += done - forward_start
+            tokens = scorer.tokens(prepared)
+            real_tokens += tokens.real
+            self._record(resident, len(piece), (done - start) * 1000, tokens)
             scored.extend(scorer.calibrate(raw))
+        done = time.perf_counter()
         out, offset = [], 0
         for call in calls:
-            out.append(scored[offset : offset + len(call)])
+            # A batch's tokens are shared out by pairs: exact when the batch is one caller's.
+            share = round(real_tokens * len(call) / len(flat)) if flat else 0
+            out.append(
+                Part(scored[offset : offset + len(call)], share, started, done, tokenize_s * 1000, inference_s * 1000)
+            )
             offset += len(call)
         return out
 
-    async def _run_alone(self, call: list[Pair]) -> list[Score] | Exception:
+    async def _run_alone(self, call: list[Pair]) -> Part | Exception:
         try:
             return (await self._run([call]))[0]
         except Exception as exc:  # noqa: BLE001 - handed back to that caller only

@@ -71,6 +71,7 @@ class RerankJob:
     truncate: bool = True
     priority: Priority | None = None
     model: str | None = None  # a served name or alias; None: the defaults
+    windows: bool = True  # a long document as windows (setting long_documents); False: truncation (TEI)
 
 
 @dataclass(frozen=True)
@@ -119,25 +120,72 @@ def describe_errors(errors: Sequence[dict[str, Any]]) -> tuple[str, str | None]:
     return message, fields[0] if fields else None
 
 
-class ContentIn(BaseModel):
-    """A document or query object: text, an image (base64, data URI or allow-listed URL), or both."""
+class ImageUrl(BaseModel):
+    url: Text = Field(description="A data:image/...;base64, URI, base64, or an allow-listed http(s) URL.")
+
+
+class ContentPart(BaseModel):
+    """vLLM's (OpenAI's) content part: {"type": "text", "text": ...} or {"type": "image_url", "image_url": {"url"}}."""
 
     model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "image_url"]
+    text: Text | None = None
+    image_url: ImageUrl | None = None
+
+    @model_validator(mode="after")
+    def _matches_type(self) -> ContentPart:
+        if self.type == "text" and (self.text is None or self.image_url is not None):
+            raise ValueError('a "text" part takes `text` only')
+        if self.type == "image_url" and (self.image_url is None or self.text is not None):
+            raise ValueError('an "image_url" part takes `image_url: {"url": ...}` only')
+        return self
+
+
+class ContentIn(BaseModel):
+    """A document or query object: text, an image (base64, data URI or allow-listed URL), or both; or vLLM's
+    `content` parts (text parts joined by newlines, at most one image part)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"text": "a red bicycle", "image": "data:image/png;base64,iVBORw0KGgo..."},
+                {
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "https://..."}},
+                        {"type": "text", "text": "x"},
+                    ]
+                },
+            ]
+        },
+    )
 
     text: Text | None = None
     image: Text | None = Field(
         default=None,
         description="Base64 image, a data:image/...;base64, URI, or an allow-listed http(s) URL.",
     )
+    content: list[ContentPart] | None = Field(default=None, min_length=1, max_length=16)
 
     @model_validator(mode="after")
     def _not_empty(self) -> ContentIn:
+        if self.content is not None:
+            if self.text is not None or self.image is not None:
+                raise ValueError("give `content` parts, or `text`/`image`, not both")
+            if sum(part.type == "image_url" for part in self.content) > 1:
+                raise ValueError("give at most one image_url part per query or document")
+            return self
         if self.text is None and self.image is None:
             raise ValueError("give `text`, `image` or both")
         return self
 
     def spec(self) -> ContentSpec:
-        return ContentSpec(text=self.text, image=self.image)
+        if self.content is None:
+            return ContentSpec(text=self.text, image=self.image)
+        texts = [part.text for part in self.content if part.text is not None]
+        images = [part.image_url.url for part in self.content if part.image_url is not None]
+        return ContentSpec(text="\n".join(texts) if texts else None, image=images[0] if images else None)
 
 
 def _spec(value: str | ContentIn) -> ContentSpec:
@@ -147,7 +195,28 @@ def _spec(value: str | ContentIn) -> ContentSpec:
 class RerankRequest(BaseModel):
     """Cohere v2 / Jina rerank request, plus this service's thresholds and instructions."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "minilm",
+                    "query": "what is the capital of france",
+                    "documents": ["Paris is the capital of France.", "Berlin is in Germany."],
+                    "top_n": 1,
+                    "strategy": "balanced",
+                },
+                {
+                    "query": {"text": "a red bicycle"},
+                    "documents": [
+                        {"image": "data:image/png;base64,iVBORw0KGgo..."},
+                        {"content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}]},
+                        "a blue car",
+                    ],
+                },
+            ]
+        },
+    )
 
     model: Text | None = Field(
         default=None,
@@ -256,11 +325,23 @@ class RerankResponse(BaseModel):
     id: str
     model: str | None = None
     results: list[RerankResult]
-    meta: dict
+    meta: dict = Field(
+        description="billed_units, tokens (input_tokens: real tokens computed), pairs per kind, pairs per model, "
+        "split_documents (documents scored as windows)"
+    )
+    usage: dict | None = Field(default=None, description="Jina (/v1/rerank): total_tokens")
 
 
 class TeiRerankRequest(BaseModel):
     """text-embeddings-inference `POST /rerank`."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"query": "what is deep learning", "texts": ["Deep learning is...", "cheese"], "raw_scores": False}
+            ]
+        }
+    )
 
     query: Text
     texts: list[Text] = Field(min_length=1)
@@ -277,7 +358,60 @@ class TeiRerankRequest(BaseModel):
             query=ContentSpec(text=self.query),
             documents=[ContentSpec(text=t) for t in self.texts],
             truncate=auto_truncate if self.truncate is None else self.truncate,
+            windows=False,  # TEI's contract: over-long pairs are truncated (or refused with truncate=false)
         )
+
+
+ScoreInput = Annotated[Text | ContentIn, Field(union_mode="left_to_right")]
+
+
+class ScoreRequest(BaseModel):
+    """vLLM `POST /score` (and `/v1/score`): `text_1` against `text_2`, one against many or pairwise lists; each
+    item a string or a content object (vLLM's content parts, or `text`/`image`)."""
+
+    model_config = ConfigDict(
+        extra="ignore",  # vLLM's sampling and pooling fields (user, priority, ...): nothing for a reranker to do
+        json_schema_extra={
+            "examples": [
+                {"model": "minilm", "text_1": "what is the capital of france", "text_2": ["paris is", "a red car"]}
+            ]
+        },
+    )
+
+    model: Text | None = Field(default=None, description="A served model name or alias; unset: the defaults.")
+    text_1: ScoreInput | list[ScoreInput] = Field(description="The query, or one query per pair.")
+    text_2: ScoreInput | list[ScoreInput] = Field(description="The documents, or one document per pair.")
+    truncate_prompt_tokens: int | None = Field(default=None, ge=1, description="Cut each document to this many tokens.")
+
+    def pairs(self) -> list[tuple[ContentSpec, ContentSpec]]:
+        """(query, document) per pair, in order: one text_1 against each text_2, or the two lists pairwise."""
+        firsts = self.text_1 if isinstance(self.text_1, list) else [self.text_1]
+        seconds = self.text_2 if isinstance(self.text_2, list) else [self.text_2]
+        if not firsts or not seconds:
+            raise InvalidInput("text_1 and text_2 need one item each at least", "text_2")
+        if len(firsts) == 1:
+            firsts = firsts * len(seconds)
+        if len(firsts) != len(seconds):
+            raise InvalidInput(
+                f"text_1 has {len(firsts)} items and text_2 {len(seconds)}: give one text_1, or as many as text_2",
+                "text_1",
+            )
+        return [(_spec(a), _spec(b)) for a, b in zip(firsts, seconds)]
+
+
+class ScoreData(BaseModel):
+    index: int
+    object: Literal["score"] = "score"
+    score: float
+
+
+class ScoreResponse(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str | None = None
+    data: list[ScoreData] = Field(description="One score per pair, in the order of the pairs (not sorted).")
+    usage: dict = Field(description="prompt_tokens and total_tokens: the real tokens computed")
 
 
 class TeiRank(BaseModel):

@@ -332,6 +332,15 @@ class Settings(BaseSettings):
         description="URL prefixes images may be fetched from (scheme://host[:port]/path). Empty: no URLs.",
     )
     image_url_timeout_s: float = Field(default=5.0, gt=0)
+    long_documents: Literal["windows", "truncate"] = Field(
+        default="windows",
+        description="A document longer than the model's window (beside its query): windows scores it as "
+        "overlapping token windows and keeps the best window's score; truncate cuts it to the window. TEI's "
+        "/rerank always truncates (its `truncate` contract).",
+    )
+    window_stride_tokens: int = Field(
+        default=64, ge=0, description="Tokens consecutive windows of a long document share."
+    )
     auto_truncate: bool = Field(
         default=True, description="Truncate over-long pairs when a TEI request leaves `truncate` unset."
     )

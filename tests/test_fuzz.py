@@ -16,7 +16,7 @@ from tests.conftest import deploy
 
 FUZZ_KEY = "fuzz-key-0123456789abcdef"
 HEADERS = {"X-API-Key": FUZZ_KEY}
-EXAMPLES = 60  # per operation: 3 rerank routes, 3 GET routes
+EXAMPLES = 60  # per operation: 3 rerank routes, 2 score routes, 3 GET routes
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_generated_requests_get_no_5xx_and_answers_inside_the_schema(fuzz_url):
     # request is accepted, since some limits are the service's own (an all-whitespace query is a 422).
     schema = schemathesis.openapi.from_url(f"{fuzz_url}/openapi.json", headers=HEADERS)
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {op.path for op in operations} >= {"/v2/rerank", "/v1/rerank", "/rerank", "/health"}
+    assert {op.path for op in operations} >= {"/v2/rerank", "/v1/rerank", "/rerank", "/score", "/v1/score", "/health"}
     for operation in operations:
 
         @given(case=operation.as_strategy())

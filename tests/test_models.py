@@ -71,11 +71,13 @@ def many(serve_url, model_dirs) -> httpx.Client:
             "text": {"model": str(model_dirs["cross_encoder"]), "name": "small", "aliases": ["rerank-v3.5"]},
             "image_text": {"model": str(model_dirs["clip"]), "name": "clip", "aliases": ["jina-reranker-m0"]},
             "models": [
-                # Its own pool, pinned to a GPU kind (declared by a test node; the model runs on its CPU).
+                # Its own pool, pinned to a GPU kind (declared by a test node; the model runs on its CPU). No CPU
+                # asked for here or for the shared pool: the declared-GPU nodes' CPUs go to every other test's
+                # actors too, and a replica asking for one could wait for it forever.
                 {
                     "name": "large",
                     "model": str(model_dirs["cross_encoder_2"]),
-                    "num_cpus": 0.5,
+                    "num_cpus": 0,
                     "num_gpus": 0.5,
                     "accelerator_type": "B200",
                 },
@@ -86,7 +88,7 @@ def many(serve_url, model_dirs) -> httpx.Client:
             ],
             "shared_pool": {
                 "max_models_per_replica": 2,
-                "num_cpus": 0.5,
+                "num_cpus": 0,
                 "num_gpus": 0.5,
                 "accelerator_type": "RTX3060",
             },

@@ -34,6 +34,7 @@ class DualEncoderScorer(FamilyScorer):
     """A side with text and image is embedded as the normalised mean of both embeddings."""
 
     family = "dual_encoder"
+    pair_input = False  # each text embedded alone: a long document is windowed against the model's window
     # CLIP cosines sit in a narrow band (matches ~0.3, mismatches ~0.15-0.2); this centres that band.
     default_calibration = Logistic(scale=50.0, shift=0.25)
 

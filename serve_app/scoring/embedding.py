@@ -36,6 +36,7 @@ class EmbeddingScorer(FamilyScorer):
     """Embeds each distinct text once per batch; the raw score is the cosine of query and document."""
 
     family = "embedding"
+    pair_input = False  # each text embedded alone: a long document is windowed against the model's window
     # Cosine 0.5 maps to 0.5; 0.7 (a close answer for MiniLM-class models) to 0.88; 0.2 to 0.05.
     default_calibration = Logistic(scale=10.0, shift=0.5)
 

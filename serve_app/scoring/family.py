@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -15,6 +15,7 @@ from transformers import AutoTokenizer
 from serve_app.scoring.batching import Cuts, Shapes, truncate_to_tokens
 from serve_app.scoring.types import (
     Calibrator,
+    Content,
     Logistic,
     ModelLoadError,
     Pair,
@@ -22,6 +23,7 @@ from serve_app.scoring.types import (
     ScorerInfo,
     TokenCount,
     UnsupportedPair,
+    Windows,
 )
 from serve_app.settings import DEFAULT_MODEL_CACHE_DIR
 
@@ -162,6 +164,52 @@ class FamilyScorer:
         if text is not None and pair.max_tokens_per_doc:
             text = truncate_to_tokens(self.tokenizer, text, pair.max_tokens_per_doc)
         return text
+
+    # Whether the model reads query and document as one sequence (cross-encoders) or each text alone.
+    pair_input: ClassVar[bool] = True
+
+    def document_budget(self, pair: Pair) -> int:
+        """Document tokens that fit the model's window beside this pair's query and special tokens."""
+        specials = self.tokenizer.num_special_tokens_to_add(pair=self.pair_input)
+        if not self.pair_input:
+            return self.max_length - specials
+        query = len(self.tokenizer(pair.query_text(), add_special_tokens=False)["input_ids"])
+        return self.max_length - specials - query
+
+    def windows(self, pair: Pair, stride: int) -> list[str] | None:
+        """The pair's document (cut to max_tokens_per_doc) as overlapping windows of the tokens that fit beside
+        its query, consecutive windows sharing `stride` tokens; None when it fits whole, has no text, or its query
+        leaves too little room (then truncation applies)."""
+        text = self.document_text(pair)
+        if text is None or pair.needs_image_model:
+            return None
+        budget = self.document_budget(pair)
+        if budget <= stride or 4 * len(text) <= budget:  # fewer tokens than UTF-8 bytes: it fits, no need to count
+            return None
+        offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        if len(offsets) <= budget:
+            return None
+        windows, start = [], 0
+        while True:
+            end = min(start + budget, len(offsets))
+            windows.append(text[offsets[start][0] : offsets[end - 1][1]])
+            if end == len(offsets):
+                return windows
+            start += budget - stride
+
+    def expand_windows(self, pairs: Sequence[Pair], stride: int) -> Windows:
+        expanded, owner, split = [], [], 0
+        for i, pair in enumerate(pairs):
+            texts = self.windows(pair, stride)
+            if texts is None:
+                expanded.append(pair)
+                owner.append(i)
+                continue
+            split += 1
+            for text in texts:
+                expanded.append(replace(pair, document=Content(text=text), max_tokens_per_doc=None))
+                owner.append(i)
+        return Windows(expanded, owner, split, len(pairs))
 
     def text_pairs(self, pairs: Sequence[Pair]) -> tuple[list[str], list[str]]:
         """Query texts (instruction first) and document texts of text-only pairs."""

@@ -117,6 +117,49 @@ class TokenCount:
         return TokenCount(self.real + other.real, self.padded + other.padded)
 
 
+@dataclass(frozen=True)
+class Windows:
+    """A call's pairs with each long document cut into windows: `pairs` are what is scored, `owner[k]` the
+    index of the original pair window k belongs to, `split` how many documents were cut."""
+
+    pairs: list[Pair]
+    owner: list[int]
+    split: int
+    count: int  # original pairs
+
+    @classmethod
+    def whole(cls, pairs: Sequence[Pair]) -> Windows:
+        return cls(list(pairs), list(range(len(pairs))), 0, len(pairs))
+
+    def merge(self, scores: Sequence[Score]) -> list[Score]:
+        """Each original pair's score: its best window's (the calibrated map is monotone: the best raw is the
+        best relevance)."""
+        best: list[Score | None] = [None] * self.count
+        for i, score in zip(self.owner, scores):
+            if best[i] is None or score.raw > best[i].raw:
+                best[i] = score
+        return best  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class CallResult:
+    """One pool call's scores and what they cost: the pairs and real tokens computed (windows included),
+    documents split into windows, and the times of its slowest piece (waiting for a batch, preparing,
+    the forward pass), in ms."""
+
+    scores: list[Score]
+    pairs: int = 0
+    tokens: int = 0
+    split: int = 0
+    queue_ms: float = 0.0
+    tokenize_ms: float = 0.0
+    inference_ms: float = 0.0
+
+    @property
+    def busy_ms(self) -> float:
+        return self.queue_ms + self.tokenize_ms + self.inference_ms
+
+
 class Scorer(Protocol):
     """Turns (query, document) pairs into raw scores and maps them to calibrated 0..1.
 
@@ -145,3 +188,6 @@ class Scorer(Protocol):
 
     def tokens(self, prepared: Any) -> TokenCount:
         """Real and padded text tokens of a prepared batch (padding waste = padded / real - 1)."""
+
+    def expand_windows(self, pairs: Sequence[Pair], stride: int) -> Windows:
+        """Each text document longer than the model's window (beside its query) as overlapping windows."""

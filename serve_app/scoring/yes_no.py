@@ -157,6 +157,11 @@ class YesNoScorer(FamilyScorer):
             keys.append(mine)
         return images, keys
 
+    def document_budget(self, pair: Pair) -> int:
+        """The document tokens that fit: the window less the fixed prompt and this pair's instruction and query."""
+        head = len(self.tokenizer(prompt_body(pair, ""), add_special_tokens=False)["input_ids"])
+        return self.room(0) - head
+
     def room(self, image_tokens: int) -> int:
         """Tokens left for the prompt body once the fixed prefix, suffix and image placeholders are counted."""
         return self.max_length - len(self.prefix_ids) - len(self.suffix_ids) - image_tokens

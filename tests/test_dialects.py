@@ -1,0 +1,237 @@
+"""Every client's dialect: long documents as windows, every image form, vLLM's /score, the answers' token counts
+and timing headers, wide requests, and score parity with sentence-transformers."""
+
+from __future__ import annotations
+
+import base64
+import io
+import tempfile
+from pathlib import Path
+
+import httpx
+import pytest
+
+from serve_app.scoring.loading import load_scorer, resolve_model_dir
+from serve_app.scoring.types import Content, Logistic, Pair
+from serve_app.settings import DEFAULT_TEXT_MODEL, Settings
+from tests import direct
+from tests.conftest import deploy, noise_image
+
+STRIDE = Settings().window_stride_tokens
+QUERY = "what is the capital of france"
+FILLER = (
+    "The old mill by the river ground wheat for the village bakers every autumn. Gardeners plant tulip bulbs "
+    "before the first frost and mulch them with straw. A cyclist oils the chain and checks the brakes before a "
+    "long ride. Violin strings are tuned in fifths and the bow is rosined before practice. "
+)
+RELEVANT = "Paris is the capital and the largest city of France, on the river Seine. "
+
+
+def long_document(words: int) -> str:
+    """About `words` words of filler with the one relevant sentence near the end."""
+    filler = FILLER.split()
+    body = " ".join(filler[i % len(filler)] for i in range(words - 40))
+    return body + " " + RELEVANT + " ".join(filler[:25])
+
+
+def rerank(client: httpx.Client, body: dict, path: str = "/v2/rerank") -> httpx.Response:
+    response = client.post(path, json=body)
+    assert response.status_code == 200, response.text
+    return response
+
+
+def raw_by_index(answer: dict) -> dict[int, float]:
+    return {r["index"]: r["raw_score"] for r in answer["results"]}
+
+
+def test_a_long_document_scores_as_its_best_window_and_outranks_a_short_irrelevant_one(beta):
+    """The real default text model: a 5,000-word document whose answer sits near its end."""
+    document = long_document(5000)
+    assert len(document.split()) >= 5000
+    documents = [document, "Bananas are rich in potassium and easy to peel."]
+    answer = rerank(beta, {"query": QUERY, "documents": documents, "raw_scores": True}).json()
+    assert [r["index"] for r in answer["results"]] == [0, 1]
+    assert answer["meta"]["split_documents"] == 1
+
+    # The windows the service scored, from the same code, each through a plain transformers forward.
+    scorer = load_scorer(DEFAULT_TEXT_MODEL, _options())
+    windows = scorer.windows(Pair(Content(text=QUERY), Content(text=document)), STRIDE)
+    assert len(windows) > 10 and RELEVANT.split(",")[0] in windows[-1]
+    model_dir = resolve_model_dir(DEFAULT_TEXT_MODEL, _options().cache_dir)
+    expected = direct.embedding(model_dir, QUERY, windows, max_length=scorer.max_length)
+    assert raw_by_index(answer)[0] == pytest.approx(max(expected), abs=1e-4)
+
+
+def _options():
+    from serve_app.scoring.family import LoadOptions
+
+    return LoadOptions(cache_dir=Path(tempfile.gettempdir()) / "serve_app-test-models")
+
+
+def test_windows_of_a_cross_encoder_match_direct_forwards_of_the_same_windows(alpha, model_dirs):
+    document = long_document(300)  # the tiny model's window is 64 tokens
+    answer = rerank(alpha, {"query": QUERY, "documents": [document, "the dog"], "raw_scores": True}).json()
+    scorer = load_scorer(str(model_dirs["cross_encoder"]))
+    windows = scorer.windows(Pair(Content(text=QUERY), Content(text=document)), STRIDE)
+    assert len(windows) > 5
+    expected = direct.cross_encoder(model_dirs["cross_encoder"], QUERY, windows)
+    assert raw_by_index(answer)[0] == pytest.approx(max(expected), abs=1e-4)
+    assert answer["meta"]["split_documents"] == 1
+    # Windows overlap by the stride: each starts inside the one before.
+    assert all(window.split()[0] in before for before, window in zip(windows, windows[1:]))
+
+
+def test_tei_truncates_instead(alpha, model_dirs):
+    document = long_document(300)
+    ranks = rerank(alpha, {"query": QUERY, "texts": [document], "raw_scores": True}, "/rerank").json()
+    (expected,) = direct.cross_encoder(model_dirs["cross_encoder"], QUERY, [document])  # truncated to the window
+    assert ranks[0]["score"] == pytest.approx(expected, abs=1e-4)
+
+
+def png_bytes(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    noise_image((40, 30), seed).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_every_image_form_reaches_the_image_pool_with_the_same_score(alpha):
+    data = base64.b64encode(png_bytes(7)).decode()
+    uri = f"data:image/png;base64,{data}"
+    documents = [
+        {"image": data},  # Jina: base64
+        {"image": uri},  # a data URI
+        {"content": [{"type": "image_url", "image_url": {"url": uri}}]},  # vLLM's content parts
+        {"content": [{"type": "image_url", "image_url": {"url": data}}]},
+    ]
+    answer = rerank(alpha, {"query": "a noisy picture", "documents": documents, "raw_scores": True}).json()
+    assert answer["meta"]["pairs"] == {"image_text": 4}
+    scores = list(raw_by_index(answer).values())
+    assert max(scores) - min(scores) < 1e-6
+    # The query as content parts: text parts joined, an image part as the query's image.
+    query = {"content": [{"type": "text", "text": "a noisy"}, {"type": "text", "text": "picture"}]}
+    same = rerank(alpha, {"query": query, "documents": documents[:1], "raw_scores": True}).json()
+    plain = rerank(alpha, {"query": "a noisy\npicture", "documents": documents[:1], "raw_scores": True}).json()
+    assert same["results"][0]["raw_score"] == pytest.approx(plain["results"][0]["raw_score"], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ({"content": [{"type": "image_url", "image_url": {"url": "x"}}] * 2}, "at most one image_url part"),
+        ({"content": [{"type": "text"}]}, '"text" part takes `text`'),
+        ({"content": [{"type": "text", "text": "a"}], "text": "b"}, "not both"),
+        ({"content": []}, "at least 1"),
+    ],
+)
+def test_malformed_content_parts_are_a_422_naming_the_fix(alpha, document, message):
+    response = alpha.post("/v2/rerank", json={"query": "q", "documents": [document]})
+    assert response.status_code == 422 and message in response.json()["message"]
+
+
+@pytest.mark.parametrize("path", ["/score", "/v1/score"])
+def test_vllm_score_answers_in_its_shape_and_order(alpha, path):
+    documents = ["paris is the capital of france", "a red car", "the dog"]
+    answer = rerank(alpha, {"model": None, "text_1": QUERY, "text_2": documents}, path).json()
+    assert answer["object"] == "list" and answer["id"].startswith("score-") and isinstance(answer["created"], int)
+    assert [d["index"] for d in answer["data"]] == [0, 1, 2] and {d["object"] for d in answer["data"]} == {"score"}
+    assert answer["usage"]["prompt_tokens"] == answer["usage"]["total_tokens"] > 0
+    cohere = rerank(alpha, {"query": QUERY, "documents": documents}).json()["results"]
+    by_index = {r["index"]: r["relevance_score"] for r in cohere}
+    assert [d["score"] for d in answer["data"]] == pytest.approx([by_index[i] for i in range(3)], abs=1e-9)
+
+    # Pairwise lists: each text_1 with its text_2; a vLLM client's extra fields are ignored.
+    pairwise = {"text_1": [QUERY, "a red car"], "text_2": documents[:2], "user": "u-1", "encoding_format": "float"}
+    scores = [d["score"] for d in rerank(alpha, pairwise, path).json()["data"]]
+    one = rerank(alpha, {"text_1": "a red car", "text_2": "a red car"}, path).json()["data"][0]["score"]
+    assert scores[0] == pytest.approx(by_index[0], abs=1e-9) and scores[1] == pytest.approx(one, abs=1e-9)
+
+    mismatch = alpha.post(path, json={"text_1": ["a", "b"], "text_2": ["c", "d", "e"]})
+    assert mismatch.status_code == 422 and "give one text_1, or as many as text_2" in mismatch.json()["message"]
+
+
+def test_answers_carry_real_tokens_and_timing_headers_that_add_up(alpha):
+    body = {"query": QUERY, "documents": ["paris is the capital of france", "a red car", long_document(300)]}
+    for path, request in [
+        ("/v2/rerank", body),
+        ("/v1/rerank", body),
+        ("/rerank", {"query": QUERY, "texts": body["documents"]}),
+        ("/score", {"text_1": QUERY, "text_2": body["documents"]}),
+    ]:
+        response = rerank(alpha, request, path)
+        h = response.headers
+        times = {name: int(h[f"x-{name}-time"]) for name in ("total", "queue", "tokenization", "inference")}
+        assert all(value >= 0 for value in times.values()) and times["total"] > 0, path
+        assert times["queue"] + times["inference"] <= times["total"], (path, times)
+        assert times["queue"] + times["tokenization"] + times["inference"] <= times["total"], (path, times)
+        pairs = int(h["x-compute-pairs"])
+        assert pairs > 3 if path != "/rerank" else pairs == 3, (path, pairs)  # the long one is windowed, not on TEI
+        assert int(h["x-compute-tokens"]) > pairs, path
+    cohere = rerank(alpha, body).json()
+    assert cohere["meta"]["tokens"]["input_tokens"] > 0 and cohere["meta"]["billed_units"] == {"search_units": 1}
+    jina = rerank(alpha, body, "/v1/rerank").json()
+    assert jina["usage"]["total_tokens"] == jina["meta"]["tokens"]["input_tokens"] > 0
+
+
+def test_a_3000_document_request_is_answered_whole(serve_url, model_dirs):
+    from ray import serve
+
+    deploy(
+        "wide",
+        {
+            "text": {"model": str(model_dirs["cross_encoder"]), "num_cpus": 0.5},
+            "image_text": {"enabled": False},
+            "max_documents_per_request": 3000,
+            "request_timeout_s": 120,
+        },
+    )
+    try:
+        documents = [f"document {i} about {['rivers', 'capitals', 'cars', 'dogs'][i % 4]}" for i in range(3000)]
+        with httpx.Client(base_url=f"{serve_url}/wide", timeout=180) as client:
+            answer = rerank(client, {"query": QUERY, "documents": documents}).json()
+        assert sorted(r["index"] for r in answer["results"]) == list(range(3000))
+        assert answer["meta"]["pairs"] == {"text": 3000}
+    finally:
+        serve.delete("wide")
+
+
+def test_cross_encoder_scores_equal_sentence_transformers(alpha, model_dirs):
+    from sentence_transformers import CrossEncoder
+
+    pairs = [(QUERY, "paris is the capital of france"), (QUERY, "a red car in the rain"), ("dog", "the dog barks")]
+    # One label: CrossEncoder.predict's default activation is the sigmoid, our calibrated score for the family.
+    expected = CrossEncoder(str(model_dirs["cross_encoder"])).predict(pairs)
+    for (query, document), want in zip(pairs, expected):
+        answer = rerank(alpha, {"query": query, "documents": [document]}).json()
+        assert answer["results"][0]["relevance_score"] == pytest.approx(float(want), abs=1e-5)
+    # Two labels: predict gives logits (identity); our 0..1 score is their softmax's positive class, and our raw
+    # score the logit difference.
+    two = CrossEncoder(str(model_dirs["cross_encoder_2"])).predict(pairs)
+    scorer = load_scorer(str(model_dirs["cross_encoder_2"]))
+    ours = scorer.calibrate(scorer.score([Pair(Content(text=q), Content(text=d)) for q, d in pairs]))
+    for logits, score in zip(two, ours):
+        assert score.raw == pytest.approx(float(logits[1] - logits[0]), abs=1e-5)
+        assert score.relevance == pytest.approx(Logistic()(float(logits[1] - logits[0])), abs=1e-5)
+
+
+def test_embedding_scores_equal_sentence_transformers_cosine(model_dirs):
+    from sentence_transformers import SentenceTransformer
+
+    texts = ["paris is the capital of france", "a red car in the rain", "the dog barks"]
+    model = SentenceTransformer(str(model_dirs["embedding"]))
+    embeddings = model.encode([QUERY, *texts], normalize_embeddings=True, convert_to_tensor=True)
+    cosines = (embeddings[1:] @ embeddings[0]).tolist()
+    scorer = load_scorer(str(model_dirs["embedding"]))
+    ours = scorer.calibrate(scorer.score([Pair(Content(text=QUERY), Content(text=t)) for t in texts]))
+    for score, cosine in zip(ours, cosines):
+        assert score.raw == pytest.approx(cosine, abs=1e-5)
+        assert score.relevance == pytest.approx(Logistic(10.0, 0.5)(cosine), abs=1e-5)  # the family's documented map
+
+
+def test_the_openapi_schema_shows_every_dialect_with_an_example(alpha):
+    schema = alpha.get("/openapi.json").json()
+    paths = schema["paths"]
+    assert {"/v2/rerank", "/v1/rerank", "/rerank", "/score", "/v1/score"} <= set(paths)
+    components = schema["components"]["schemas"]
+    for name in ("RerankRequest", "TeiRerankRequest", "ScoreRequest", "ContentIn"):
+        assert components[name].get("examples"), name
+    assert "404" in paths["/v2/rerank"]["post"]["responses"] and "404" in paths["/score"]["post"]["responses"]
