@@ -294,7 +294,12 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(default=1, ge=0, description="Retry-After (seconds) sent with 503 when queues are full.")
 
     max_documents_per_request: int = Field(default=1000, ge=1)
-    max_text_chars: int = Field(default=20_000, ge=1, description="Characters per query or document text.")
+    max_text_chars: int = Field(
+        default=100_000,
+        ge=1,
+        description="Characters per query or document text (a long document is scored as windows; this bounds "
+        "the work one document may ask for).",
+    )
     max_request_bytes: int = Field(default=50 * 1024 * 1024, ge=1024, description="HTTP request body size.")
     request_read_timeout_s: float = Field(
         default=10.0,

@@ -30,7 +30,7 @@ RELEVANT = "Paris is the capital and the largest city of France, on the river Se
 def long_document(words: int) -> str:
     """About `words` words of filler with the one relevant sentence near the end."""
     filler = FILLER.split()
-    body = " ".join(filler[i % len(filler)] for i in range(words - 40))
+    body = " ".join(filler[i % len(filler)] for i in range(words - 30))
     return body + " " + RELEVANT + " ".join(filler[:25])
 
 
@@ -137,13 +137,14 @@ def test_vllm_score_answers_in_its_shape_and_order(alpha, path):
     assert answer["usage"]["prompt_tokens"] == answer["usage"]["total_tokens"] > 0
     cohere = rerank(alpha, {"query": QUERY, "documents": documents}).json()["results"]
     by_index = {r["index"]: r["relevance_score"] for r in cohere}
-    assert [d["score"] for d in answer["data"]] == pytest.approx([by_index[i] for i in range(3)], abs=1e-9)
+    # Batched with other pairs or alone: the same up to float32 padding noise.
+    assert [d["score"] for d in answer["data"]] == pytest.approx([by_index[i] for i in range(3)], abs=1e-6)
 
     # Pairwise lists: each text_1 with its text_2; a vLLM client's extra fields are ignored.
     pairwise = {"text_1": [QUERY, "a red car"], "text_2": documents[:2], "user": "u-1", "encoding_format": "float"}
     scores = [d["score"] for d in rerank(alpha, pairwise, path).json()["data"]]
     one = rerank(alpha, {"text_1": "a red car", "text_2": "a red car"}, path).json()["data"][0]["score"]
-    assert scores[0] == pytest.approx(by_index[0], abs=1e-9) and scores[1] == pytest.approx(one, abs=1e-9)
+    assert scores[0] == pytest.approx(by_index[0], abs=1e-6) and scores[1] == pytest.approx(one, abs=1e-6)
 
     mismatch = alpha.post(path, json={"text_1": ["a", "b"], "text_2": ["c", "d", "e"]})
     assert mismatch.status_code == 422 and "give one text_1, or as many as text_2" in mismatch.json()["message"]

@@ -178,14 +178,15 @@ class FamilyScorer:
 
     def windows(self, pair: Pair, stride: int) -> list[str] | None:
         """The pair's document (cut to max_tokens_per_doc) as overlapping windows of the tokens that fit beside
-        its query, consecutive windows sharing `stride` tokens; None when it fits whole, has no text, or its query
-        leaves too little room (then truncation applies)."""
+        its query, consecutive windows sharing `stride` tokens (at most half a window); None when it fits whole,
+        has no text, or its query leaves no room (then truncation applies)."""
         text = self.document_text(pair)
         if text is None or pair.needs_image_model:
             return None
         budget = self.document_budget(pair)
-        if budget <= stride or 4 * len(text) <= budget:  # fewer tokens than UTF-8 bytes: it fits, no need to count
+        if budget < 2 or 4 * len(text) <= budget:  # fewer tokens than UTF-8 bytes: it fits, no need to count
             return None
+        stride = min(stride, budget // 2)  # a small window (CLIP's 77 tokens) still moves on by half of itself
         offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
         if len(offsets) <= budget:
             return None
