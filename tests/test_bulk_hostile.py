@@ -11,7 +11,7 @@ import pytest
 
 from serve_app import bulk
 from serve_app.bulk import Options, Output, PairScorer, parse_args, run
-from serve_app.scoring.types import Content, Pair, Score
+from serve_app.scoring.types import Content, Pair, Score, Windows
 from serve_app.settings import Settings
 
 
@@ -69,8 +69,11 @@ def test_one_pair_failing_in_a_way_nobody_foresaw_fails_its_own_row_only():
         def calibrate(self, raw):
             return [Score(r, r / 10) for r in raw]
 
+        def expand_windows(self, pairs, stride):
+            return Windows.whole(pairs)
+
     actor = PairScorer.__new__(PairScorer)
-    actor.scorer = Flaky()
+    actor.scorer, actor.settings, actor.cap = Flaky(), Settings(), 8
     pairs = [Pair(Content(text="q"), Content(text=t)) for t in ("ok", "boom", "fine")]
     errors = ["", "", ""]
     scored = dict((i, s) for indices, scores in actor._score(pairs, [0, 1, 2], errors) for i, s in zip(indices, scores))
