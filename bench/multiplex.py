@@ -230,7 +230,8 @@ def render_lines(path: Path) -> str:
     return (
         f"Measured on {r['device']}, {r['documents_per_request']} documents per request, {r['clients']} "
         f"closed-loop clients, median of {r['rounds']} rounds of {r['seconds_per_phase']:g} s "
-        f"(`{r['command']}`, `{path.relative_to(ROOT)}`):\n\n"
+        f"(`{r['command']}`, `{path.relative_to(ROOT)}`). The cross-encoder is MiniLM-L6-sized with random weights "
+        "(it costs what the real one costs); the embedding model is all-MiniLM-L6-v2 with its real weights:\n\n"
         "| placement | pairs/s |\n|---|---|\n"
         f"| cross-encoder on a replica of its own | {m['own-ce']:,.1f} |\n"
         f"| embedding model on a replica of its own | {m['own-emb']:,.1f} |\n"
