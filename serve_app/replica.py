@@ -500,8 +500,13 @@ class SharedReplica(ScoringReplica):
             return await self._load(name)
 
         self.get_model = serve.multiplexed(max_num_models_per_replica=shared.max_models_per_replica)(load)
+        # One gathered batch holds up to the largest of the models' caps (each model's own setting, else its
+        # profile row); each model's cap then cuts its own forwards.
         self.cap = shared.max_batch_size or max(
-            (hardware.choose_profile(profiles, self.placement, pool, s).max_batch_size for pool, s in models.values()),
+            (
+                s.max_batch_size or hardware.choose_profile(profiles, self.placement, pool, s).max_batch_size
+                for pool, s in models.values()
+            ),
             default=8,
         )
         self._score_batch.set_max_batch_size(self.cap)

@@ -221,7 +221,7 @@ class SharedPoolSettings(BaseModel):
         default=None,
         ge=1,
         description="Most pairs one gathered batch holds, all models together (each model's own cap still cuts its "
-        "forward passes). Unset: the largest cap among the shared models' profiles.",
+        "forward passes). Unset: the largest of the models' caps (their max_batch_size, else their profile row).",
     )
     torch_threads: int | None = Field(default=None, ge=1)
 
