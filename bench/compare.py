@@ -63,6 +63,7 @@ class Row:
     mean_batch_fill: float | None = None
     flops_per_s: float | None = None
     note: str = ""
+    errors: int = 0  # requests of the phase that got no answer (504, 503, ...): counted, not fatal
     ratio_to_raw: float | None = None
     ratio_to_infinity: float | None = None
     extra: dict = field(default_factory=dict)
@@ -238,21 +239,37 @@ def peak_rss(pid: int) -> int | None:
     return None
 
 
-async def drive(call, requests: list[dict], concurrency: int) -> tuple[float, list[float]]:
-    """Send every request with at most `concurrency` in flight; (wall seconds, per-request latencies in ms)."""
+@dataclass
+class Driven:
+    """One phase: wall seconds, latencies (ms) of the answered requests, and which failed (index -> why)."""
+
+    seconds: float
+    latencies: list[float]
+    failed: dict[int, str]
+
+
+async def drive(call, requests: list[dict], concurrency: int) -> Driven:
+    """Send every request with at most `concurrency` in flight. A request that fails (a 504 past the deadline,
+    a 503) is counted in its phase's row, never ends the run."""
     queue = list(enumerate(requests))
-    latencies = [0.0] * len(requests)
+    latencies: dict[int, float] = {}
+    failed: dict[int, str] = {}
 
     async def worker() -> None:
         while queue:
             i, request = queue.pop(0)
             start = time.perf_counter()
-            await call(request)
+            try:
+                await call(request)
+            except Exception as exc:  # noqa: BLE001 - the row reports it
+                status = getattr(getattr(exc, "response", None), "status_code", None)
+                failed[i] = f"{type(exc).__name__}{f' {status}' if status else ''}"
+                continue
             latencies[i] = (time.perf_counter() - start) * 1000
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return time.perf_counter() - start, latencies
+    return Driven(time.perf_counter() - start, [latencies[i] for i in sorted(latencies)], failed)
 
 
 def client_for(concurrency: int) -> httpx.AsyncClient:
@@ -266,27 +283,35 @@ async def bench_infinity(infinity: Infinity, family: str, sets: RequestSets, pla
         await drive(lambda r: infinity.score(client, family, r), sets.text[:2], 2)  # warm-up
         for concurrency in CONCURRENCY:
             requests = sets.latency if concurrency == 1 else sets.text
-            seconds, latencies = await drive(lambda r: infinity.score(client, family, r), requests, concurrency)
-            rows.append(load_row(family, "infinity", concurrency, requests, seconds, latencies))
+            driven = await drive(lambda r: infinity.score(client, family, r), requests, concurrency)
+            rows.append(load_row(family, "infinity", concurrency, requests, driven))
     peak = infinity.peak_memory_bytes()
     for row in rows:
         row.peak_memory_bytes = peak
-        row.note = "peak: whole server, both models"
+        row.note = "; ".join(filter(None, ["peak: whole server, both models", row.note]))
     return rows
 
 
-def load_row(model: str, system: str, concurrency: int | None, requests: list[dict], seconds: float, latencies) -> Row:
-    pairs = pairs_of(requests)
+def load_row(model: str, system: str, concurrency: int | None, requests: list[dict], driven: Driven) -> Row:
+    """A phase's row: pairs/s counts the answered requests' pairs only; failed requests are counted by kind."""
+    answered = [r for i, r in enumerate(requests) if i not in driven.failed]
+    pairs = pairs_of(answered)
+    kinds: dict[str, int] = {}
+    for why in driven.failed.values():
+        kinds[why] = kinds.get(why, 0) + 1
+    p50, p95 = percentile(driven.latencies, 0.5), percentile(driven.latencies, 0.95)
     return Row(
         model=model,
         system=system,
         concurrency=concurrency,
         pairs=pairs,
-        seconds=round(seconds, 3),
-        pairs_per_s=round(pairs / seconds, 2),
-        latency_ms_p50=round(percentile(latencies, 0.5), 2),
-        latency_ms_p95=round(percentile(latencies, 0.95), 2),
+        seconds=round(driven.seconds, 3),
+        pairs_per_s=round(pairs / driven.seconds, 2),
+        latency_ms_p50=None if p50 is None else round(p50, 2),
+        latency_ms_p95=None if p95 is None else round(p95, 2),
         peak_memory_bytes=None,
+        errors=len(driven.failed),
+        note=f"{len(driven.failed)} of {len(requests)} requests failed: {kinds}" if driven.failed else "",
     )
 
 
@@ -371,18 +396,18 @@ async def bench_service(service: Service, family: str, requests_by_use: RequestS
         ]
         for system, concurrency, call, requests in phases:
             before = service.stats(family)
-            seconds, latencies = await drive(call, requests, concurrency)
+            driven = await drive(call, requests, concurrency)
             after = service.stats(family)
-            row = load_row(family, system, concurrency, requests, seconds, latencies)
+            row = load_row(family, system, concurrency, requests, driven)
             delta = {key: after[key] - before[key] for key in ("batches", "pairs", "real_tokens", "padded_tokens")}
             row.mean_batch_fill = round(delta["pairs"] / delta["batches"], 2) if delta["batches"] else None
             if delta["real_tokens"]:
                 row.padding_waste = round(delta["padded_tokens"] / delta["real_tokens"] - 1, 4)
             row.peak_memory_bytes = after["peak_memory_bytes"]
-            row.note = "peak: the pool replica"
+            row.note = "; ".join(filter(None, ["peak: the pool replica", row.note]))
             row.extra = {"batches": delta["batches"], "padded_tokens": delta["padded_tokens"]}
             if plan.flops_per_token and family == "cross_encoder":
-                row.flops_per_s = round(delta["padded_tokens"] * plan.flops_per_token / seconds)
+                row.flops_per_s = round(delta["padded_tokens"] * plan.flops_per_token / driven.seconds)
             rows.append(row)
     # What the replicas measured at start-up decides how batches were cut: keep it beside the figures.
     pool = "image_text" if family == "clip" else "text"
