@@ -44,6 +44,15 @@ def test_names_that_would_pick_two_models_are_refused_at_start(args, message):
         Settings(**args)
 
 
+def test_models_and_aliases_come_from_the_environment_too(monkeypatch):
+    monkeypatch.setenv("RERANK_MODELS", '[{"name": "m", "model": "/models/m", "placement": "shared"}]')
+    monkeypatch.setenv("RERANK_TEXT__ALIASES", '["rerank-v3.5"]')
+    monkeypatch.setenv("RERANK_SHARED_POOL__MAX_MODELS_PER_REPLICA", "3")
+    catalog = Catalog(Settings())
+    assert catalog.find("m").placement == "shared" and catalog.find("rerank-v3.5").default
+    assert Settings().shared_pool.max_models_per_replica == 3
+
+
 def test_two_models_may_share_a_name_only_when_one_is_disabled():
     settings = Settings(text={"enabled": False, "name": "a"}, models=[{"name": "a", "model": "x"}])
     assert Catalog(settings).find("a").key == "model_a"
