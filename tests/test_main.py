@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 from serve_app import __main__ as main
 
 
@@ -53,6 +56,11 @@ def test_a_pid_reused_by_a_later_process_is_stale(monkeypatch, tmp_path):
     # A live process whose command line names serve_app, as a later `make run` would, with another start time.
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "serve_app"])
     try:
+        # Until the child has exec'd, its /proc cmdline is still ours (pytest's): wait for its own.
+        cmdline = Path(f"/proc/{other.pid}/cmdline")
+        deadline = time.monotonic() + 10
+        while b"serve_app" not in cmdline.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.01)
         namespace, start = main.process_identity(other.pid).split(" ")
         main.PID_FILE.write_text(f"{other.pid} {namespace} {int(start) - 1}")
         assert main.running_pid() is None
