@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from serve_app.ports import port_free
 from serve_app.schemas import describe_errors
@@ -68,6 +69,13 @@ def main() -> int:
     except ValidationError as exc:
         message, _ = describe_errors(exc.errors())
         print(f"serve_app: bad settings, not starting: {message}")
+        return 2
+    except SettingsError as exc:  # a RERANK_ variable that is not JSON where JSON is expected (models, pools)
+        cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+        print(
+            f"serve_app: bad settings, not starting: {exc}{cause}. Complex settings (models, text, image_text, "
+            "shared_pool, autoscaling) take JSON in their RERANK_ variable; unset the variable for the default."
+        )
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(message)s")
     url = f"http://{settings.host}:{settings.port}"

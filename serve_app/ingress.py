@@ -18,7 +18,14 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.api import build_api
 from serve_app.catalog import SHARED, Catalog, Served
-from serve_app.errors import DeadlineExceeded, InputTooLarge, Overloaded, PoolUnavailable, ReplicaLost
+from serve_app.errors import (
+    DeadlineExceeded,
+    InputTooLarge,
+    InvalidInput,
+    Overloaded,
+    PoolUnavailable,
+    ReplicaLost,
+)
 from serve_app.media import RequestImages, load_image
 from serve_app.schemas import (
     ContentSpec,
@@ -37,7 +44,8 @@ from serve_app.schemas import (
     check_limits,
     rank,
 )
-from serve_app.scoring.types import CallResult, Content, Pair, Score
+from serve_app.scoring.text import TextEncoder
+from serve_app.scoring.types import CallResult, Content, EncodedPair, Pair, PairTooLong, Score, ScoringError
 from serve_app.settings import POOLS, Settings
 
 log = logging.getLogger("ray.serve")
@@ -78,6 +86,49 @@ def running_replicas() -> dict[str, int] | None:
         return None
 
 
+class Encoders:
+    """Per model: a TextEncoder built from the TokenizerSpec its pool hands out (asked of one replica, once), or
+    None where its pairs travel as text (another family, tokenize_in=pool, the shared pool)."""
+
+    SPEC_WAIT_S = 2.0  # a pool that has not answered by then gets this request's pairs as text
+
+    def __init__(self) -> None:
+        self.known: dict[str, TextEncoder | None] = {}
+        self.asking: dict[str, asyncio.Future] = {}
+
+    async def get(self, name: str, handle: DeploymentHandle) -> TextEncoder | None:
+        if name in self.known:
+            return self.known[name]
+        task = self.asking.get(name)
+        if task is None:
+            task = self.asking[name] = asyncio.ensure_future(self._ask(name, handle))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved, never logged as lost
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), self.SPEC_WAIT_S)
+        except Exception as exc:  # noqa: BLE001 - no spec yet: the pairs go as text, the pool says what is wrong
+            if task.done():
+                self.asking.pop(name, None)  # failed (pool unavailable): ask again next time
+            log.info("model %s: no tokenizer from its pool yet (%s); sending text", name, type(exc).__name__)
+            return None
+
+    async def _ask(self, name: str, handle: DeploymentHandle) -> TextEncoder | None:
+        spec = await handle.tokenizer_spec.remote()
+        encoder = None if spec is None else await asyncio.to_thread(TextEncoder, spec)
+        self.known[name] = encoder
+        log.info("model %s: %s", name, f"tokenizing here ({spec.family})" if encoder else "its pool tokenizes")
+        return encoder
+
+
+def encode_call(encoder: TextEncoder, pairs: list[Pair], truncate: bool, stride: int | None):
+    """A model's pairs as token ids (windows cut, lengths checked), the way its pool would tokenize them."""
+    try:
+        return encoder.prepare(pairs, truncate, stride)
+    except PairTooLong as exc:
+        raise InputTooLarge(str(exc), "documents") from None
+    except ScoringError as exc:
+        raise InvalidInput(str(exc), "documents") from None
+
+
 @dataclass
 class Ranked:
     """A request's ranking and what it took: pairs per kind and per model, and its pool calls' costs."""
@@ -87,6 +138,8 @@ class Ranked:
     per_model: dict[str, int]
     calls: list[CallResult]
     total_ms: float = 0.0
+    split_here: int = 0  # documents the ingress cut into windows (the pools count the ones they cut)
+    tokenize_ms: float = 0.0  # tokenizing in the ingress, before the pool calls
 
     @property
     def tokens(self) -> int:
@@ -94,7 +147,7 @@ class Ranked:
 
     @property
     def split(self) -> int:
-        return sum(call.split for call in self.calls)
+        return self.split_here + sum(call.split for call in self.calls)
 
     def headers(self) -> dict[str, str]:
         """text-embeddings-inference's timing headers (ms). The calls run in parallel: queue, tokenization and
@@ -104,7 +157,7 @@ class Ranked:
         return {
             "x-total-time": str(math.ceil(self.total_ms)),
             "x-queue-time": str(math.floor(slowest.queue_ms)),
-            "x-tokenization-time": str(math.floor(slowest.tokenize_ms)),
+            "x-tokenization-time": str(math.floor(self.tokenize_ms + slowest.tokenize_ms)),
             "x-inference-time": str(math.floor(slowest.inference_ms)),
             "x-compute-tokens": str(self.tokens),
             "x-compute-pairs": str(sum(call.pairs for call in self.calls)),
@@ -141,6 +194,7 @@ class Ingress:
         self.cached_health: CachedHealth | None = None
         self.pairs_sent: dict[str, int] = {}
         self.replicas = RunningReplicas()
+        self.encoders = Encoders()
         # One handle per shared model, made once: each call names its model to the multiplexing router.
         self.shared_handles = {
             name: shared.options(multiplexed_model_id=name) for name in self.catalog.shared() if shared is not None
@@ -334,7 +388,8 @@ class Ingress:
         calls are cancelled with it, and pairs still queued in a replica's batcher are never scored."""
         try:
             started = time.perf_counter()
-            ranked = await asyncio.wait_for(self._rank_pairs(job), self.settings.request_timeout_s)
+            deadline = time.time() + self.settings.request_timeout_s
+            ranked = await asyncio.wait_for(self._rank_pairs(job, deadline), self.settings.request_timeout_s)
             ranked.total_ms = (time.perf_counter() - started) * 1000
             return ranked
         except asyncio.TimeoutError:  # the builtin TimeoutError from 3.11 on
@@ -348,7 +403,7 @@ class Ingress:
                 self.settings.retry_after_s,
             ) from None
 
-    async def _rank_pairs(self, job: RerankJob) -> Ranked:
+    async def _rank_pairs(self, job: RerankJob, deadline: float) -> Ranked:
         check_limits(job, self.settings)
         kinds = ["image_text" if d.image is not None or job.query.image is not None else "text" for d in job.documents]
         counts = {pool: kinds.count(pool) for pool in POOLS}
@@ -364,13 +419,26 @@ class Ingress:
         served = {name: self.catalog.find(name) for name in by_model}
         handles = {name: self._handle(served[name], priority) for name in by_model}
         calls = []
+        split_here, tokenize_s = 0, 0.0
+        admit_by = self._admit_by(deadline)
         for name, indices in by_model.items():
             key = served[name].key
-            self.pairs_sent[key] = self.pairs_sent.get(key, 0) + len(indices)
+            items: list[Pair] | list[EncodedPair] = [pairs[i] for i in indices]
+            owners, call_stride = indices, stride
+            encoder = await self._encoder(served[name])
+            if encoder is not None:
+                # Tokenized here, long documents cut into windows here: the windows spread over the pool's calls.
+                start = time.perf_counter()
+                windows, items = await asyncio.to_thread(encode_call, encoder, items, job.truncate, stride)
+                tokenize_s += time.perf_counter() - start
+                owners, call_stride, split_here = [indices[k] for k in windows.owner], None, split_here + windows.split
+            self.pairs_sent[key] = self.pairs_sent.get(key, 0) + len(items)
             step = self.settings.max_pairs_per_call
-            for start in range(0, len(indices), step):
-                chunk = indices[start : start + step]
-                call = self._score_call(served[name], handles[name], [pairs[i] for i in chunk], job.truncate, stride)
+            for start in range(0, len(items), step):
+                chunk = owners[start : start + step]
+                call = self._score_call(
+                    served[name], handles[name], items[start : start + step], job.truncate, call_stride, admit_by
+                )
                 calls.append((chunk, asyncio.ensure_future(call)))
         # Every model's chunks are in flight at once; merge them back into document order.
         try:
@@ -380,26 +448,53 @@ class Ingress:
             for _, response in calls:
                 response.cancel()
             raise
-        scores: list[Score] = [Score(0.0, 0.0)] * len(pairs)
+        # A document cut into windows (here) has several scores: its best window's is its score.
+        best: list[Score | None] = [None] * len(pairs)
         for (chunk, _), result in zip(calls, results):
             for i, value in zip(chunk, result.scores):
-                scores[i] = value
+                if best[i] is None or value.raw > best[i].raw:
+                    best[i] = value
+        scores = [score or Score(0.0, 0.0) for score in best]
         return Ranked(
             scored=rank(scores, job.threshold, job.top_n),
             per_kind={kind: count for kind, count in counts.items() if count},
             per_model={name: len(i) for name, i in by_model.items()},
             calls=results,
+            split_here=split_here,
+            tokenize_ms=tokenize_s * 1000,
         )
 
+    async def _encoder(self, served: Served) -> TextEncoder | None:
+        """The model's TextEncoder when its pairs are tokenized here (tokenize_in=ingress, a pool of its own)."""
+        if self.settings.tokenize_in != "ingress" or served.placement != "own" or served.modality != "text":
+            return None
+        handle = self.pools.get(served.key)
+        return None if handle is None else await self.encoders.get(served.name, handle)
+
+    def _admit_by(self, deadline: float) -> float | None:
+        """The epoch second by which a pool call must expect its scores, or be refused at once (503): the
+        admission fraction of the time the request has left. None: admission by estimated wait is off."""
+        fraction = self.settings.admission_wait_fraction
+        if fraction is None:
+            return None
+        now = time.time()
+        return now + max(0.0, deadline - now) * fraction
+
     async def _score_call(
-        self, served: Served, handle: DeploymentHandle, pairs: list[Pair], truncate: bool, stride: int | None
+        self,
+        served: Served,
+        handle: DeploymentHandle,
+        pairs: list[Pair] | list[EncodedPair],
+        truncate: bool,
+        stride: int | None,
+        admit_by: float | None = None,
     ) -> CallResult:
         """One pool call. A replica that dies with it (killed, out of memory, a failed GPU) gets the call again
         once, where another replica may be alive. Lost with none left, or twice, or no replica running: 503 +
         Retry-After at once, rather than a call parked in the router until the deadline."""
         for attempt in range(2):
             await self._refuse_without_replicas(served, handle, fresh=attempt > 0)
-            response = handle.score.remote(pairs, truncate, stride)
+            response = handle.score.remote(pairs, truncate, stride, admit_by)
             waiting = asyncio.ensure_future(response)
             try:
                 # While the call waits, keep asking whether the pool still has a running replica: a call the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import statistics
 import time
@@ -21,6 +22,7 @@ from serve_app.errors import InputTooLarge, InvalidInput, Overloaded, PoolUnavai
 from serve_app.hardware import ProfileRow
 from serve_app.scoring.types import (
     CallResult,
+    EncodedPair,
     ModelLoadError,
     Pair,
     PairTooLong,
@@ -30,7 +32,7 @@ from serve_app.scoring.types import (
     Windows,
 )
 from serve_app.settings import PoolSettings, SharedPoolSettings, env_name
-from serve_app.stats import percentile
+from serve_app.stats import Throughput, percentile
 
 log = logging.getLogger("ray.serve")
 
@@ -73,6 +75,9 @@ class PoolMetrics:
         self.evictions = metrics.Counter(
             "rerank_model_evictions", "Models evicted, least recently used (shared pool).", tag_keys=keys
         )
+        self.refused = metrics.Counter(
+            "rerank_refused_calls", "Calls refused at once: their estimated wait passed their deadline.", tag_keys=keys
+        )
         for series in (
             self.pairs,
             self.batch_pairs,
@@ -81,6 +86,7 @@ class PoolMetrics:
             self.memory,
             self.loads,
             self.evictions,
+            self.refused,
         ):
             series.set_default_tags({"pool": pool, "model": model})
 
@@ -116,6 +122,10 @@ class Resident:
         self.tokens = TokenCount()
         self.batch_latencies_ms: deque[float] = deque(maxlen=1000)
         self.batch_sizes: deque[int] = deque(maxlen=1000)
+        # Pairs that arrived as text and were tokenized here, and pairs that arrived as token ids (the ingress
+        # tokenized them): with tokenize_in=ingress a text pool's first counter stays still.
+        self.tokenized_pairs = self.encoded_pairs = 0
+        self.spec = loaded.scorer.tokenizer_spec()  # None: this model's pairs travel as text
         self.on_evict = None
 
     def __del__(self) -> None:
@@ -155,6 +165,8 @@ class ScoringReplica:
         self.started = time.monotonic()
         self.forward_lock = asyncio.Lock()
         self.pending_pairs = 0
+        self.throughput = Throughput()  # the rate the queue drains at: admission estimates waits with it
+        self.refused = 0
         self.metrics = PoolMetrics(pool, model)
         # Every forward pass runs on this one thread, loading and warm-up included: each thread that calls
         # into torch gets its own OpenMP team, and idle teams spinning beside the busy one cost a CPU replica ~15%.
@@ -171,25 +183,75 @@ class ScoringReplica:
         if self.device_fault is not None:
             raise Overloaded(f"a {pool} replica's GPU failed and it is being replaced; retry shortly", 1)
 
-    async def score(self, pairs: list[Pair], truncate: bool = True, window_stride: int | None = None) -> CallResult:
+    def _admit(self, pairs: int, admit_by: float | None) -> None:
+        """Overloaded (503) at once when this call's pairs, behind those already queued here, would not be scored
+        by `admit_by` (epoch seconds) at the rate this replica measured under load. Retry-After is when the queue
+        will have drained enough for a fresh request of this size to fit. No measurement yet: admitted."""
+        if admit_by is None or self.realtime:
+            return
+        wait = self.throughput.wait_s(self.pending_pairs + pairs)
+        left = admit_by - time.time()
+        if wait is None or wait <= left:
+            return
+        self.refused += 1
+        self.metrics.refused.inc()
+        rate = self.throughput.pairs_per_s() or 0.0
+        raise Overloaded(
+            f"this replica's queue holds about {wait:.1f} s of work ({self.pending_pairs} pairs queued + {pairs} "
+            f"of this request, at {rate:.0f} pairs/s), more than the {max(left, 0.0):.1f} s the request has before "
+            "its deadline (settings request_timeout_s, admission_wait_fraction); retry after the Retry-After "
+            "seconds, or send fewer documents",
+            max(1, math.ceil(wait - max(left, 0.0))),
+        )
+
+    async def score(
+        self,
+        pairs: list[Pair] | list[EncodedPair],
+        truncate: bool = True,
+        window_stride: int | None = None,
+        admit_by: float | None = None,
+    ) -> CallResult:
+        return await self._score(pairs, truncate, window_stride, admit_by, counted=True)
+
+    async def _score(
+        self,
+        pairs: list[Pair] | list[EncodedPair],
+        truncate: bool = True,
+        window_stride: int | None = None,
+        admit_by: float | None = None,
+        counted: bool = False,
+    ) -> CallResult:
         """A score per pair, in order, and what they cost. With `window_stride`, a document longer than the
         model's window is scored as overlapping windows (sharing that many tokens) and gets its best window's
         score; without, it is truncated (or refused, truncate=False). Bad input fails this call only, before it
-        is batched."""
+        is batched. With `admit_by` (epoch seconds), a call that could not be scored by then is refused at once
+        (503) instead of waiting for nothing."""
         arrived = time.perf_counter()
         resident = await self._resident()  # in the shared pool: perhaps a load, counted as waiting
         ready = time.perf_counter()
         resident.last_used = time.monotonic()
         loaded = resident.loaded
+        encoded = bool(pairs) and isinstance(pairs[0], EncodedPair)
+        if encoded:
+            # Tokenized, checked and cut into windows by the ingress: only padding and forwards are left.
+            if resident.spec is None or not all(isinstance(p, EncodedPair) for p in pairs):
+                raise InvalidInput(f"model {resident.name!r} takes pairs as text, not token ids", "documents")
+            resident.encoded_pairs += len(pairs) if counted else 0
+        else:
+            resident.tokenized_pairs += len(pairs) if counted else 0
         try:
-            if window_stride is not None:
+            if encoded:
+                windows = Windows.whole(pairs)
+            elif window_stride is not None:
                 windows = await asyncio.get_running_loop().run_in_executor(
                     self.prepare_thread, loaded.scorer.expand_windows, pairs, window_stride
                 )
             else:
                 windows = Windows.whole(pairs)
             windowed = time.perf_counter()
-            if truncate:
+            if encoded:
+                pass
+            elif truncate:
                 loaded.scorer.check(windows.pairs, truncate)
             else:
                 await asyncio.to_thread(loaded.scorer.check, windows.pairs, truncate)
@@ -197,8 +259,9 @@ class ScoringReplica:
             raise InputTooLarge(str(exc), "documents") from None
         except ScoringError as exc:
             raise InvalidInput(str(exc), "documents") from None
-        resident.calls += 1
         scored = windows.pairs
+        self._admit(len(scored), admit_by)
+        resident.calls += 1
         # A call larger than the cap would be refused by the batcher: cut it here, where the cap is known.
         cap = loaded.profile.max_batch_size
         pieces = [scored[i : i + cap] for i in range(0, len(scored), cap)]
@@ -283,6 +346,7 @@ class ScoringReplica:
             self._record(resident, len(piece), (done - start) * 1000, tokens)
             scored.extend(scorer.calibrate(raw))
         done = time.perf_counter()
+        self.throughput.record(len(flat), started, done)
         out, offset = [], 0
         for call in calls:
             # A batch's tokens are shared out by pairs: exact when the batch is one caller's.
@@ -323,6 +387,16 @@ class ScoringReplica:
             "pid": os.getpid(),
         }
 
+    def _admission(self) -> dict:
+        """What admission by estimated wait sees: the measured rate, the queue's wait, the calls refused."""
+        rate = self.throughput.pairs_per_s()
+        wait = self.throughput.wait_s(self.pending_pairs)
+        return {
+            "pairs_per_s_under_load": None if rate is None else round(rate, 2),
+            "estimated_wait_s": None if wait is None else round(wait, 3),
+            "refused_calls": self.refused,
+        }
+
     def _memory(self, pool: str) -> dict:
         memory = hardware.memory_stats()
         self.metrics.memory.set(
@@ -334,12 +408,14 @@ class ScoringReplica:
 def batch_stats(resident: Resident | None) -> dict:
     """A model's batches as /v1/stats shows them: fill, padding, latency."""
     if resident is None:
-        return {"batches": 0, "pairs": 0}
+        return {"batches": 0, "pairs": 0, "tokenized_pairs": 0, "encoded_pairs": 0}
     p50, p95 = (percentile(resident.batch_latencies_ms, q) for q in (0.5, 0.95))
     tokens = resident.tokens
     return {
         "batches": resident.batches,
         "pairs": resident.pairs,
+        "tokenized_pairs": resident.tokenized_pairs,
+        "encoded_pairs": resident.encoded_pairs,
         "mean_batch_fill_pairs": round(statistics.fmean(resident.batch_sizes), 2) if resident.batch_sizes else None,
         # Counted since start-up (warm-up excluded): differences between two readings give a window's figures.
         "real_tokens": tokens.real,
@@ -421,8 +497,15 @@ class PoolReplica(ScoringReplica):
     async def probe(self) -> float:
         """Score one small real pair through the scoring path; milliseconds taken."""
         start = time.perf_counter()
-        await self.score([pools.probe_pair(self.pool)])
+        await self._score([pools.probe_pair(self.pool)])  # not counted: the pairs counters are callers' pairs
         return (time.perf_counter() - start) * 1000
+
+    def tokenizer_spec(self):
+        """The model's tokenizing as plain data (scoring.text.TokenizerSpec), for the ingress to tokenize with;
+        None where its pairs must travel as text."""
+        if self.resident is None:
+            raise PoolUnavailable(f"the {self.key} pool is unavailable: {self.load_error}")
+        return self.resident.spec
 
     def info(self) -> dict:
         """What /v1/models shows of this replica."""
@@ -465,6 +548,7 @@ class PoolReplica(ScoringReplica):
             **batch_stats(self.resident),
             "max_batch_size": self.loaded.profile.max_batch_size if self.loaded else None,
             "pending_pairs": self.pending_pairs,
+            **self._admission(),
         }
 
 
@@ -601,4 +685,5 @@ class SharedReplica(ScoringReplica):
             "models": {name: batch_stats(r) for name, r in self.residents.items()},
             "max_batch_size": self.cap,
             "pending_pairs": self.pending_pairs,
+            **self._admission(),
         }

@@ -292,6 +292,15 @@ class Settings(BaseSettings):
         description="Deadline of one request; past it the caller gets 504 and its pairs are cancelled.",
     )
     retry_after_s: int = Field(default=1, ge=0, description="Retry-After (seconds) sent with 503 when queues are full.")
+    admission_wait_fraction: float | None = Field(
+        default=0.8,
+        gt=0,
+        le=1,
+        description="Admission by estimated wait: a pool replica refuses a call at once (503, Retry-After computed "
+        "from the estimate) when the pairs queued before it, plus its own, at the replica's measured pairs/s "
+        "would take longer than this fraction of the time the request has left before request_timeout_s. "
+        "null: admit every call (it may then wait in the queue until the deadline, and get 504).",
+    )
 
     max_documents_per_request: int = Field(default=1000, ge=1)
     max_text_chars: int = Field(
@@ -348,6 +357,13 @@ class Settings(BaseSettings):
     )
     auto_truncate: bool = Field(
         default=True, description="Truncate over-long pairs when a TEI request leaves `truncate` unset."
+    )
+    tokenize_in: Literal["ingress", "pool"] = Field(
+        default="ingress",
+        description="Where text pairs of cross-encoder and embedding models are tokenized (and long documents "
+        "cut into windows): ingress sends token ids to the pool, whose replicas then only pad and run forwards "
+        "(tokenizing scales with the CPU-only ingress replicas, and a document's windows spread over pool "
+        "replicas); pool sends text. Other families (images, yes/no prompts) always tokenize in the pool.",
     )
     max_pairs_per_call: int = Field(
         default=128,

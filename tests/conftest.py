@@ -146,6 +146,13 @@ def apps(serve_url, model_dirs, tmp_path_factory) -> dict[str, str]:
             "ingress_max_queued_requests": 2,
             "request_timeout_s": 3,
             "retry_after_s": 2,
+            "admission_wait_fraction": None,  # every call queues: the deadline (504) and cancellation paths
+        },
+        # The slow model behind a short deadline and roomy queues: admission by estimated wait (fast 503s).
+        "admitting": {
+            "text": {"model": str(model_dirs["slow"]), "max_batch_size": 8},
+            "image_text": {"enabled": False},
+            "request_timeout_s": 4,
         },
     }
     for name, args in specs.items():
@@ -180,6 +187,12 @@ def yes_no(apps) -> Iterator[httpx.Client]:
 @pytest.fixture(scope="session")
 def tight(apps) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=apps["tight"], timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def admitting(apps) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=apps["admitting"], timeout=60) as client:
         yield client
 
 

@@ -23,7 +23,8 @@ def test_the_ingress_api_and_schemas_load_no_torch():
     assert "serve_app.ingress" in loaded  # the import itself worked
     assert not {"torch", "transformers"} & loaded
     assert not {m for m in loaded if m.startswith(("serve_app.scoring.", "serve_app.replica", "serve_app.pools"))} - {
-        "serve_app.scoring.types"
+        "serve_app.scoring.types",
+        "serve_app.scoring.text",  # tokenizing with the Rust tokenizer alone (tokenize_in=ingress)
     }
 
 
@@ -52,6 +53,7 @@ LAYERS = [
     ["scoring.cross_encoder", "scoring.embedding", "scoring.dual_encoder", "scoring.blip_itm", "scoring.yes_no"],
     ["scoring.family", "hardware", "score_fit"],
     ["scoring.batching", "schemas", "media", "catalog"],
+    ["scoring.text"],
     ["scoring.types", "settings", "errors", "stats", "ports", "scoring"],
 ]
 PACKAGE = Path(__file__).resolve().parent.parent / "serve_app"

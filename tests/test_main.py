@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
+
 from serve_app import __main__ as main
 
 
@@ -76,3 +78,11 @@ def test_bad_settings_refuse_to_start_with_a_message(monkeypatch, capsys):
     assert main.main() == 2
     out = capsys.readouterr().out
     assert "not starting" in out and "api_key" in out and "unset the variable" in out
+
+
+@pytest.mark.parametrize("value", ["", "not json", "[{"])
+def test_a_setting_that_is_not_json_refuses_to_start_with_a_message(monkeypatch, capsys, value):
+    monkeypatch.setenv("RERANK_MODELS", value)
+    assert main.main() == 2
+    out = capsys.readouterr().out
+    assert "not starting" in out and "models" in out and "JSON" in out

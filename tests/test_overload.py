@@ -116,3 +116,80 @@ def test_a_new_config_deployed_under_load_completes_every_request(serve_url, mod
         assert {r["max_batch_size"] for r in text["replicas"]} == {4}
     finally:
         serve.delete("rolling")
+
+
+# ---- admission by estimated wait ---------------------------------------------------------------------------
+
+
+def test_throughput_counts_busy_time_once_and_not_idle_time():
+    from serve_app.stats import Throughput
+
+    rate = Throughput(min_batches=2)
+    rate.record(10, started=0.0, done=1.0)
+    assert rate.pairs_per_s() is None  # one batch: no estimate yet
+    rate.record(10, started=0.5, done=2.0)  # overlapped the first: adds 1 s of busy time, not 1.5
+    assert rate.pairs_per_s() == pytest.approx(10.0)
+    rate.record(20, started=10.0, done=11.0)  # after 8 s idle: the idle time is not service time
+    assert rate.pairs_per_s() == pytest.approx(40 / 3)
+    assert rate.wait_s(80) == pytest.approx(6.0)
+
+
+def admitting_stats(admitting) -> dict:
+    return admitting.get("/v1/stats").json()["pools"]["text"][0]
+
+
+def warm_rate(admitting) -> float:
+    """A few sequential requests, so the replica has measured its rate; that rate in pairs/s."""
+    for _ in range(4):
+        response = admitting.post("/v2/rerank", json={"query": "capital of france", "documents": [LONG] * 4})
+        assert response.status_code == 200
+    rate = admitting_stats(admitting)["pairs_per_s_under_load"]
+    assert rate and rate > 0
+    return rate
+
+
+def test_a_request_that_cannot_finish_by_its_deadline_gets_503_at_once(admitting):
+    rate = warm_rate(admitting)
+    before = admitting_stats(admitting)
+    documents = int(rate * 4 * 1.5) + 8  # one and a half times what the 4 s deadline holds
+    assert documents <= 1000, f"the slow model scores {rate} pairs/s here: too fast for this test's deadline"
+    status, headers, seconds = timed_post(admitting, {"query": "capital of france", "documents": [LONG] * documents})
+    assert status == 503
+    assert seconds < 2  # at once: not after the 4 s deadline
+    assert int(headers["retry-after"]) >= 1
+    after = admitting_stats(admitting)
+    assert after["refused_calls"] > before["refused_calls"]
+    assert after["pairs"] == before["pairs"]  # nothing of it was scored
+    assert after["pending_pairs"] == 0
+
+
+def test_a_spike_gets_200s_and_fast_503s_never_504(admitting):
+    rate = warm_rate(admitting)
+    # Ten clients at once, each asking for ~30% of the deadline's work: the first two or so fit in the
+    # admission's 80% of it, the rest cannot.
+    documents = max(4, min(100, int(rate * 4 * 0.3)))
+    body = {"query": "capital of france", "documents": [LONG] * documents}
+    with ThreadPoolExecutor(10) as pool:
+        answers = list(pool.map(lambda _: timed_post(admitting, body), range(10)))
+    statuses = [status for status, _, _ in answers]
+    assert set(statuses) <= {200, 503}, statuses
+    assert 200 in statuses and 503 in statuses, statuses
+    for status, headers, seconds in answers:
+        if status == 503:
+            assert seconds < 2, seconds
+            assert int(headers["retry-after"]) >= 1
+    response = admitting.post("/v2/rerank", json=body)
+    assert response.status_code in (200, 503)
+    # Once the queue drained, a request of the same size is admitted again.
+    time.sleep(max(int(headers["retry-after"]) for status, headers, _ in answers if status == 503))
+    assert admitting.post("/v2/rerank", json=body).status_code == 200
+
+
+def test_the_refusal_says_why_and_what_to_change(admitting):
+    rate = warm_rate(admitting)
+    documents = min(1000, int(rate * 4 * 1.5) + 8)
+    response = admitting.post("/v2/rerank", json={"query": "capital of france", "documents": [LONG] * documents})
+    assert response.status_code == 503
+    error = response.json()["error"]
+    assert error["type"] == "overloaded"
+    assert "admission_wait_fraction" in error["message"] and "pairs/s" in error["message"]

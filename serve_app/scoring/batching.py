@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from serve_app.scoring.types import PairTooLong, TokenCount
+from serve_app.scoring.text import prefix_of
+from serve_app.scoring.types import TokenCount
 
 # Finer buckets pad less; each bucket is one more shape to warm at start-up (x power-of-two batch sizes).
 BUCKET = 16
@@ -143,19 +144,4 @@ def to_device(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Te
 def truncate_to_tokens(tokenizer, text: str, max_tokens: int) -> str:
     """The longest prefix of text that holds at most max_tokens tokens (no special tokens)."""
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
-    offsets = encoding["offset_mapping"]
-    if len(offsets) <= max_tokens:
-        return text
-    return text[: offsets[max_tokens - 1][1]]
-
-
-def raise_if_too_long(lengths: Sequence[int], max_length: int, what: str) -> None:
-    """PairTooLong naming how many `what`s (pairs, texts) exceed the model's window, and the first."""
-    too_long = [i for i, n in enumerate(lengths) if n > max_length]
-    if not too_long:
-        return
-    first = too_long[0]
-    raise PairTooLong(
-        f"{len(too_long)} {what}(s) exceed the model's {max_length} tokens (first: {what} {first}, "
-        f"{lengths[first]} tokens); shorten them or send truncate=true"
-    )
+    return prefix_of(text, encoding["offset_mapping"], max_tokens)

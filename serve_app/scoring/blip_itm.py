@@ -8,8 +8,9 @@ import torch
 from PIL.Image import Image
 from transformers import AutoImageProcessor, BlipForImageTextRetrieval
 
-from serve_app.scoring.batching import count_tokens, raise_if_too_long, to_device
+from serve_app.scoring.batching import count_tokens, to_device
 from serve_app.scoring.family import FamilyScorer, LoadOptions, load_model, model_max_length
+from serve_app.scoring.text import raise_if_too_long
 from serve_app.scoring.types import Identity, Pair, TokenCount, UnsupportedPair
 
 PAIRS_PER_FORWARD = 32

@@ -7,9 +7,10 @@ from collections.abc import Sequence
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from serve_app.scoring.batching import count_tokens, padded_groups, raise_if_too_long, to_device
+from serve_app.scoring.batching import count_tokens, padded_groups, to_device
 from serve_app.scoring.family import FamilyScorer, LoadOptions, load_model, model_max_length
-from serve_app.scoring.types import ModelLoadError, Pair, TokenCount
+from serve_app.scoring.text import raise_if_too_long
+from serve_app.scoring.types import EncodedPair, ModelLoadError, Pair, TokenCount
 
 Prepared = tuple[int, list[tuple[list[int], dict[str, torch.Tensor]]]]
 
@@ -35,11 +36,23 @@ class CrossEncoderScorer(FamilyScorer):
             lengths = [len(ids) for ids in self.tokenizer(queries, documents, truncation=False)["input_ids"]]
             raise_if_too_long(lengths, self.max_length, "pair")
 
-    def prepare(self, pairs: Sequence[Pair]) -> Prepared:
-        queries, documents = self.text_pairs(pairs)
-        encoding = self.tokenizer(queries, documents, truncation=True, max_length=self.max_length)
+    def prepare(self, pairs: Sequence[Pair | EncodedPair]) -> Prepared:
+        """Padded, length-grouped batches. Pairs are tokenized here; EncodedPairs (tokenized by the ingress, the
+        same way) are only padded."""
+        ids: list = [None] * len(pairs)
+        type_ids: list = [None] * len(pairs)
+        text, encoded = self.split_encoded(pairs)
+        if text:
+            queries, documents = self.text_pairs([pairs[i] for i in text])
+            tokenized = self.tokenizer(queries, documents, truncation=True, max_length=self.max_length)
+            types = tokenized.get("token_type_ids")
+            for k, i in enumerate(text):
+                ids[i] = tokenized["input_ids"][k]
+                type_ids[i] = types[k] if types is not None else None
+        for i in encoded:
+            ids[i], type_ids[i] = pairs[i].ids, pairs[i].type_ids
         pad = self.tokenizer.pad_token_id or 0
-        return len(pairs), padded_groups(encoding, self.options.cuts(), pad, self.max_length)
+        return len(pairs), padded_groups(self.encoding(ids, type_ids), self.options.cuts(), pad, self.max_length)
 
     @torch.inference_mode()
     def forward(self, prepared: Prepared) -> list[float]:

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoImageProcessor, AutoModel
 
-from serve_app.scoring.batching import count_tokens, padded_groups, raise_if_too_long, to_device
+from serve_app.scoring.batching import count_tokens, padded_groups, to_device
 from serve_app.scoring.family import FamilyScorer, LoadOptions, load_model, model_max_length
+from serve_app.scoring.text import raise_if_too_long
 from serve_app.scoring.types import Content, Logistic, Pair, TokenCount, UnsupportedPair
 
 IMAGES_PER_FORWARD = 32

@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel
 
-from serve_app.scoring.batching import count_tokens, padded_groups, raise_if_too_long, to_device
+from serve_app.scoring.batching import count_tokens, padded_groups, to_device
 from serve_app.scoring.family import FamilyScorer, LoadOptions, load_model, model_max_length
-from serve_app.scoring.types import Logistic, Pair, TokenCount
+from serve_app.scoring.text import raise_if_too_long
+from serve_app.scoring.types import EncodedPair, Logistic, Pair, TokenCount
 
 
 def sentence_transformers_max_length(model_dir: str) -> int | None:
@@ -55,11 +56,6 @@ class EmbeddingScorer(FamilyScorer):
             lengths = [max(q, d) for q, d in zip(lengths[: len(pairs)], lengths[len(pairs) :])]
             raise_if_too_long(lengths, self.max_length, "pair")
 
-    def prepare_texts(self, texts: Sequence[str]) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
-        encoding = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)
-        pad = self.tokenizer.pad_token_id or 0
-        return padded_groups(encoding, self.options.cuts(), pad, self.max_length)
-
     @torch.inference_mode()
     def embed(self, count: int, groups: list[tuple[list[int], dict[str, torch.Tensor]]]) -> torch.Tensor:
         """Unit-length mean-pooled embeddings, one row per text."""
@@ -73,16 +69,29 @@ class EmbeddingScorer(FamilyScorer):
                 rows[i] = row
         return torch.stack(rows)
 
-    def prepare(self, pairs: Sequence[Pair]) -> Prepared:
-        queries, documents = self.text_pairs(pairs)
+    def prepare(self, pairs: Sequence[Pair | EncodedPair]) -> Prepared:
+        """Pairs are tokenized here, EncodedPairs (tokenized by the ingress, the same way) arrive as ids."""
+        query_ids: list = [None] * len(pairs)
+        document_ids: list = [None] * len(pairs)
+        text, encoded = self.split_encoded(pairs)
+        if text:
+            queries, documents = self.text_pairs([pairs[i] for i in text])
+            distinct = list(dict.fromkeys(queries + documents))
+            tokenized = self.tokenizer(distinct, truncation=True, max_length=self.max_length)["input_ids"]
+            ids = {t: tuple(x) for t, x in zip(distinct, tokenized)}
+            for k, i in enumerate(text):
+                query_ids[i], document_ids[i] = ids[queries[k]], ids[documents[k]]
+        for i in encoded:
+            query_ids[i], document_ids[i] = pairs[i].ids, pairs[i].second
         # A request's pairs share one query: embed each distinct text once.
-        distinct = list(dict.fromkeys(queries + documents))
-        position = {text: i for i, text in enumerate(distinct)}
+        distinct_ids = list(dict.fromkeys(query_ids + document_ids))
+        position = {ids: i for i, ids in enumerate(distinct_ids)}
+        pad = self.tokenizer.pad_token_id or 0
         return Prepared(
-            texts=len(distinct),
-            groups=self.prepare_texts(distinct),
-            queries=[position[t] for t in queries],
-            documents=[position[t] for t in documents],
+            texts=len(distinct_ids),
+            groups=padded_groups(self.encoding(distinct_ids, None), self.options.cuts(), pad, self.max_length),
+            queries=[position[ids] for ids in query_ids],
+            documents=[position[ids] for ids in document_ids],
         )
 
     def forward(self, prepared: Prepared) -> list[float]:

@@ -13,9 +13,11 @@ import torch
 from transformers import AutoTokenizer
 
 from serve_app.scoring.batching import Cuts, Shapes, truncate_to_tokens
+from serve_app.scoring.text import ENCODED_FAMILIES, TokenizerSpec, cut_windows, may_need_windows
 from serve_app.scoring.types import (
     Calibrator,
     Content,
+    EncodedPair,
     Logistic,
     ModelLoadError,
     Pair,
@@ -184,19 +186,10 @@ class FamilyScorer:
         if text is None or pair.needs_image_model:
             return None
         budget = self.document_budget(pair)
-        if budget < 2 or 4 * len(text) <= budget:  # fewer tokens than UTF-8 bytes: it fits, no need to count
+        if not may_need_windows(text, budget):
             return None
-        stride = min(stride, budget // 2)  # a small window (CLIP's 77 tokens) still moves on by half of itself
         offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        if len(offsets) <= budget:
-            return None
-        windows, start = [], 0
-        while True:
-            end = min(start + budget, len(offsets))
-            windows.append(text[offsets[start][0] : offsets[end - 1][1]])
-            if end == len(offsets):
-                return windows
-            start += budget - stride
+        return cut_windows(text, offsets, budget, stride)
 
     def expand_windows(self, pairs: Sequence[Pair], stride: int) -> Windows:
         expanded, owner, split = [], [], 0
@@ -211,6 +204,37 @@ class FamilyScorer:
                 expanded.append(replace(pair, document=Content(text=text), max_tokens_per_doc=None))
                 owner.append(i)
         return Windows(expanded, owner, split, len(pairs))
+
+    def tokenizer_spec(self) -> TokenizerSpec | None:
+        """This model's tokenizing as plain data, for a caller that tokenizes before the pool (the ingress); None
+        where the family's tokenizing is not reproduced outside (images, prompts) or the tokenizer is not a fast
+        one."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if self.family not in ENCODED_FAMILIES or backend is None:
+            return None
+        return TokenizerSpec(
+            family=self.family,
+            tokenizer_json=backend.to_str(),
+            max_length=self.max_length,
+            truncation_side=getattr(self.tokenizer, "truncation_side", "right"),
+            type_ids="token_type_ids" in self.tokenizer.model_input_names,
+        )
+
+    def encoding(self, ids: Sequence[Sequence[int]], type_ids: Sequence[Sequence[int] | None] | None) -> dict:
+        """An unpadded tokenizer output (what padded_groups takes) of token ids; type ids where the model takes
+        them (zeros where a sequence has none)."""
+        encoding: dict[str, list] = {"input_ids": list(ids), "attention_mask": [[1] * len(x) for x in ids]}
+        if "token_type_ids" in self.tokenizer.model_input_names:
+            types = type_ids or [None] * len(ids)
+            encoding["token_type_ids"] = [t if t is not None else [0] * len(x) for x, t in zip(ids, types)]
+        return encoding
+
+    @staticmethod
+    def split_encoded(items: Sequence[Pair | EncodedPair]) -> tuple[list[int], list[int]]:
+        """Positions of the pairs still to tokenize here and of those that arrived as token ids."""
+        text = [i for i, item in enumerate(items) if not isinstance(item, EncodedPair)]
+        encoded = [i for i, item in enumerate(items) if isinstance(item, EncodedPair)]
+        return text, encoded
 
     def text_pairs(self, pairs: Sequence[Pair]) -> tuple[list[str], list[str]]:
         """Query texts (instruction first) and document texts of text-only pairs."""

@@ -44,6 +44,17 @@ class Pair:
         return f"{self.instruction} {text}".strip() if self.instruction else text
 
 
+@dataclass(frozen=True, slots=True)
+class EncodedPair:
+    """A text pair tokenized before it reached the pool (by the ingress): what a text pool's forward reads.
+    A cross-encoder reads `ids` (query and document as one truncated sequence) with `type_ids` (None where
+    the model takes none); an embedding model embeds `ids` (the query) and `second` (the document) alone."""
+
+    ids: tuple[int, ...]
+    type_ids: tuple[int, ...] | None = None
+    second: tuple[int, ...] | None = None
+
+
 @dataclass(frozen=True)
 class Score:
     """One pair's score: the model's own (`raw`: a logit, a cosine, a probability) and its 0..1 map."""

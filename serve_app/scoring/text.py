@@ -1,0 +1,168 @@
+"""Tokenizing text pairs without torch: what the ingress runs so that a pool replica receives token ids.
+
+A text family's tokenizing (cross-encoder: query and document as one truncated pair; embedding: each text
+alone) is written here once against the Rust tokenizer (`tokenizers`, no torch, no transformers). A pool
+replica hands the ingress a `TokenizerSpec` (its own tokenizer, serialised, and its window), the ingress
+builds a `TextEncoder` from it and sends `EncodedPair`s; the replica only pads, buckets and runs forwards.
+The window and max_tokens_per_doc cuts are the same functions the families use, so the scores are too
+(tests/test_tokenize.py holds both paths to 1e-6).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from serve_app.scoring.types import EncodedPair, Pair, PairTooLong, UnsupportedPair, Windows
+
+# Families whose tokenizing this module reproduces exactly.
+ENCODED_FAMILIES = ("cross_encoder", "embedding")
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """What tokenizing a text family's pairs needs, as plain data: the replica's own fast tokenizer
+    (serialised JSON), the model's window and the side truncation cuts."""
+
+    family: str  # one of ENCODED_FAMILIES
+    tokenizer_json: str
+    max_length: int
+    truncation_side: str = "right"
+    type_ids: bool = True  # whether the model takes token_type_ids (BERT does, RoBERTa does not)
+
+
+def prefix_of(text: str, offsets: Sequence[tuple[int, int]], max_tokens: int) -> str:
+    """The longest prefix of `text` holding at most `max_tokens` of its tokens (`offsets`: each token's span)."""
+    if len(offsets) <= max_tokens:
+        return text
+    return text[: offsets[max_tokens - 1][1]]
+
+
+def cut_windows(text: str, offsets: Sequence[tuple[int, int]], budget: int, stride: int) -> list[str] | None:
+    """`text` as overlapping windows of `budget` tokens, consecutive windows sharing `stride` tokens (at most
+    half a window); None when it fits whole."""
+    if len(offsets) <= budget:
+        return None
+    stride = min(stride, budget // 2)  # a small window (CLIP's 77 tokens) still moves on by half of itself
+    windows, start = [], 0
+    while True:
+        end = min(start + budget, len(offsets))
+        windows.append(text[offsets[start][0] : offsets[end - 1][1]])
+        if end == len(offsets):
+            return windows
+        start += budget - stride
+
+
+def raise_if_too_long(lengths: Sequence[int], max_length: int, what: str) -> None:
+    """PairTooLong naming how many `what`s (pairs, texts) exceed the model's window, and the first."""
+    too_long = [i for i, n in enumerate(lengths) if n > max_length]
+    if not too_long:
+        return
+    first = too_long[0]
+    raise PairTooLong(
+        f"{len(too_long)} {what}(s) exceed the model's {max_length} tokens (first: {what} {first}, "
+        f"{lengths[first]} tokens); shorten them or send truncate=true"
+    )
+
+
+def may_need_windows(text: str, budget: int) -> bool:
+    """False when `text` surely fits `budget` tokens without counting: fewer tokens than UTF-8 bytes."""
+    return budget >= 2 and 4 * len(text) > budget
+
+
+class TextEncoder:
+    """A text family's tokenizing, from a TokenizerSpec: checks, windows, token ids. Thread-safe: the two
+    Rust tokenizers it holds are configured once (truncating and plain) and never changed per call."""
+
+    def __init__(self, spec: TokenizerSpec) -> None:
+        from tokenizers import Tokenizer
+
+        if spec.family not in ENCODED_FAMILIES:
+            raise ValueError(f"no ingress tokenizing for the {spec.family} family")
+        self.spec = spec
+        self.family = spec.family
+        self.max_length = spec.max_length
+        self.pair_input = spec.family == "cross_encoder"
+        self.truncating = Tokenizer.from_str(spec.tokenizer_json)
+        self.truncating.no_padding()
+        self.truncating.enable_truncation(
+            spec.max_length, stride=0, strategy="longest_first", direction=spec.truncation_side
+        )
+        self.plain = Tokenizer.from_str(spec.tokenizer_json)
+        self.plain.no_padding()
+        self.plain.no_truncation()
+
+    # ---- the family's text rules (those of FamilyScorer, over the Rust tokenizer) ----
+
+    def offsets(self, text: str) -> list[tuple[int, int]]:
+        return self.plain.encode(text, add_special_tokens=False).offsets
+
+    def document_text(self, pair: Pair) -> str:
+        text = pair.document.text
+        if text is None or pair.needs_image_model:
+            raise UnsupportedPair(f"a text {self.family} model scores text queries against text documents only")
+        if pair.max_tokens_per_doc:
+            text = prefix_of(text, self.offsets(text), pair.max_tokens_per_doc)
+        return text
+
+    def document_budget(self, pair: Pair) -> int:
+        specials = self.plain.num_special_tokens_to_add(self.pair_input)
+        if not self.pair_input:
+            return self.max_length - specials
+        return self.max_length - specials - len(self.plain.encode(pair.query_text(), add_special_tokens=False).ids)
+
+    def windows(self, pairs: Sequence[Pair], stride: int | None) -> Windows:
+        """Each pair, its document cut to max_tokens_per_doc; with a `stride`, a long document as windows."""
+        from dataclasses import replace
+
+        from serve_app.scoring.types import Content
+
+        expanded, owner, split = [], [], 0
+        for i, pair in enumerate(pairs):
+            text = self.document_text(pair)
+            cut = None
+            if stride is not None:
+                budget = self.document_budget(pair)
+                if may_need_windows(text, budget):
+                    cut = cut_windows(text, self.offsets(text), budget, stride)
+            if cut is None:
+                expanded.append(replace(pair, document=Content(text=text), max_tokens_per_doc=None))
+                owner.append(i)
+                continue
+            split += 1
+            for window in cut:
+                expanded.append(replace(pair, document=Content(text=window), max_tokens_per_doc=None))
+                owner.append(i)
+        return Windows(expanded, owner, split, len(pairs))
+
+    def check(self, pairs: Sequence[Pair]) -> None:
+        """PairTooLong when a pair (truncate=false) exceeds the model's window, as the family's check says it."""
+        queries = [pair.query_text() for pair in pairs]
+        documents = [pair.document.text or "" for pair in pairs]
+        if self.pair_input:
+            lengths = [len(e.ids) for e in self.plain.encode_batch(list(zip(queries, documents)))]
+        else:
+            encoded = self.plain.encode_batch(queries + documents)
+            lengths = [max(len(q.ids), len(d.ids)) for q, d in zip(encoded[: len(pairs)], encoded[len(pairs) :])]
+        raise_if_too_long(lengths, self.max_length, "pair")
+
+    def encode(self, pairs: Sequence[Pair]) -> list[EncodedPair]:
+        """Token ids of pairs whose documents are already cut (see `windows`): one truncated sequence per pair
+        (cross-encoder), or the query's and the document's ids (embedding)."""
+        queries = [pair.query_text() for pair in pairs]
+        documents = [pair.document.text or "" for pair in pairs]
+        if self.pair_input:
+            return [
+                EncodedPair(tuple(e.ids), tuple(e.type_ids) if self.spec.type_ids else None)
+                for e in self.truncating.encode_batch(list(zip(queries, documents)))
+            ]
+        distinct = list(dict.fromkeys(queries + documents))
+        ids = {text: tuple(e.ids) for text, e in zip(distinct, self.truncating.encode_batch(distinct))}
+        return [EncodedPair(ids[q], None, ids[d]) for q, d in zip(queries, documents)]
+
+    def prepare(self, pairs: Sequence[Pair], truncate: bool, stride: int | None) -> tuple[Windows, list[EncodedPair]]:
+        """A call's pairs as the pool will score them: windows (or cut documents), checked, as token ids."""
+        windows = self.windows(pairs, stride)
+        if not truncate:
+            self.check(windows.pairs)
+        return windows, self.encode(windows.pairs)

@@ -1,0 +1,183 @@
+"""Tokenizing in the ingress: token ids from scoring/text.py equal the families' own, and so do the scores.
+
+The pool replica then receives EncodedPairs (asserted on its counters), tokenizes nothing, and answers what it
+answered when it tokenized the text itself (tokenize_in=pool).
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from serve_app.scoring.family import LoadOptions
+from serve_app.scoring.loading import load_scorer
+from serve_app.scoring.text import TextEncoder
+from serve_app.scoring.types import Content, EncodedPair, Pair, PairTooLong
+
+LONG = " ".join(f"word{i} the capital city of france is paris" for i in range(40))
+# Odd text a hostile or careless client sends: combining marks, zero-width, RTL, CJK, emoji, controls.
+DOCUMENTS = [
+    "paris is the capital of france",
+    "e\u0301te\u0301 a\u0300 paris",
+    "zero\u200bwidth\u200djoin\ufeffbom",
+    "\u202eright to left\u202c and back",
+    "東京は日本の首都です",
+    "snakes 🐍🐍 and code 💻 fast",
+    "tabs\tand\nnewlines\r\nand \x00 nul",
+    "   ",
+    LONG,
+    LONG + " " + LONG,
+]
+
+
+def pairs(documents=DOCUMENTS, query="capital of france?", **extra) -> list[Pair]:
+    return [Pair(Content(text=query), Content(text=d), **extra) for d in documents]
+
+
+@pytest.fixture(scope="module")
+def scorers(model_dirs, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("tokenize-cache")
+    return {
+        "cross_encoder": load_scorer(str(model_dirs["cross_encoder"])),
+        "cross_encoder_2": load_scorer(str(model_dirs["cross_encoder_2"])),
+        "embedding": load_scorer(str(model_dirs["embedding"])),
+        "minilm": load_scorer("sentence-transformers/all-MiniLM-L6-v2", LoadOptions(cache_dir=cache)),
+    }
+
+
+NAMES = ["cross_encoder", "cross_encoder_2", "embedding", "minilm"]
+
+
+def encoder_of(scorer) -> TextEncoder:
+    spec = scorer.tokenizer_spec()
+    assert spec is not None and spec.family == scorer.family
+    return TextEncoder(spec)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("extra", [{}, {"instruction": "Given a question, find passages"}, {"max_tokens_per_doc": 7}])
+def test_token_ids_equal_the_families_own(scorers, name, extra):
+    scorer = scorers[name]
+    given = pairs(**extra)
+    windows, encoded = encoder_of(scorer).prepare(given, truncate=True, stride=None)
+    assert windows.split == 0 and len(encoded) == len(given)
+    assert all(isinstance(e, EncodedPair) for e in encoded)
+    queries, documents = scorer.text_pairs(given)
+    if scorer.family == "cross_encoder":
+        expected = scorer.tokenizer(queries, documents, truncation=True, max_length=scorer.max_length)
+        assert [list(e.ids) for e in encoded] == expected["input_ids"]
+        assert [list(e.type_ids) for e in encoded] == expected["token_type_ids"]
+    else:
+        expected = scorer.tokenizer(queries + documents, truncation=True, max_length=scorer.max_length)["input_ids"]
+        assert [list(e.ids) for e in encoded] == expected[: len(given)]
+        assert [list(e.second) for e in encoded] == expected[len(given) :]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("stride", [None, 0, 8])
+def test_scores_are_identical_with_tokenizing_in_the_ingress_and_in_the_replica(scorers, name, stride):
+    scorer = scorers[name]
+    given = pairs(max_tokens_per_doc=None)
+    # The replica's own path: its windows (when asked), its tokenizing, its forward; the best window's score.
+    replica_windows = scorer.expand_windows(given, stride) if stride is not None else None
+    if replica_windows is None:
+        in_replica = scorer.score(given)
+    else:
+        in_replica = [s.raw for s in replica_windows.merge(scorer.calibrate(scorer.score(replica_windows.pairs)))]
+    windows, encoded = encoder_of(scorer).prepare(given, truncate=True, stride=stride)
+    if replica_windows is not None:
+        assert windows.owner == replica_windows.owner and windows.split == replica_windows.split
+        assert windows.split > 0 or scorer.max_length >= 256  # the tiny models' 64 tokens cut LONG
+    in_ingress = [s.raw for s in windows.merge(scorer.calibrate(scorer.score(encoded)))]
+    assert in_ingress == pytest.approx(in_replica, abs=1e-6)
+    # A batch mixing both (another caller's text beside token ids) scores each the same.
+    mixed = [e if i % 2 else p for i, (e, p) in enumerate(zip(encoded, windows.pairs))]
+    assert scorer.score(mixed) == pytest.approx(scorer.score(windows.pairs), abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["cross_encoder", "embedding"])
+def test_too_long_without_truncation_is_refused_with_the_families_message(scorers, name):
+    scorer = scorers[name]
+    given = pairs(["short", LONG, "short too", LONG])
+    with pytest.raises(PairTooLong) as in_replica:
+        scorer.check(given, truncate=False)
+    with pytest.raises(PairTooLong) as in_ingress:
+        encoder_of(scorer).prepare(given, truncate=False, stride=None)
+    assert str(in_ingress.value) == str(in_replica.value)
+    assert "2 pair(s)" in str(in_ingress.value) and "pair 1" in str(in_ingress.value)
+
+
+def test_image_families_keep_tokenizing_in_the_pool(model_dirs):
+    assert load_scorer(str(model_dirs["clip"])).tokenizer_spec() is None
+
+
+# ---- through the service ----------------------------------------------------------------------------------
+
+
+def text_pool(client: httpx.Client) -> dict:
+    return client.get("/v1/stats").json()["pools"]["text"][0]
+
+
+def test_token_ids_travel_to_the_pool_and_it_tokenizes_nothing(alpha, scorers):
+    documents = DOCUMENTS[:8]
+    before = text_pool(alpha)
+    response = alpha.post(
+        "/v2/rerank", json={"query": "capital of france?", "documents": documents, "raw_scores": True}
+    )
+    assert response.status_code == 200, response.text
+    after = text_pool(alpha)
+    assert after["encoded_pairs"] - before["encoded_pairs"] == len(documents)
+    assert after["tokenized_pairs"] == before["tokenized_pairs"]
+    raw = {r["index"]: r["raw_score"] for r in response.json()["results"]}
+    expected = scorers["cross_encoder"].score(pairs(documents))
+    assert [raw[i] for i in range(len(documents))] == pytest.approx(expected, abs=1e-5)
+
+
+def test_long_documents_cut_in_the_ingress_spread_over_calls_and_merge_to_their_best_window(alpha, scorers):
+    scorer = scorers["cross_encoder"]
+    body = {"query": "capital of france?", "documents": [LONG + " " + LONG, "paris"], "raw_scores": True}
+    before = text_pool(alpha)
+    response = alpha.post("/v2/rerank", json=body)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["meta"]["split_documents"] == 1
+    windows = scorer.expand_windows(pairs(body["documents"]), 64)
+    assert len(windows.pairs) > 3
+    assert text_pool(alpha)["encoded_pairs"] - before["encoded_pairs"] == len(windows.pairs)
+    expected = [s.raw for s in windows.merge(scorer.calibrate(scorer.score(windows.pairs)))]
+    raw = {r["index"]: r["raw_score"] for r in answer["results"]}
+    assert [raw[0], raw[1]] == pytest.approx(expected, abs=1e-5)
+
+
+def test_tokenize_in_pool_sends_text_and_scores_the_same(serve_url, model_dirs, alpha):
+    from ray import serve
+
+    from tests.conftest import deploy
+
+    deploy(
+        "textual",
+        {"text": {"model": str(model_dirs["cross_encoder"])}, "image_text": {"enabled": False}, "tokenize_in": "pool"},
+    )
+    try:
+        with httpx.Client(base_url=f"{serve_url}/textual", timeout=60) as textual:
+            body = {"query": "capital of france?", "documents": DOCUMENTS + [LONG + " " + LONG], "raw_scores": True}
+            before = text_pool(textual)
+            there = textual.post("/v2/rerank", json=body)
+            after = text_pool(textual)
+            assert after["tokenized_pairs"] - before["tokenized_pairs"] == len(body["documents"])
+            assert after["encoded_pairs"] == 0
+            here = alpha.post("/v2/rerank", json=body)
+            assert there.status_code == here.status_code == 200
+            assert there.json()["meta"]["split_documents"] == here.json()["meta"]["split_documents"] == 3
+            by_index = [{r["index"]: r["raw_score"] for r in a.json()["results"]} for a in (there, here)]
+            assert [by_index[0][i] for i in range(len(body["documents"]))] == pytest.approx(
+                [by_index[1][i] for i in range(len(body["documents"]))], abs=1e-6
+            )
+    finally:
+        serve.delete("textual")
+
+
+def test_a_too_long_pair_is_refused_by_the_ingress_with_413(alpha):
+    response = alpha.post("/rerank", json={"query": "capital of france?", "texts": ["paris", LONG], "truncate": False})
+    assert response.status_code == 413, response.text
+    assert "pair 1" in response.json()["error"]["message"]
