@@ -327,9 +327,14 @@ class Service:
         from ray import serve
 
         from serve_app.app import build_app
+        from serve_app.local_ray import quiet_ray_env
 
         self.serve = serve
+        self.build_app = build_app
+        self.models = models
+        self.plan = plan
         self.port = free_port()
+        quiet_ray_env()  # as `make run` starts its Ray (quiet_ray): Ray's loops slowed for a small box
         ray.init(
             address="local", num_cpus=plan.ray_cpus, num_gpus=plan.gpus, include_dashboard=False,
             logging_level="WARNING", log_to_driver=False,
@@ -343,6 +348,14 @@ class Service:
             serve.run(build_app(args), name=family, route_prefix=f"/{family}")
             self.apps[family] = f"http://127.0.0.1:{self.port}/{family}"
         self.apps["clip"] = self.apps["cross_encoder"]
+
+    def deploy_layout(self, family: str, pool_options: dict) -> str:
+        """The family's text pool alone in another layout (image pool off): its URL."""
+        name = f"{family}_layout"
+        text = {"model": str(self.models[family]), **pool_options}
+        args = {"text": text, "image_text": {"enabled": False}, "log_level": "WARNING", **self.plan.ingress_options}
+        self.serve.run(self.build_app(args), name=name, route_prefix=f"/{name}")
+        return f"http://127.0.0.1:{self.port}/{name}"
 
     def handle(self, family: str):
         return self.serve.get_app_handle("cross_encoder" if family == "clip" else family)
@@ -410,6 +423,20 @@ async def bench_service(service: Service, family: str, requests_by_use: RequestS
             if plan.flops_per_token and family == "cross_encoder":
                 row.flops_per_s = round(delta["padded_tokens"] * plan.flops_per_token / driven.seconds)
             rows.append(row)
+        if plan.layout_pool_options and family != "clip":
+            # The other way to spend the cores, side by side: one replica computing with all of them.
+            url = service.deploy_layout(family, plan.layout_pool_options)
+
+            async def via_layout(request: dict) -> None:
+                response = await client.post(f"{url}/v2/rerank", json=body_of(request))
+                response.raise_for_status()
+
+            await drive(via_layout, sets[:4], 4)
+            driven = await drive(via_layout, sets, max(CONCURRENCY))
+            row = load_row(family, "http_one_replica", max(CONCURRENCY), sets, driven)
+            row.note = "; ".join(filter(None, [f"text pool {plan.layout_pool_options}", row.note]))
+            rows.append(row)
+            service.serve.delete(f"{family}_layout")
     # What the replicas measured at start-up decides how batches were cut: keep it beside the figures.
     pool = "image_text" if family == "clip" else "text"
     replicas = httpx.get(f"{service.apps[family]}/v1/models", timeout=60).json()["pools"][pool]["replicas"]
@@ -440,10 +467,11 @@ class Plan:
     latency_requests: int = 12
     sweep_requests: int = 6
     repeats: int = 1
-    ray_cpus: int = 6
+    ray_cpus: int = 12  # logical: every replica of the run (two per text pool on a CPU) must be placed
     gpus: int = 0
     step_timeout_s: int = 600
     pool_options: dict = field(default_factory=dict)
+    layout_pool_options: dict = field(default_factory=dict)  # a second layout of the text pool, at c=32 only
     image_pool_options: dict = field(default_factory=dict)
     # The same work as the raw pass and Infinity, which truncate a long document: no windows. A deadline that a
     # slow machine's queued c=32 phase cannot reach (a request that still misses it is counted in its row).
@@ -454,8 +482,14 @@ class Plan:
 
 def cpu_plan() -> Plan:
     cores = os.cpu_count() or 1
-    # The text replica computes with every core, as the raw pass does (Ray would give it num_cpus=1 thread).
-    return Plan(pool_options={"torch_threads": cores}, image_pool_options={"torch_threads": cores})
+    # A text replica per core, one torch thread each: every core computes, as in the raw pass, and no OpenMP
+    # team waits for a thread that Ray's own processes preempted. The row http_one_replica measures the other
+    # layout (one replica, every core as a torch thread) in the same run.
+    return Plan(
+        pool_options={"torch_threads": 1, "num_replicas": cores},
+        layout_pool_options={"torch_threads": cores, "num_replicas": 1},
+        image_pool_options={"torch_threads": cores},
+    )
 
 
 def gpu_plan() -> Plan:

@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
+from serve_app.local_ray import quiet_ray_env
 from serve_app.ports import port_free
 from serve_app.schemas import describe_errors
 from serve_app.settings import Settings
@@ -105,6 +106,8 @@ def serve_until_interrupted(settings: Settings, url: str) -> int:
     keep_token_auth_default()
     # A Ray of its own ("local": never another cluster found on this machine). Its dashboard serves Ray's own
     # tools (serve status, ray job submit) on localhost only.
+    if settings.quiet_ray:
+        quiet_ray_env()
     context = ray.init(
         address="local", include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING
     )

@@ -433,7 +433,7 @@ class Ingress:
                 tokenize_s += time.perf_counter() - start
                 owners, call_stride, split_here = [indices[k] for k in windows.owner], None, split_here + windows.split
             self.pairs_sent[key] = self.pairs_sent.get(key, 0) + len(items)
-            step = self.settings.max_pairs_per_call
+            step = await self._call_size(served[name], handles[name], len(items))
             for start in range(0, len(items), step):
                 chunk = owners[start : start + step]
                 call = self._score_call(
@@ -463,6 +463,16 @@ class Ingress:
             split_here=split_here,
             tokenize_ms=tokenize_s * 1000,
         )
+
+    async def _call_size(self, served: Served, handle: DeploymentHandle, pairs: int) -> int:
+        """Pairs per pool call: spread over the pool's running replicas (ceil(pairs / replicas)), within
+        min_pairs_per_call .. max_pairs_per_call. The shared pool's calls stay whole: a replica without the model
+        would load it."""
+        most = self.settings.max_pairs_per_call
+        if served.placement == "shared" or pairs <= self.settings.min_pairs_per_call:
+            return most
+        running = await self.replicas.running(handle.deployment_name) or 1
+        return max(min(self.settings.min_pairs_per_call, most), min(most, -(-pairs // running)))
 
     async def _encoder(self, served: Served) -> TextEncoder | None:
         """The model's TextEncoder when its pairs are tokenized here (tokenize_in=ingress, a pool of its own)."""

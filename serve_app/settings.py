@@ -358,12 +358,26 @@ class Settings(BaseSettings):
     auto_truncate: bool = Field(
         default=True, description="Truncate over-long pairs when a TEI request leaves `truncate` unset."
     )
+    quiet_ray: bool = Field(
+        default=True,
+        description="The local Ray that `make run` starts slows its periodic loops (serve_app/local_ray.py): idle "
+        "CPU from ~10% to ~6.5% of a core on 2 cores; deploys and autoscaling react up to ~1 s later and task "
+        "events are off. A cluster you start yourself is not touched.",
+    )
     tokenize_in: Literal["ingress", "pool"] = Field(
         default="ingress",
         description="Where text pairs of cross-encoder and embedding models are tokenized (and long documents "
         "cut into windows): ingress sends token ids to the pool, whose replicas then only pad and run forwards "
         "(tokenizing scales with the CPU-only ingress replicas, and a document's windows spread over pool "
         "replicas); pool sends text. Other families (images, yes/no prompts) always tokenize in the pool.",
+    )
+    min_pairs_per_call: int = Field(
+        default=8,
+        ge=1,
+        description="The ingress spreads a model's pairs over its pool's running replicas, in calls of "
+        "ceil(pairs / replicas) pairs, at least this many (a call has a fixed cost), at most max_pairs_per_call: "
+        "a request's pairs are scored on several replicas at once. The shared pool gets calls of "
+        "max_pairs_per_call (a call on a replica without the model would load it).",
     )
     max_pairs_per_call: int = Field(
         default=128,

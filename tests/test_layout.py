@@ -54,7 +54,7 @@ LAYERS = [
     ["scoring.family", "hardware", "score_fit"],
     ["scoring.batching", "schemas", "media", "catalog"],
     ["scoring.text"],
-    ["scoring.types", "settings", "errors", "stats", "ports", "scoring"],
+    ["scoring.types", "settings", "errors", "stats", "ports", "scoring", "local_ray"],
 ]
 PACKAGE = Path(__file__).resolve().parent.parent / "serve_app"
 

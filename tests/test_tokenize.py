@@ -118,6 +118,14 @@ def text_pool(client: httpx.Client) -> dict:
     return client.get("/v1/stats").json()["pools"]["text"][0]
 
 
+def replicas(client: httpx.Client) -> dict[str, dict]:
+    return {r["replica"]: r for r in client.get("/v1/stats").json()["pools"]["text"]}
+
+
+def calls(client: httpx.Client) -> int:
+    return sum(r["counters"]["calls"] for r in client.get("/v1/models").json()["pools"]["text"]["replicas"])
+
+
 def test_token_ids_travel_to_the_pool_and_it_tokenizes_nothing(alpha, scorers):
     documents = DOCUMENTS[:8]
     before = text_pool(alpha)
@@ -156,16 +164,24 @@ def test_tokenize_in_pool_sends_text_and_scores_the_same(serve_url, model_dirs, 
 
     deploy(
         "textual",
-        {"text": {"model": str(model_dirs["cross_encoder"])}, "image_text": {"enabled": False}, "tokenize_in": "pool"},
+        {
+            "text": {"model": str(model_dirs["cross_encoder"]), "num_replicas": 2},
+            "image_text": {"enabled": False},
+            "tokenize_in": "pool",
+        },
     )
     try:
         with httpx.Client(base_url=f"{serve_url}/textual", timeout=60) as textual:
             body = {"query": "capital of france?", "documents": DOCUMENTS + [LONG + " " + LONG], "raw_scores": True}
-            before = text_pool(textual)
+            before, calls_before = replicas(textual), calls(textual)
             there = textual.post("/v2/rerank", json=body)
-            after = text_pool(textual)
-            assert after["tokenized_pairs"] - before["tokenized_pairs"] == len(body["documents"])
-            assert after["encoded_pairs"] == 0
+            after = replicas(textual)
+            tokenized = {r: after[r]["tokenized_pairs"] - before[r]["tokenized_pairs"] for r in after}
+            assert sum(tokenized.values()) == len(body["documents"])
+            assert all(r["encoded_pairs"] == 0 for r in after.values())
+            # 11 pairs over 2 running replicas: two calls, of 8 (min_pairs_per_call) and 3, which Serve's router
+            # may give to both replicas at once.
+            assert calls(textual) - calls_before == 2
             here = alpha.post("/v2/rerank", json=body)
             assert there.status_code == here.status_code == 200
             assert there.json()["meta"]["split_documents"] == here.json()["meta"]["split_documents"] == 3
