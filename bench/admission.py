@@ -8,7 +8,8 @@ core as torch threads, no image pool), on a local Ray, over HTTP. The benchmark'
 
 1. admission off (`admission_wait_fraction: null`): every request queues, those that cannot finish by the 30 s
    deadline answer 504 after waiting for it;
-2. admission on (the default 0.8): a request the pool cannot score in time is refused at once (503 + Retry-After);
+2. admission on (the default admission_wait_fraction): a request the pool cannot score in time is refused at
+   once (503 + Retry-After);
 3. admission on, clients that honour Retry-After and try again (at most 5 times).
 
 Writes bench/results/admission-<date>-<host>.json and prints the table; `--readme` renders it into the README.
@@ -37,10 +38,13 @@ from serve_app.stats import percentile  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 README_MARK = "admission"
+from serve_app.settings import Settings  # noqa: E402
+
+ON = Settings.model_fields["admission_wait_fraction"].default
 PHASES = (
     ("off", None, False),
-    ("on", 0.8, False),
-    ("on + retries", 0.8, True),
+    ("on", ON, False),
+    ("on + retries", ON, True),
 )
 MAX_TRIES = 5
 

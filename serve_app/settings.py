@@ -293,7 +293,7 @@ class Settings(BaseSettings):
     )
     retry_after_s: int = Field(default=1, ge=0, description="Retry-After (seconds) sent with 503 when queues are full.")
     admission_wait_fraction: float | None = Field(
-        default=0.8,
+        default=0.9,
         gt=0,
         le=1,
         description="Admission by estimated wait: a pool replica refuses a call at once (503, Retry-After computed "

@@ -46,3 +46,21 @@ def test_readme_calibration_lines_match_the_shipped_map():
     from serve_app.calibrate_scores import rendered_readme
 
     assert rendered_readme() == README.read_text(), "run: python -m serve_app.calibrate_scores --readme"
+
+
+def result_in_block(mark: str) -> Path:
+    block = re.search(rf"<!-- bench:{mark} -->(.*?)<!-- /bench:{mark} -->", README.read_text(), re.S)
+    assert block, f"README.md has no bench:{mark} block"
+    named = re.findall(r"`(bench/results/[^`]+\.json)`", block.group(1))
+    assert len(named) == 1, f"the bench:{mark} block names no result file: run its benchmark with --readme"
+    return ROOT / named[0]
+
+
+@pytest.mark.parametrize("module", ["admission", "tokenize"])
+def test_readme_admission_and_tokenize_tables_match_their_result_files(module):
+    import importlib
+
+    bench = importlib.import_module(f"bench.{module}")
+    result = result_in_block(bench.README_MARK)
+    assert result.exists()
+    assert bench.render_readme(result) == README.read_text(), f"run: python -m bench.{module} --readme {result}"
