@@ -346,7 +346,8 @@ class ScoringReplica:
             self._record(resident, len(piece), (done - start) * 1000, tokens)
             scored.extend(scorer.calibrate(raw))
         done = time.perf_counter()
-        self.throughput.record(len(flat), started, done)
+        # pending_pairs still counts this batch: more than it means work waited behind it.
+        self.throughput.record(len(flat), started, done, saturated=self.pending_pairs > len(flat))
         out, offset = [], 0
         for call in calls:
             # A batch's tokens are shared out by pairs: exact when the batch is one caller's.
