@@ -346,8 +346,7 @@ class ScoringReplica:
             self._record(resident, len(piece), (done - start) * 1000, tokens)
             scored.extend(scorer.calibrate(raw))
         done = time.perf_counter()
-        # pending_pairs still counts this batch: more than it means work waited behind it.
-        self.throughput.record(len(flat), started, done, saturated=self.pending_pairs > len(flat))
+        self.throughput.record(len(flat), started, done)
         out, offset = [], 0
         for call in calls:
             # A batch's tokens are shared out by pairs: exact when the batch is one caller's.

@@ -28,13 +28,10 @@ class Throughput:
         self.min_batches = min_batches
         self.last_done = 0.0
 
-    def record(self, pairs: int, started: float, done: float, saturated: bool = True) -> None:
-        """A batch of `pairs` that ran from `started` to `done`. Only a `saturated` batch (more work waited
-        behind it) shows the rate a queue drains at: a lone request's batch is small and pays a forward's fixed
-        cost alone (measured: about half the rate under load), so it would refuse work that fits."""
+    def record(self, pairs: int, started: float, done: float) -> None:
         service = done - max(started, self.last_done)
         self.last_done = max(self.last_done, done)
-        if saturated and service > 0 and pairs > 0:
+        if service > 0 and pairs > 0:
             self.batches.append((pairs, service))
 
     def pairs_per_s(self) -> float | None:
