@@ -11,7 +11,7 @@ import pytest
 
 from serve_app.scoring.family import LoadOptions
 from serve_app.scoring.loading import load_scorer
-from serve_app.scoring.text import TextEncoder
+from serve_app.scoring.text import ENCODE_CHUNK, TextEncoder, unpack
 from serve_app.scoring.types import Content, EncodedPair, Pair, PairTooLong
 
 LONG = " ".join(f"word{i} the capital city of france is paris" for i in range(40))
@@ -65,12 +65,29 @@ def test_token_ids_equal_the_families_own(scorers, name, extra):
     queries, documents = scorer.text_pairs(given)
     if scorer.family == "cross_encoder":
         expected = scorer.tokenizer(queries, documents, truncation=True, max_length=scorer.max_length)
-        assert [list(e.ids) for e in encoded] == expected["input_ids"]
-        assert [list(e.type_ids) for e in encoded] == expected["token_type_ids"]
+        assert [unpack(e.ids).tolist() for e in encoded] == expected["input_ids"]
+        assert [unpack(e.type_ids).tolist() for e in encoded] == expected["token_type_ids"]
     else:
         expected = scorer.tokenizer(queries + documents, truncation=True, max_length=scorer.max_length)["input_ids"]
-        assert [list(e.ids) for e in encoded] == expected[: len(given)]
-        assert [list(e.second) for e in encoded] == expected[len(given) :]
+        assert [unpack(e.ids).tolist() for e in encoded] == expected[: len(given)]
+        assert [unpack(e.second).tolist() for e in encoded] == expected[len(given) :]
+
+
+@pytest.mark.parametrize("name", ["cross_encoder", "embedding"])
+def test_a_call_larger_than_a_tokenizer_chunk_keeps_its_order_at_four_bytes_a_token(scorers, name):
+    scorer = scorers[name]
+    given = pairs([f"{d} {i}" for i, d in enumerate(DOCUMENTS * 70)])
+    assert len(given) > 2 * ENCODE_CHUNK
+    _, encoded = encoder_of(scorer).prepare(given, truncate=True, stride=None)
+    queries, documents = scorer.text_pairs(given)
+    if scorer.family == "cross_encoder":
+        expected = scorer.tokenizer(queries, documents, truncation=True, max_length=scorer.max_length)["input_ids"]
+        packed = [e.ids for e in encoded]
+    else:
+        expected = scorer.tokenizer(documents, truncation=True, max_length=scorer.max_length)["input_ids"]
+        packed = [e.second for e in encoded]
+    assert [unpack(p).tolist() for p in packed] == expected
+    assert [len(p) for p in packed] == [4 * len(ids) for ids in expected]
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -9,7 +9,7 @@ from transformers import AutoModelForSequenceClassification
 
 from serve_app.scoring.batching import count_tokens, padded_groups, to_device
 from serve_app.scoring.family import FamilyScorer, LoadOptions, load_model, model_max_length
-from serve_app.scoring.text import raise_if_too_long
+from serve_app.scoring.text import raise_if_too_long, unpack
 from serve_app.scoring.types import EncodedPair, ModelLoadError, Pair, TokenCount
 
 Prepared = tuple[int, list[tuple[list[int], dict[str, torch.Tensor]]]]
@@ -50,7 +50,9 @@ class CrossEncoderScorer(FamilyScorer):
                 ids[i] = tokenized["input_ids"][k]
                 type_ids[i] = types[k] if types is not None else None
         for i in encoded:
-            ids[i], type_ids[i] = pairs[i].ids, pairs[i].type_ids
+            item = pairs[i]
+            ids[i] = unpack(item.ids)
+            type_ids[i] = unpack(item.type_ids) if item.type_ids is not None else None
         pad = self.tokenizer.pad_token_id or 0
         return len(pairs), padded_groups(self.encoding(ids, type_ids), self.options.cuts(), pad, self.max_length)
 

@@ -13,7 +13,7 @@ from transformers import AutoModel
 
 from serve_app.scoring.batching import count_tokens, padded_groups, to_device
 from serve_app.scoring.family import FamilyScorer, LoadOptions, load_model, model_max_length
-from serve_app.scoring.text import raise_if_too_long
+from serve_app.scoring.text import pack, raise_if_too_long, unpack
 from serve_app.scoring.types import EncodedPair, Logistic, Pair, TokenCount
 
 
@@ -78,7 +78,7 @@ class EmbeddingScorer(FamilyScorer):
             queries, documents = self.text_pairs([pairs[i] for i in text])
             distinct = list(dict.fromkeys(queries + documents))
             tokenized = self.tokenizer(distinct, truncation=True, max_length=self.max_length)["input_ids"]
-            ids = {t: tuple(x) for t, x in zip(distinct, tokenized)}
+            ids = {t: pack(x) for t, x in zip(distinct, tokenized)}
             for k, i in enumerate(text):
                 query_ids[i], document_ids[i] = ids[queries[k]], ids[documents[k]]
         for i in encoded:
@@ -89,7 +89,9 @@ class EmbeddingScorer(FamilyScorer):
         pad = self.tokenizer.pad_token_id or 0
         return Prepared(
             texts=len(distinct_ids),
-            groups=padded_groups(self.encoding(distinct_ids, None), self.options.cuts(), pad, self.max_length),
+            groups=padded_groups(
+                self.encoding([unpack(ids) for ids in distinct_ids], None), self.options.cuts(), pad, self.max_length
+            ),
             queries=[position[ids] for ids in query_ids],
             documents=[position[ids] for ids in document_ids],
         )

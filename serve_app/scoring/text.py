@@ -13,10 +13,24 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from serve_app.scoring.types import EncodedPair, Pair, PairTooLong, UnsupportedPair, Windows
 
 # Families whose tokenizing this module reproduces exactly.
 ENCODED_FAMILIES = ("cross_encoder", "embedding")
+# Pairs per call into the Rust tokenizer: its Encodings (ids, offsets, masks) of a whole request's windows at
+# once would take hundreds of MB for a maximal request; in chunks, only the packed ids stay.
+ENCODE_CHUNK = 256
+TOKEN = np.dtype("<i4")
+
+
+def pack(ids: Sequence[int]) -> bytes:
+    return np.asarray(ids, dtype=TOKEN).tobytes()
+
+
+def unpack(packed: bytes) -> np.ndarray:
+    return np.frombuffer(packed, dtype=TOKEN)
 
 
 @dataclass(frozen=True)
@@ -152,12 +166,19 @@ class TextEncoder:
         queries = [pair.query_text() for pair in pairs]
         documents = [pair.document.text or "" for pair in pairs]
         if self.pair_input:
-            return [
-                EncodedPair(tuple(e.ids), tuple(e.type_ids) if self.spec.type_ids else None)
-                for e in self.truncating.encode_batch(list(zip(queries, documents)))
-            ]
+            out = []
+            for start in range(0, len(pairs), ENCODE_CHUNK):
+                chunk = list(zip(queries[start : start + ENCODE_CHUNK], documents[start : start + ENCODE_CHUNK]))
+                out += [
+                    EncodedPair(pack(e.ids), pack(e.type_ids) if self.spec.type_ids else None)
+                    for e in self.truncating.encode_batch(chunk)
+                ]
+            return out
         distinct = list(dict.fromkeys(queries + documents))
-        ids = {text: tuple(e.ids) for text, e in zip(distinct, self.truncating.encode_batch(distinct))}
+        ids: dict[str, bytes] = {}
+        for start in range(0, len(distinct), ENCODE_CHUNK):
+            chunk = distinct[start : start + ENCODE_CHUNK]
+            ids.update((text, pack(e.ids)) for text, e in zip(chunk, self.truncating.encode_batch(chunk)))
         return [EncodedPair(ids[q], None, ids[d]) for q, d in zip(queries, documents)]
 
     def prepare(self, pairs: Sequence[Pair], truncate: bool, stride: int | None) -> tuple[Windows, list[EncodedPair]]:

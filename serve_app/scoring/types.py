@@ -48,11 +48,13 @@ class Pair:
 class EncodedPair:
     """A text pair tokenized before it reached the pool (by the ingress): what a text pool's forward reads.
     A cross-encoder reads `ids` (query and document as one truncated sequence) with `type_ids` (None where
-    the model takes none); an embedding model embeds `ids` (the query) and `second` (the document) alone."""
+    the model takes none); an embedding model embeds `ids` (the query) and `second` (the document) alone.
+    Token ids are packed little-endian int32 (scoring.text.pack): 4 bytes a token, where a tuple of Python ints
+    takes ~36, so a request of many long documents' windows stays small in the ingress and on the wire."""
 
-    ids: tuple[int, ...]
-    type_ids: tuple[int, ...] | None = None
-    second: tuple[int, ...] | None = None
+    ids: bytes
+    type_ids: bytes | None = None
+    second: bytes | None = None
 
 
 @dataclass(frozen=True)
