@@ -11,11 +11,11 @@ The window and max_tokens_per_doc cuts are the same functions the families use, 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from serve_app.scoring.types import EncodedPair, Pair, PairTooLong, UnsupportedPair, Windows
+from serve_app.scoring.types import Content, EncodedPair, Pair, PairTooLong, UnsupportedPair, Windows
 
 # Families whose tokenizing this module reproduces exactly.
 ENCODED_FAMILIES = ("cross_encoder", "embedding")
@@ -127,10 +127,6 @@ class TextEncoder:
 
     def windows(self, pairs: Sequence[Pair], stride: int | None) -> Windows:
         """Each pair, its document cut to max_tokens_per_doc; with a `stride`, a long document as windows."""
-        from dataclasses import replace
-
-        from serve_app.scoring.types import Content
-
         expanded, owner, split = [], [], 0
         for i, pair in enumerate(pairs):
             text = self.document_text(pair)
