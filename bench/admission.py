@@ -32,11 +32,11 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import httpx  # noqa: E402
 
 from bench import dataset  # noqa: E402
+from bench import readme as readme_block  # noqa: E402
 from serve_app.ports import free_port  # noqa: E402
 from serve_app.stats import percentile  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 README_MARK = "admission"
 from serve_app.settings import Settings  # noqa: E402
 
@@ -186,17 +186,12 @@ def table(phases: list[dict]) -> str:
 
 def render_readme(result_path: Path, readme: Path = ROOT / "README.md") -> str:
     result = json.loads(result_path.read_text())
-    text = readme.read_text()
-    start, end = f"<!-- bench:{README_MARK} -->", f"<!-- /bench:{README_MARK} -->"
-    if start not in text or end not in text:
-        raise SystemExit(f"README.md has no {start} ... {end} block")
     caption = (
         f"{result['requests']} requests ({result['pairs']} pairs) from {result['concurrency']} clients at once, "
         f"{result['model']}, {result['machine']['cores']} cores, deadline {result['request_timeout_s']:g} s "
-        f"(`{result['command']}`, {result['date']}, `{result_path.relative_to(ROOT)}`):"
+        f"(`{result['command']}`, {result['date']}, `{readme_block.relative(result_path)}`):"
     )
-    body = f"{start}\n{caption}\n\n{table(result['phases'])}\n{end}"
-    return text[: text.index(start)] + body + text[text.index(end) + len(end) :]
+    return readme_block.replace_block(readme.read_text(), README_MARK, f"{caption}\n\n{table(result['phases'])}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -210,11 +205,7 @@ def main(argv: list[str] | None = None) -> None:
         (ROOT / "README.md").write_text(render_readme(args.readme.resolve()))
         return
     result = run(args.requests, args.concurrency)
-    out = args.out or RESULTS / f"admission-{result['date']}-{result['machine']['host']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(table(result["phases"]))
-    print(f"wrote {out}")
+    readme_block.save(result, args.out, "admission", lambda r: table(r["phases"]))
 
 
 if __name__ == "__main__":

@@ -25,9 +25,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench import dataset  # noqa: E402
+from bench import readme as readme_block  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 README_MARK = "tokenize"
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -138,16 +138,11 @@ def table(result: dict) -> str:
 
 def render_readme(result_path: Path, readme: Path = ROOT / "README.md") -> str:
     result = json.loads(result_path.read_text())
-    text = readme.read_text()
-    start, end = f"<!-- bench:{README_MARK} -->", f"<!-- /bench:{README_MARK} -->"
-    if start not in text or end not in text:
-        raise SystemExit(f"README.md has no {start} ... {end} block")
     caption = (
         f"{result['model']}; {result['requests']} requests ({result['pairs']} pairs); {result['machine']['cores']} "
-        f"cores (`{result['command']}`, {result['date']}, `{result_path.relative_to(ROOT)}`):"
+        f"cores (`{result['command']}`, {result['date']}, `{readme_block.relative(result_path)}`):"
     )
-    body = f"{start}\n{caption}\n\n{table(result)}\n{end}"
-    return text[: text.index(start)] + body + text[text.index(end) + len(end) :]
+    return readme_block.replace_block(readme.read_text(), README_MARK, f"{caption}\n\n{table(result)}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -161,11 +156,7 @@ def main(argv: list[str] | None = None) -> None:
         (ROOT / "README.md").write_text(render_readme(args.readme.resolve()))
         return
     result = run(args.seconds, args.requests)
-    out = args.out or RESULTS / f"tokenize-{result['date']}-{result['machine']['host']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(table(result))
-    print(f"wrote {out}")
+    readme_block.save(result, args.out, "tokenize", table)
 
 
 if __name__ == "__main__":

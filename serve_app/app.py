@@ -4,12 +4,13 @@ pool) and the ingress into one application."""
 from __future__ import annotations
 
 from ray.serve import Application
-from ray.serve.config import BackpressureConfig
+from ray.serve.config import BackpressureConfig, RequestRouterConfig
 
 from serve_app.catalog import SHARED, Catalog
 from serve_app.hardware import load_profile_rows
 from serve_app.ingress import Ingress
 from serve_app.replica import PoolReplica, SharedReplica
+from serve_app.routing import SpreadRouter
 from serve_app.settings import POOLS, Settings, replica_options
 
 
@@ -27,7 +28,9 @@ def bind_pools(settings: Settings, realtime: bool) -> dict[str, Application | No
             if realtime
             else pool_settings.deployment_options(f"{served.key}_pool")
         )
-        bound[served.key] = PoolReplica.options(**options, logging_config={"log_level": settings.log_level}).bind(
+        bound[served.key] = PoolReplica.options(
+            **options, **router_options(settings), logging_config={"log_level": settings.log_level}
+        ).bind(
             served.modality,
             pool_settings,
             settings.model_cache_dir,
@@ -40,13 +43,22 @@ def bind_pools(settings: Settings, realtime: bool) -> dict[str, Application | No
     return bound
 
 
+def router_options(settings: Settings) -> dict:
+    """How the ingress's calls to a pool pick a replica (pool_router); Serve's default needs no option."""
+    if settings.pool_router == "power_of_two":
+        return {}
+    return {"request_router_config": RequestRouterConfig(request_router_class=SpreadRouter)}
+
+
 def bind_shared(settings: Settings) -> Application | None:
     """The shared multiplexed pool, where any model is placed in it."""
     shared = {m.name: (m.modality, m.settings) for m in Catalog(settings).models if m.placement == "shared"}
     if not shared:
         return None
     return SharedReplica.options(
-        **settings.shared_pool.deployment_options(f"{SHARED}_pool"), logging_config={"log_level": settings.log_level}
+        **settings.shared_pool.deployment_options(f"{SHARED}_pool"),
+        **router_options(settings),
+        logging_config={"log_level": settings.log_level},
     ).bind(shared, settings.shared_pool, settings.model_cache_dir, load_profile_rows(settings.batch_profiles_path))
 
 

@@ -55,7 +55,8 @@ REPLICA_GONE = (ActorDiedError, ActorUnavailableError, RayActorError)
 
 class RunningReplicas:
     """Running replicas per deployment of this application, from Serve's status, read at most once a second
-    (a controller call) unless a fresh count is asked for. None where the status cannot be read."""
+    (a controller call) unless a fresh count is asked for. A read that fails keeps the last counts (a busy
+    controller must not collapse a request's calls into one); None until a read succeeds."""
 
     REFRESH_S = 1.0
 
@@ -74,7 +75,7 @@ class RunningReplicas:
             finally:
                 if self.reading is reading and reading.done():
                     self.reading = None
-            self.counts, self.at = counts, time.monotonic()
+            self.counts, self.at = counts if counts is not None else self.counts, time.monotonic()
         return None if self.counts is None else self.counts.get(deployment)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -91,6 +92,7 @@ def load_options(pool_settings: PoolSettings, where: Placement, profile: BatchPr
         family=pool_settings.family,
         answer_tokens=pool_settings.answer_tokens,
         prefix_reuse=pool_settings.prefix_reuse,
+        cuda_graphs=pool_settings.cuda_graphs,
     )
 
 
@@ -193,23 +195,43 @@ def tune_forward_cost(scorer: Scorer, pool: str, pool_settings: PoolSettings, ma
     """
     if pool_settings.forward_cost_tokens is not None:
         scorer.options.forward_cost_tokens = pool_settings.forward_cost_tokens
-    elif pool == "text":
-        # A GPU needs a full batch to show a per-token cost (smaller ones are launch-bound); a CPU shows it in a
-        # few pairs, and a full batch of a MiniLM-sized model would cost a CPU replica's start (or an on-demand
-        # load in the shared pool) tens of seconds.
-        on_gpu = scorer.options.device.startswith("cuda")
-        batch = max_batch_size if on_gpu else min(max_batch_size, CPU_COST_PROBE_PAIRS)
+    elif (batch := forward_cost_probe_pairs(scorer, pool, pool_settings, max_batch_size)) is not None:
         scorer.options.forward_cost_tokens = measure_forward_cost_tokens(scorer, batch)
     return scorer.options.forward_cost_tokens
 
 
-def measure_forward_cost_tokens(scorer: Scorer, max_batch_size: int, words: int = 60, repeats: int = 5) -> int:
-    """The fixed cost of a forward (one short pair) over the cost per token (many pairs of `words`)."""
+def forward_cost_probe_pairs(scorer: Scorer, pool: str, pool_settings: PoolSettings, max_batch_size: int) -> int | None:
+    """Pairs in the forward-cost probe's large forward; None where the cost is not measured (set in the pool's
+    settings, or not a text pool)."""
+    if pool_settings.forward_cost_tokens is not None or pool != "text":
+        return None
+    # A GPU needs a full batch to show a per-token cost (smaller ones are launch-bound); a CPU shows it in a few
+    # pairs, and a full batch of a MiniLM-sized model would cost a CPU replica's start (or an on-demand load in
+    # the shared pool) tens of seconds.
+    on_gpu = scorer.options.device.startswith("cuda")
+    return max_batch_size if on_gpu else min(max_batch_size, CPU_COST_PROBE_PAIRS)
+
+
+class Interrupted(Exception):
+    """A measurement stopped because work arrived."""
+
+
+def measure_forward_cost_tokens(
+    scorer: Scorer,
+    max_batch_size: int,
+    words: int = 60,
+    repeats: int = 5,
+    interrupted: Callable[[], bool] | None = None,
+) -> int | None:
+    """The fixed cost of a forward (one short pair) over the cost per token (many pairs of `words`). With
+    `interrupted`, asked before each forward: None as soon as it says yes (a replica's callers come first)."""
 
     def best_time(pairs: list[Pair]) -> tuple[float, int]:
         prepared = scorer.prepare(pairs)
         times = []
         for _ in range(repeats):
+            if interrupted is not None and interrupted():
+                raise Interrupted
             start = time.perf_counter()
             scorer.forward(prepared)  # returns Python floats: the device has finished
             times.append(time.perf_counter() - start)
@@ -224,6 +246,8 @@ def measure_forward_cost_tokens(scorer: Scorer, max_batch_size: int, words: int 
         # token of that batch would not cost what a token of any forward costs.
         pairs = synthetic_pairs("text", max(2, max_batch_size), words)
         big_s, big_tokens = best_time([replace(p, query=Content(text=f"query {i}")) for i, p in enumerate(pairs)])
+    except Interrupted:
+        return None
     finally:
         scorer.options = options
     per_token = (big_s - small_s) / max(1, big_tokens - small_tokens)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import os
 import statistics
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +37,41 @@ from serve_app.settings import PoolSettings, SharedPoolSettings, env_name
 from serve_app.stats import Throughput, percentile
 
 log = logging.getLogger("ray.serve")
+
+# The forward cost a text replica measures at start-up is measured again this long after its first call (and
+# each time after the one before), once it has been idle REFINE_IDLE_S: replicas that load side by side measure
+# each other's loading, and one start-up measurement read 90 tokens where a quiet one reads 26-29. The median of
+# all measurements is kept.
+REFINE_AFTER_S = (1.0, 5.0, 15.0)
+REFINE_IDLE_S = 1.0
+# A measurement that calls keep interrupting (a request every second or two never leaves the replica idle for
+# the whole probe) is given up after this many tries: each try costs its interrupting call one probe forward.
+REFINE_MAX_INTERRUPTED = 5
+
+
+async def remeasure_when_quiet(
+    measure: Callable[[], Awaitable[int | None]],
+    busy: Callable[[], bool],
+    samples: list[int],
+    apply: Callable[[int], None],
+) -> None:
+    """At each of REFINE_AFTER_S, wait until `busy()` is false (polled every REFINE_IDLE_S), then `measure()`
+    (None: interrupted, tried again at the next quiet moment), append to `samples` and `apply` their median.
+    Gives up after REFINE_MAX_INTERRUPTED interrupted tries."""
+    interrupted = 0
+    for delay in REFINE_AFTER_S:
+        await asyncio.sleep(delay)
+        while True:
+            if interrupted >= REFINE_MAX_INTERRUPTED:
+                return
+            while busy():
+                await asyncio.sleep(REFINE_IDLE_S)
+            cost = await measure()
+            if cost is not None:
+                break
+            interrupted += 1
+        samples.append(cost)
+        apply(round(statistics.median(samples)))
 
 
 def unhealthy_because(
@@ -125,7 +162,12 @@ class Resident:
         # Pairs that arrived as text and were tokenized here, and pairs that arrived as token ids (the ingress
         # tokenized them): with tokenize_in=ingress a text pool's first counter stays still.
         self.tokenized_pairs = self.encoded_pairs = 0
+        # Seconds spent preparing batches (padding, bucketing; tokenizing what came as text) and in forwards:
+        # forward_s over a window's wall time is the replica's forward utilization (how busy the device is kept).
+        self.prepare_s = self.forward_s = 0.0
         self.spec = loaded.scorer.tokenizer_spec()  # None: this model's pairs travel as text
+        self.forward_cost_samples = [loaded.scorer.options.forward_cost_tokens]  # start-up's, then idle re-probes
+        self.forward_cost_settled = False  # True once the re-probes are done (or none is made)
         self.on_evict = None
 
     def __del__(self) -> None:
@@ -146,8 +188,10 @@ class Resident:
             "max_batch_size": profile.max_batch_size,
             "max_batch_size_source": profile.source,
             "forward_cost_tokens": scorer.options.forward_cost_tokens,
+            "forward_cost_samples": list(self.forward_cost_samples),
             "score_map": pools.describe_calibration(scorer),
             "load_options": scorer.options.describe(),
+            "cuda_graphs": cuda_graphs(scorer),
             **asdict(scorer.info),
         }
 
@@ -165,6 +209,7 @@ class ScoringReplica:
         self.started = time.monotonic()
         self.forward_lock = asyncio.Lock()
         self.pending_pairs = 0
+        self.last_busy = time.perf_counter()  # when the last batch finished: the forward-cost re-probe waits for quiet
         self.throughput = Throughput()  # the rate the queue drains at: admission estimates waits with it
         self.refused = 0
         self.metrics = PoolMetrics(pool, model)
@@ -178,6 +223,9 @@ class ScoringReplica:
 
     async def _resident(self) -> Resident:
         raise NotImplementedError
+
+    def _on_call(self) -> None:
+        """Called at each call, in the replica's event loop (what a subclass starts in the background)."""
 
     def _check_device(self, pool: str) -> None:
         if self.device_fault is not None:
@@ -228,6 +276,7 @@ class ScoringReplica:
         (503) instead of waiting for nothing."""
         arrived = time.perf_counter()
         resident = await self._resident()  # in the shared pool: perhaps a load, counted as waiting
+        self._on_call()
         ready = time.perf_counter()
         resident.last_used = time.monotonic()
         loaded = resident.loaded
@@ -341,11 +390,13 @@ class ScoringReplica:
             done = time.perf_counter()
             tokenize_s += tokenized - start
             inference_s += done - forward_start
+            resident.prepare_s += tokenized - start
+            resident.forward_s += done - forward_start
             tokens = scorer.tokens(prepared)
             real_tokens += tokens.real
             self._record(resident, len(piece), (done - start) * 1000, tokens)
             scored.extend(scorer.calibrate(raw))
-        done = time.perf_counter()
+        done = self.last_busy = time.perf_counter()
         self.throughput.record(len(flat), started, done)
         out, offset = [], 0
         for call in calls:
@@ -395,6 +446,7 @@ class ScoringReplica:
             "pairs_per_s_under_load": None if rate is None else round(rate, 2),
             "estimated_wait_s": None if wait is None else round(wait, 3),
             "refused_calls": self.refused,
+            "rate_window": self.throughput.window(),  # (pairs, service ms) of the batches the rate is taken over
         }
 
     def _memory(self, pool: str) -> dict:
@@ -405,10 +457,18 @@ class ScoringReplica:
         return memory
 
 
+def cuda_graphs(scorer) -> dict | None:
+    """What /v1/models shows of a scorer's CUDA graphs (cuda_graphs on, a CUDA device, a text encoder): shapes
+    captured, replays, eager forwards and why graphs were turned off, if they were; None without graphs."""
+    graphs = getattr(scorer, "graphs", None)
+    return graphs.describe() if graphs is not None else None
+
+
 def batch_stats(resident: Resident | None) -> dict:
     """A model's batches as /v1/stats shows them: fill, padding, latency."""
     if resident is None:
-        return {"batches": 0, "pairs": 0, "tokenized_pairs": 0, "encoded_pairs": 0}
+        empty = {"batches": 0, "pairs": 0, "tokenized_pairs": 0, "encoded_pairs": 0}
+        return {**empty, "prepare_seconds": 0.0, "forward_seconds": 0.0}
     p50, p95 = (percentile(resident.batch_latencies_ms, q) for q in (0.5, 0.95))
     tokens = resident.tokens
     return {
@@ -421,6 +481,8 @@ def batch_stats(resident: Resident | None) -> dict:
         "real_tokens": tokens.real,
         "padded_tokens": tokens.padded,
         "padding_waste": round(tokens.padded / tokens.real - 1, 4) if tokens.real else None,
+        "prepare_seconds": round(resident.prepare_s, 6),
+        "forward_seconds": round(resident.forward_s, 6),
         "max_batch_size": resident.loaded.profile.max_batch_size,
         "batch_latency_ms_p50": None if p50 is None else round(p50, 2),
         "batch_latency_ms_p95": None if p95 is None else round(p95, 2),
@@ -452,6 +514,7 @@ class PoolReplica(ScoringReplica):
         self.load_error: str | None = None
         self._start(pool, self.name, pool_settings.torch_threads)
         self.resident: Resident | None = None
+        self.refining: asyncio.Task | None = None
         try:
             start = time.perf_counter()
             loaded = self.device_thread.submit(
@@ -492,6 +555,49 @@ class PoolReplica(ScoringReplica):
             raise PoolUnavailable(f"the {self.key} pool is unavailable: {self.load_error}")
         return self.resident
 
+    def _on_call(self) -> None:
+        if self.refining is None and self.resident is not None:
+            self.refining = asyncio.get_running_loop().create_task(self._refine_forward_cost(self.resident))
+
+    async def _refine_forward_cost(self, resident: Resident) -> None:
+        """Measure the forward cost again when the replica is idle (REFINE_AFTER_S) and keep the median of all
+        measurements. A call that arrives during a measurement waits for the forward in progress (one batch of
+        the probe), then the measurement is dropped and made again at the next quiet second, at most
+        REFINE_MAX_INTERRUPTED times."""
+        loaded = resident.loaded
+        pairs = pools.forward_cost_probe_pairs(
+            loaded.scorer, self.pool, self.pool_settings, loaded.profile.max_batch_size
+        )
+        if pairs is None or self.realtime:
+            resident.forward_cost_settled = True
+            return
+        loop = asyncio.get_running_loop()
+
+        async def measure() -> int | None:
+            async with self.forward_lock:
+                return await loop.run_in_executor(
+                    self.device_thread,
+                    functools.partial(
+                        pools.measure_forward_cost_tokens,
+                        loaded.scorer,
+                        pairs,
+                        interrupted=lambda: self.pending_pairs > 0,
+                    ),
+                )
+
+        def busy() -> bool:
+            return bool(self.pending_pairs) or time.perf_counter() - self.last_busy < REFINE_IDLE_S
+
+        def apply(cost: int) -> None:
+            loaded.scorer.options.forward_cost_tokens = cost
+
+        try:
+            await remeasure_when_quiet(measure, busy, resident.forward_cost_samples, apply)
+        except Exception:  # noqa: BLE001 - the start-up measurement stays; scoring is not affected
+            log.exception("pool %s: measuring the forward cost again failed", self.key)
+        finally:
+            resident.forward_cost_settled = True
+
     # ---- what the ingress asks of a replica --------------------------------------------------
 
     async def probe(self) -> float:
@@ -525,8 +631,11 @@ class PoolReplica(ScoringReplica):
             "batch_wait_timeout_s": (0.0 if self.realtime else profile.batch_wait_timeout_s) if profile else None,
             "max_batch_size_source": profile.source if profile else None,
             "forward_cost_tokens": resident.loaded.scorer.options.forward_cost_tokens if resident else None,
+            "forward_cost_samples": list(resident.forward_cost_samples) if resident else None,
+            "forward_cost_settled": resident.forward_cost_settled if resident else None,
             "score_map": pools.describe_calibration(resident.loaded.scorer) if resident else None,
             "load_options": resident.loaded.scorer.options.describe() if resident else None,
+            "cuda_graphs": cuda_graphs(resident.loaded.scorer) if resident else None,
             "counters": resident.counters()
             if resident
             else dict.fromkeys(("calls", "pairs", "batches", "largest_batch"), 0),

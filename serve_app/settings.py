@@ -115,7 +115,8 @@ class PoolSettings(BaseModel):
         default=None,
         ge=0,
         description="What one more forward pass costs, in padded tokens; a sorted batch is cut where a cut saves "
-        "more padding than this. Unset: measured at start-up (text pools), 0 otherwise.",
+        "more padding than this. Unset: measured at start-up and three times more when idle after the first "
+        "call, the median kept (text pools); 0 otherwise.",
     )
     torch_threads: int | None = Field(
         default=None,
@@ -143,6 +144,12 @@ class PoolSettings(BaseModel):
         default=("no", "yes"),
         description="yes/no rerankers: the (negative, positive) answer tokens, as the tokenizer spells them; "
         "the score is the softmax of the positive one over the two at the answer position.",
+    )
+    cuda_graphs: bool = Field(
+        default=False,
+        description="Text cross-encoders and embedding models on a CUDA device: replay each padded shape's forward "
+        "from a CUDA graph (captured at warm-up) instead of launching its kernels from Python; a model that cannot be "
+        "captured runs eagerly (/v1/models says why). No effect on the CPU or with flash_attention_2.",
     )
     prefix_reuse: bool = Field(
         default=True,
@@ -378,6 +385,13 @@ class Settings(BaseSettings):
         "ceil(pairs / replicas) pairs, at least this many (a call has a fixed cost), at most max_pairs_per_call: "
         "a request's pairs are scored on several replicas at once. The shared pool gets calls of "
         "max_pairs_per_call (a call on a replica without the model would load it).",
+    )
+    pool_router: Literal["spread", "power_of_two"] = Field(
+        default="spread",
+        description="How a pool call picks its replica. spread: of the two replicas with the fewest calls "
+        "outstanding from this ingress replica, the shorter queue (the calls of one request land on different "
+        "replicas). power_of_two: Serve's default, two random replicas, the shorter queue (calls sent at the "
+        "same moment often land on one replica).",
     )
     max_pairs_per_call: int = Field(
         default=128,

@@ -40,6 +40,10 @@ class Throughput:
             return None
         return sum(p for p, _ in self.batches) / sum(s for _, s in self.batches)
 
+    def window(self) -> list[tuple[int, float]]:
+        """The measured batches, oldest first: (pairs, service ms)."""
+        return [(pairs, round(service * 1000, 1)) for pairs, service in self.batches]
+
     def wait_s(self, pairs: int) -> float | None:
         """Seconds until `pairs` more pairs are scored at the measured rate; None without a measurement."""
         rate = self.pairs_per_s()

@@ -167,6 +167,7 @@ POOL_SETTINGS = {
     "max_tokens_per_forward": 4096,
     "attn_implementation": "eager",
     "max_batch_size": 6,
+    "cuda_graphs": True,  # carried through all three paths (no effect on the CPU)
 }
 
 
@@ -204,7 +205,9 @@ def test_calibrate_bulk_and_a_replica_load_the_pool_scorer_alike(
         "attn_implementation": "eager",
         "quantize": None,
         "prefix_reuse": True,
+        "cuda_graphs": True,
     }
     assert replica["load_options"] == calibrated["load_options"] == bulk.scorer.options.describe() == expected
+    assert replica["cuda_graphs"] is None and bulk.scorer.graphs is None  # on the CPU the setting changes nothing
     assert replica["max_batch_size"] == calibrated["profile"]["max_batch_size"] == 6
     assert replica["dtype"] == calibrated["dtype"] == "bfloat16"

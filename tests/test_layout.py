@@ -52,9 +52,9 @@ LAYERS = [
     ["scoring.loading"],
     ["scoring.cross_encoder", "scoring.embedding", "scoring.dual_encoder", "scoring.blip_itm", "scoring.yes_no"],
     ["scoring.family", "hardware", "score_fit"],
-    ["scoring.batching", "schemas", "media", "catalog"],
+    ["scoring.batching", "scoring.graphs", "schemas", "media", "catalog"],
     ["scoring.text"],
-    ["scoring.types", "settings", "errors", "stats", "ports", "scoring", "local_ray"],
+    ["scoring.types", "settings", "errors", "stats", "ports", "scoring", "local_ray", "routing"],
 ]
 PACKAGE = Path(__file__).resolve().parent.parent / "serve_app"
 

@@ -165,9 +165,10 @@ def test_a_request_that_cannot_finish_by_its_deadline_gets_503_at_once(admitting
 
 def test_a_spike_gets_200s_and_fast_503s_never_504(admitting):
     rate = warm_rate(admitting)
-    # Ten clients at once, each asking for ~30% of the deadline's work: the first two or so fit in the
-    # admission's 80% of it, the rest cannot.
-    documents = max(4, min(100, int(rate * 4 * 0.3)))
+    # Ten clients at once, each asking for ~25% of the deadline's work: the first two fit in the admission's
+    # 60% of it (the app's admission_wait_fraction), the rest cannot. Admitted work stays at about half the
+    # deadline, so a 504 means the estimate was off by 2x, not by the noise of a shared machine.
+    documents = max(4, min(100, int(rate * 4 * 0.25)))
     body = {"query": "capital of france", "documents": [LONG] * documents}
     with ThreadPoolExecutor(10) as pool:
         answers = list(pool.map(lambda _: timed_post(admitting, body), range(10)))

@@ -110,3 +110,17 @@ def test_concurrent_calls_share_one_read_of_the_running_replicas(monkeypatch):
 
     assert asyncio.run(many()) == [2] * 50
     assert len(reads) == 1  # not one controller call per waiting request
+
+
+def test_a_failed_read_of_the_running_replicas_keeps_the_last_counts(monkeypatch):
+    from serve_app import ingress
+
+    answers = iter([None, {"text_pool": 2}, None])
+    monkeypatch.setattr(ingress, "running_replicas", lambda: next(answers))
+    watch = ingress.RunningReplicas()
+
+    async def three() -> list[int | None]:
+        return [await watch.running("text_pool", fresh=True) for _ in range(3)]
+
+    # Unknown until a read succeeds; then a failed read (the controller busy) does not forget the 2 replicas.
+    assert asyncio.run(three()) == [None, 2, 2]

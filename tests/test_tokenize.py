@@ -6,6 +6,8 @@ answered when it tokenized the text itself (tokenize_in=pool).
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 
@@ -146,13 +148,18 @@ def calls(client: httpx.Client) -> int:
 def test_token_ids_travel_to_the_pool_and_it_tokenizes_nothing(alpha, scorers):
     documents = DOCUMENTS[:8]
     before = text_pool(alpha)
+    start = time.perf_counter()
     response = alpha.post(
         "/v2/rerank", json={"query": "capital of france?", "documents": documents, "raw_scores": True}
     )
+    wall = time.perf_counter() - start
     assert response.status_code == 200, response.text
     after = text_pool(alpha)
     assert after["encoded_pairs"] - before["encoded_pairs"] == len(documents)
     assert after["tokenized_pairs"] == before["tokenized_pairs"]
+    # The time it spent: forwards and padding, each within the request's own wall time.
+    for key in ("forward_seconds", "prepare_seconds"):
+        assert 0 < after[key] - before[key] < wall, key
     raw = {r["index"]: r["raw_score"] for r in response.json()["results"]}
     expected = scorers["cross_encoder"].score(pairs(documents))
     assert [raw[i] for i in range(len(documents))] == pytest.approx(expected, abs=1e-5)

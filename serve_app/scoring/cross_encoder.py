@@ -7,8 +7,9 @@ from collections.abc import Sequence
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from serve_app.scoring.batching import count_tokens, padded_groups, to_device
+from serve_app.scoring.batching import count_tokens, padded_groups
 from serve_app.scoring.family import FamilyScorer, LoadOptions, load_model, model_max_length
+from serve_app.scoring.graphs import capturable_mask
 from serve_app.scoring.text import raise_if_too_long, unpack
 from serve_app.scoring.types import EncodedPair, ModelLoadError, Pair, TokenCount
 
@@ -29,6 +30,7 @@ class CrossEncoderScorer(FamilyScorer):
         self.max_length = model_max_length(self.tokenizer, self.model.config.max_position_embeddings)
         # Two labels: softmax's positive class equals sigmoid(l1 - l0), so that difference is the raw score.
         self.describe(model, "logit" if labels == 1 else "logit difference (yes - no)")
+        self.graphs = self.graph(self.raw_scores)
 
     def check(self, pairs: Sequence[Pair], truncate: bool) -> None:
         queries, documents = self.text_pairs(pairs)
@@ -56,14 +58,20 @@ class CrossEncoderScorer(FamilyScorer):
         pad = self.tokenizer.pad_token_id or 0
         return len(pairs), padded_groups(self.encoding(ids, type_ids), self.options.cuts(), pad, self.max_length)
 
+    def raw_scores(self, batch: dict[str, torch.Tensor], capturable: bool) -> torch.Tensor:
+        """One raw score per row of a device batch; `capturable`: with the attention mask in the 4D form that a
+        CUDA graph can record (graphs.capturable_mask)."""
+        if capturable:
+            batch = {**batch, "attention_mask": capturable_mask(batch["attention_mask"], self.model.dtype)}
+        logits = self.model(**batch).logits.float()
+        return logits[:, 0] if logits.shape[1] == 1 else logits[:, 1] - logits[:, 0]
+
     @torch.inference_mode()
     def forward(self, prepared: Prepared) -> list[float]:
         count, groups = prepared
         scores = [0.0] * count
         for group, batch in groups:
-            logits = self.model(**to_device(batch, self.device)).logits.float()
-            raw = logits[:, 0] if logits.shape[1] == 1 else logits[:, 1] - logits[:, 0]
-            for i, value in zip(group, raw.tolist()):
+            for i, value in zip(group, self.run_forward(self.raw_scores, batch).tolist()):
                 scores[i] = value
         return scores
 

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel
 
-from serve_app.scoring.batching import count_tokens, padded_groups, to_device
+from serve_app.scoring.batching import count_tokens, padded_groups
 from serve_app.scoring.family import FamilyScorer, LoadOptions, load_model, model_max_length
+from serve_app.scoring.graphs import capturable_mask
 from serve_app.scoring.text import pack, raise_if_too_long, unpack
 from serve_app.scoring.types import EncodedPair, Logistic, Pair, TokenCount
 
@@ -47,6 +48,7 @@ class EmbeddingScorer(FamilyScorer):
         limit = model_max_length(self.tokenizer, getattr(self.model.config, "max_position_embeddings", None))
         self.max_length = min(limit, sentence_transformers_max_length(model_dir) or limit)
         self.describe(model, "cosine")
+        self.graphs = self.graph(self.pooled)
 
     def check(self, pairs: Sequence[Pair], truncate: bool) -> None:
         queries, documents = self.text_pairs(pairs)
@@ -56,16 +58,22 @@ class EmbeddingScorer(FamilyScorer):
             lengths = [max(q, d) for q, d in zip(lengths[: len(pairs)], lengths[len(pairs) :])]
             raise_if_too_long(lengths, self.max_length, "pair")
 
+    def pooled(self, batch: dict[str, torch.Tensor], capturable: bool) -> torch.Tensor:
+        """Unit-length mean-pooled embeddings of a device batch's rows; `capturable`: with the attention mask in
+        the 4D form that a CUDA graph can record (graphs.capturable_mask)."""
+        mask = batch["attention_mask"]
+        if capturable:
+            batch = {**batch, "attention_mask": capturable_mask(mask, self.model.dtype)}
+        hidden = self.model(**batch).last_hidden_state.float()
+        weights = mask.unsqueeze(-1).float()
+        return F.normalize((hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9), dim=-1)
+
     @torch.inference_mode()
     def embed(self, count: int, groups: list[tuple[list[int], dict[str, torch.Tensor]]]) -> torch.Tensor:
         """Unit-length mean-pooled embeddings, one row per text."""
         rows: list[torch.Tensor] = [torch.empty(0)] * count
-        for group, cpu_batch in groups:
-            batch = to_device(cpu_batch, self.device)
-            hidden = self.model(**batch).last_hidden_state.float()
-            mask = batch["attention_mask"].unsqueeze(-1).float()
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            for i, row in zip(group, F.normalize(pooled, dim=-1)):
+        for group, batch in groups:
+            for i, row in zip(group, self.run_forward(self.pooled, batch)):
                 rows[i] = row
         return torch.stack(rows)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -12,7 +12,8 @@ from typing import Any, ClassVar
 import torch
 from transformers import AutoTokenizer
 
-from serve_app.scoring.batching import Cuts, Shapes, truncate_to_tokens
+from serve_app.scoring.batching import Cuts, Shapes, to_device, truncate_to_tokens
+from serve_app.scoring.graphs import GRAPHED_ATTENTION, Batch, GraphedForward
 from serve_app.scoring.text import ENCODED_FAMILIES, TokenizerSpec, cut_windows, may_need_windows
 from serve_app.scoring.types import (
     Calibrator,
@@ -54,6 +55,7 @@ class LoadOptions:
     family: str | None = None  # None: from config.json
     answer_tokens: tuple[str, str] = ("no", "yes")  # yes/no rerankers: the (negative, positive) answer tokens
     prefix_reuse: bool = True  # yes/no rerankers: run a query's shared prompt prefix once per batch
+    cuda_graphs: bool = False  # text encoders on a CUDA device: replay each shape's forward from a CUDA graph
 
     def cuts(self) -> Cuts:
         return Cuts(Shapes.bucketed(self.shape_buckets), self.max_tokens_per_forward, self.forward_cost_tokens)
@@ -69,6 +71,7 @@ class LoadOptions:
             "attn_implementation": self.attn_implementation,
             "quantize": self.quantize,
             "prefix_reuse": self.prefix_reuse,
+            "cuda_graphs": self.cuda_graphs,
         }
 
 
@@ -144,6 +147,31 @@ class FamilyScorer:
             attn_implementation=self.model.config._attn_implementation,
             quantization=self.options.quantize,
         )
+
+    # The CUDA-graphed forward, where the options ask for one and the model can have it (text encoders).
+    graphs: GraphedForward | None = None
+
+    def graph(self, forward: Callable[[Batch, bool], torch.Tensor]) -> GraphedForward | None:
+        """`forward(batch, capturable)` replayed from CUDA graphs, where the options ask for it on a CUDA device
+        and the attention kernel takes a 4D mask; None otherwise (the forward then runs as it is)."""
+        attention = self.model.config._attn_implementation
+        if not (self.options.cuda_graphs and self.device.startswith("cuda")):
+            return None
+        if attention not in GRAPHED_ATTENTION or self.options.quantize is not None:
+            log.warning("cuda_graphs is on, but not with %s attention or quantize: forwards run eagerly", attention)
+            return None
+        # How far a capture's output may stand from the eager forward's: the two pass the mask differently, so
+        # attention kernels (and their rounding) may differ.
+        tolerance = {torch.float32: 1e-4, torch.float16: 1e-2}.get(self.dtype, 3e-2)
+        return GraphedForward(
+            lambda batch: forward(batch, True), lambda batch: forward(batch, False), self.device, tolerance
+        )
+
+    def run_forward(self, forward: Callable[[Batch, bool], torch.Tensor], batch: Batch) -> torch.Tensor:
+        """One padded CPU batch through the graphed forward where there is one, else the plain one."""
+        if self.graphs is not None:
+            return self.graphs(batch)
+        return forward(to_device(batch, self.device), False)
 
     def prepare(self, pairs: Sequence[Pair]) -> Any:
         raise NotImplementedError
