@@ -83,11 +83,18 @@ def node_with(kind: str) -> str:
 
 
 def deploy(name: str, args: dict) -> None:
+    deploy_all({name: args})
+
+
+def deploy_all(specs: dict[str, dict]) -> None:
+    """Deploy applications at once (their replicas load side by side) and wait until every one runs."""
     from ray import serve
 
     from serve_app.app import build_app
 
-    serve.run(build_app(args), name=name, route_prefix=f"/{name}")
+    serve.run_many(
+        [serve.RunTarget(build_app(args), name=name, route_prefix=f"/{name}") for name, args in specs.items()]
+    )
 
 
 @pytest.fixture(scope="session")
@@ -159,8 +166,7 @@ def apps(serve_url, model_dirs, tmp_path_factory) -> dict[str, str]:
             "admission_wait_fraction": 0.6,
         },
     }
-    for name, args in specs.items():
-        deploy(name, args)
+    deploy_all(specs)
     return {name: f"{serve_url}/{name}" for name in specs}
 
 

@@ -7,6 +7,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 
 import httpx
 from ray import serve
@@ -14,11 +15,16 @@ from ray import serve
 from tests.conftest import deploy
 
 BODY = {"query": "what is the capital of france", "documents": ["paris is the capital", "a red car", "the dog"]}
+# How long Serve may take to notice a killed replica: a few seconds, more on a loaded machine (was 5 s here).
+NOTICED_S = 8
 Answer = tuple[float, int, float, str | None]  # (sent at, status, seconds, Retry-After)
 
 
-def load_and_kill(url: str, clients: int, observe_s: float) -> tuple[list[Answer], float]:
-    """`clients` callers in a loop; after 3 s the first text replica is SIGKILLed; every answer, and when."""
+def load_and_kill(
+    url: str, clients: int, done: Callable[[list[Answer], float], bool], limit_s: float
+) -> tuple[list[Answer], float]:
+    """`clients` callers in a loop; once each has been answered, the first text replica is SIGKILLed; the load
+    goes on until `done(answers, killed_at)` holds (or `limit_s` after the kill); every answer, and when."""
     replicas = httpx.get(f"{url}/v1/models", timeout=60).json()["pools"]["text"]["replicas"]
     answers: list[Answer] = []
     stop = threading.Event()
@@ -35,14 +41,26 @@ def load_and_kill(url: str, clients: int, observe_s: float) -> tuple[list[Answer
     threads = [threading.Thread(target=client) for _ in range(clients)]
     for thread in threads:
         thread.start()
-    time.sleep(3)
+    warm = time.monotonic() + 60
+    while len(answers) < 2 * clients and time.monotonic() < warm:  # every client answered: the load is on
+        time.sleep(0.1)
     killed_at = time.monotonic()
     os.kill(replicas[0]["pid"], signal.SIGKILL)
-    time.sleep(observe_s)
+    while not done(list(answers), killed_at) and time.monotonic() < killed_at + limit_s:
+        time.sleep(0.2)
     stop.set()
     for thread in threads:
         thread.join(timeout=60)
     return answers, killed_at
+
+
+def served_again(answers: list[Answer], killed_at: float, in_a_row: int) -> bool:
+    """`in_a_row` answers of 200, each sent after the kill, one second or more after it, and after the last
+    failure: the pool serves again."""
+    after = sorted(a for a in answers if a[0] >= killed_at)
+    last_failure = max((a[0] for a in after if a[1] != 200), default=killed_at)
+    later = [a for a in after if a[0] > max(last_failure, killed_at + 1)]
+    return len(later) >= in_a_row and all(a[1] == 200 for a in later)
 
 
 def test_a_killed_replica_costs_at_most_a_retry_and_no_request_waits_for_the_deadline(serve_url, model_dirs):
@@ -55,7 +73,9 @@ def test_a_killed_replica_costs_at_most_a_retry_and_no_request_waits_for_the_dea
         },
     )
     try:
-        answers, killed_at = load_and_kill(f"{serve_url}/faults", clients=4, observe_s=12)
+        answers, killed_at = load_and_kill(
+            f"{serve_url}/faults", 4, lambda seen, at: served_again(seen, at, 20), limit_s=30
+        )
     finally:
         serve.delete("faults")
     after = [a for a in answers if a[0] >= killed_at]
@@ -82,27 +102,30 @@ def test_with_one_replica_killed_requests_are_refused_fast_until_its_replacement
         },
     )
     try:
-        answers, killed_at = load_and_kill(f"{serve_url}/lone", clients=2, observe_s=40)
+        answers, killed_at = load_and_kill(
+            f"{serve_url}/lone", 2, lambda seen, at: served_again(seen, at, 10), limit_s=90
+        )
     finally:
         serve.delete("lone")
     after = [a for a in answers if a[0] >= killed_at]
     failed = [a for a in after if a[1] != 200]
     last_failure = max((a[0] for a in failed), default=killed_at)
-    served_again = [a[0] + a[2] - killed_at for a in after if a[1] == 200 and a[0] >= last_failure]
+    back = [a[0] + a[2] - killed_at for a in after if a[1] == 200 and a[0] >= last_failure]
     print(
         f"\none replica, killed under 2 clients: {len(failed)} of {len(after)} requests refused "
-        f"({sorted({a[1] for a in failed})}), serving again {min(served_again, default=float('nan')):.1f} s after "
+        f"({sorted({a[1] for a in failed})}), serving again {min(back, default=float('nan')):.1f} s after "
         f"the kill; slowest {max(a[2] for a in after):.1f} s"
     )
     # Known gap: until Serve's status notices the death (a few seconds, longer under load), a call can still
-    # wait in the router for the deadline (504). Past that window every refusal is a fast 503 + Retry-After.
+    # wait in the router for the deadline (504). Past that window (NOTICED_S, with room for a loaded machine)
+    # every refusal is a fast 503 + Retry-After.
     parked = [a for a in failed if a[1] == 504]
     window = max((a[0] - killed_at for a in parked), default=0.0)
     print(f"{len(parked)} request(s) sent within {window:.1f} s of the kill hit the deadline")
     assert all((status == 503 and retry) or status == 504 for _, status, _, retry in failed), failed  # never 500
-    assert all(sent - killed_at < 5 for sent, *_ in parked), parked
-    assert all(a[2] < 4 for a in failed if a[0] - killed_at >= 5)  # later: refused fast, nobody parked
-    assert served_again and after[-1][1] == 200  # and the replacement serves
+    assert all(sent - killed_at < NOTICED_S for sent, *_ in parked), parked
+    assert all(a[2] < 4 for a in failed if a[0] - killed_at >= NOTICED_S)  # later: refused fast, nobody parked
+    assert back and after[-1][1] == 200  # and the replacement serves
 
 
 def test_a_model_that_appears_after_start_up_is_loaded_by_a_replacement_replica(serve_url, model_dirs, tmp_path):

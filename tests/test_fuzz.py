@@ -49,7 +49,13 @@ def test_generated_requests_get_no_5xx_and_answers_inside_the_schema(fuzz_url):
     for operation in operations:
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=EXAMPLES,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
         def call(case) -> None:
             case.call_and_validate(headers=HEADERS, timeout=30, excluded_checks=[positive_data_acceptance])
 
@@ -62,7 +68,9 @@ HOSTILE = st.text(
 )
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+# Seeded (derandomize) and without an example database: the same examples here as under CI=true, where
+# Hypothesis' own CI profile derandomizes anyway; a run never replays what an earlier local run stored.
+@settings(max_examples=80, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 @given(query=HOSTILE, documents=st.lists(HOSTILE, min_size=1, max_size=4), instruction=st.none() | HOSTILE)
 def test_hostile_strings_get_an_answer_or_a_4xx_never_a_5xx(fuzz_url, query, documents, instruction):
     body = json.dumps({"query": query, "documents": documents, "instruction": instruction})  # ASCII escapes

@@ -210,8 +210,11 @@ def test_tokenize_in_pool_sends_text_and_scores_the_same(serve_url, model_dirs, 
             assert there.status_code == here.status_code == 200
             assert there.json()["meta"]["split_documents"] == here.json()["meta"]["split_documents"] == 3
             by_index = [{r["index"]: r["raw_score"] for r in a.json()["results"]} for a in (there, here)]
+            # Equal up to what batching changes: the pairs may share a batch (and its padding) with other pairs
+            # on one path and not on the other, and float32 sums move by ~1e-6 (1.2e-6 seen in CI). That the
+            # ingress and the pool make the same token ids is exact, in the test above.
             assert [by_index[0][i] for i in range(len(body["documents"]))] == pytest.approx(
-                [by_index[1][i] for i in range(len(body["documents"]))], abs=1e-6
+                [by_index[1][i] for i in range(len(body["documents"]))], abs=1e-5
             )
     finally:
         serve.delete("textual")
