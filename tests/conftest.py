@@ -151,7 +151,9 @@ def apps(serve_url, model_dirs, tmp_path_factory) -> dict[str, str]:
             "image_text": {"enabled": False},
             "ingress_max_ongoing_requests": 4,
             "ingress_max_queued_requests": 2,
-            "request_timeout_s": 3,
+            # Twice the 503s' bound in test_overload: a refusal at once stays apart from a wait for the deadline
+            # even on a loaded machine (at 3 s with a 2.5 s bound, one CI run's 503 took 2.502 s).
+            "request_timeout_s": 6,
             "retry_after_s": 2,
             "admission_wait_fraction": None,  # every call queues: the deadline (504) and cancellation paths
         },

@@ -95,6 +95,9 @@ def many(serve_url, model_dirs) -> httpx.Client:
                 # MiniLM-sized: its load (and the forward cost measured with it) takes seconds.
                 {"name": "tail-slow", "model": str(model_dirs["slow"]), "placement": "shared"},
             ],
+            # A call that loads a model on first use waits for the load: on a loaded 2-core machine, the MiniLM-
+            # sized load beside a stream of calls for another model took more than the default 30 s (one CI run).
+            "request_timeout_s": 120,
             "shared_pool": {
                 "max_models_per_replica": 2,
                 "num_cpus": 0,
@@ -103,7 +106,7 @@ def many(serve_url, model_dirs) -> httpx.Client:
             },
         },
     )
-    with httpx.Client(base_url=f"{serve_url}/many", timeout=120) as client:
+    with httpx.Client(base_url=f"{serve_url}/many", timeout=180) as client:
         yield client
     serve.delete("many")
 

@@ -28,7 +28,7 @@ def test_full_queues_answer_503_with_retry_after_at_once(tight):
     assert refused, statuses
     for headers, seconds in refused:
         assert headers.get("retry-after") == "2"
-        assert seconds < 2.5  # refused at once, not after waiting in a queue
+        assert seconds < 3  # refused at once, not after waiting in a queue for the 6 s deadline
     assert 200 in statuses
     assert tight.post("/v2/rerank", json={"query": "q", "documents": ["a"]}).status_code == 200
 
@@ -53,9 +53,10 @@ def wait_until_idle(tight) -> dict:
 
 def test_a_request_past_its_deadline_gets_504_and_the_service_recovers(tight):
     before = wait_until_idle(tight)["pairs"]
-    status, _, seconds = timed_post(tight, {"query": "capital of france", "documents": [LONG] * 100})  # one pool call
+    # One pool call of 100 pairs: ~12 s of the slow model's work (~8 pairs/s here), past the 6 s deadline.
+    status, _, seconds = timed_post(tight, {"query": "capital of france", "documents": [LONG] * 100})
     assert status == 504
-    assert seconds < 3 + 2  # request_timeout_s is 3
+    assert seconds < 6 + 3  # request_timeout_s is 6
     deadline = time.monotonic() + 60
     while True:  # the cancelled pairs leave the replica's queue; small requests are served again
         response = tight.post("/v2/rerank", json={"query": "q", "documents": ["a"]})
@@ -65,7 +66,7 @@ def test_a_request_past_its_deadline_gets_504_and_the_service_recovers(tight):
     assert response.status_code == 200
     stats = wait_until_idle(tight)
     assert stats["pending_pairs"] == 0
-    assert stats["pairs"] - before < 50  # most of the 100 pairs were cancelled, never scored
+    assert stats["pairs"] - before < 75  # the pairs left at the deadline (about half) were cancelled, never scored
 
 
 def test_a_client_that_disconnects_cancels_its_pairs(tight):
