@@ -73,8 +73,13 @@ def test_a_killed_replica_costs_at_most_a_retry_and_no_request_waits_for_the_dea
         },
     )
     try:
+        # Observed for NOTICED_S at least, the window in which Serve notices the death, then until the pool
+        # serves again.
         answers, killed_at = load_and_kill(
-            f"{serve_url}/faults", 4, lambda seen, at: served_again(seen, at, 20), limit_s=30
+            f"{serve_url}/faults",
+            4,
+            lambda seen, at: time.monotonic() - at > NOTICED_S and served_again(seen, at, 20),
+            limit_s=30,
         )
     finally:
         serve.delete("faults")
