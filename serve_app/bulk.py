@@ -580,10 +580,13 @@ def run(options: Options, settings: Settings | None = None) -> dict:
         log.info("%d rows in %d shards; %d shards already committed", rows_total, len(shards), len(shards) - len(todo))
         pairs_scored = 0
         if todo:
+            # Before ray.init: a submitted job's driver may find its working directory (where image paths
+            # resolve) replaced once it joins the cluster.
+            models = models_used(todo, options, settings)
             if not ray.is_initialized():
                 ray.init()
             rows_done = rows_total - sum(s.rows for s in todo)
-            pairs_scored = score_shards(todo, out, options, settings, templates, rows_done)
+            pairs_scored = score_shards(todo, models, out, options, settings, templates, rows_done)
         rows_out, errors = out.count_rows()
     finally:
         out.close()
@@ -604,25 +607,25 @@ def run(options: Options, settings: Settings | None = None) -> dict:
 
 
 def models_used(shards: list[Shard], options: Options, settings: Settings) -> list[Served]:
-    """The models the job's pairs may go to, each one actor pool: --model's, or the defaults of the kinds of pair
-    --pool allows; and every model a row names in its `model` field (found by a pass over the rows' `model`
-    alone). A name no model has fails its rows, not the job."""
-    catalog = Catalog(settings)
-    if options.model is not None:
-        names = {catalog.find(options.model).name}
-    else:
-        kinds = POOLS if options.pool == "auto" else [options.pool]
-        names = {catalog.defaults[kind].name for kind in kinds if kind in catalog.defaults}
+    """The models the job's pairs go to, each one actor pool: a pass over the rows, each routed as `expand`
+    routes it (its `model`, else --model, else the default of its kind of pair). A text-only file starts no
+    image-text actor (nor takes its GPU); a row that cannot be read or routed starts none (it is an error row)."""
+    catalog, templates = Catalog(settings), settings.instruction_templates()
+    names: set[str] = set()
+    started = time.monotonic()
     for shard in shards:
         for row in read_shard(shard):
-            named = row.get("model") if isinstance(row, dict) else None
-            if isinstance(named, str) and named in catalog.by_name:
-                names.add(catalog.by_name[named].name)
+            try:
+                names.update(parse_row(row, options, settings, templates, check_images=False).models)
+            except Exception:  # noqa: BLE001 - as in expand: the row becomes an error row there
+                continue
+    log.info("rows routed to %s in %.1f s", sorted(names) or "no model", time.monotonic() - started)
     return [m for m in catalog.models if m.name in names]
 
 
 def score_shards(
     todo: list[Shard],
+    models: list[Served],
     out: Output,
     options: Options,
     settings: Settings,
@@ -644,7 +647,7 @@ def score_shards(
     datasets = [records("rows")]
     has_gpus = bool(ray.cluster_resources().get("GPU", 0))
     actors = {"text": options.text_actors, "image_text": options.image_actors}  # actor pool size per modality
-    for served in models_used(todo, options, settings):
+    for served in models:
         pool_settings = served.settings
         # Ray Data restarts a lost actor and retries its batch (max_restarts / max_task_retries -1 by default).
         datasets.append(
@@ -658,7 +661,7 @@ def score_shards(
                 num_gpus=pool_settings.num_gpus if has_gpus else 0,
             )
         )
-    dataset = datasets[0].union(*datasets[1:])
+    dataset = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]  # every row an error row
 
     pending = {s.index: ShardResult(s.rows) for s in todo}
     seen_ids = out.committed_ids()

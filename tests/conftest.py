@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -223,3 +225,77 @@ def b64(image: Image.Image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
     return base64.b64encode(buffer.getvalue()).decode()
+
+
+# ---- one in-process bulk job, read by the bulk tests ------------------------------------------------------
+
+GOOD_ROW = {"query": "capital of france", "documents": ["paris", "a red car"]}
+
+
+@dataclass(frozen=True)
+class BulkJob:
+    lines: list[bytes]  # the input file's lines, in order
+    rows: dict[str, dict]  # the rows with an id, by id
+    options: object  # serve_app.bulk.Options
+    summary: dict
+    shard_rows: int
+
+    @property
+    def out(self) -> Path:
+        return Path(self.options.output)
+
+
+def bulk_job_lines() -> list[bytes]:
+    """Rows for every bulk test that reads one job's output, each group named by the test that reads it."""
+    image = b64(noise_image((24, 24), 3))
+    rows = [
+        # test_bulk_scores_equal_the_services: a text row and one with an image document.
+        {"id": "a", "query": "what is the capital of france", "documents": ["paris is the capital", "a red car"]},
+        {"id": "b", "query": "a red photo", "documents": [{"image": image}, "the dog", "berlin is a city"]},
+        # test_a_rows_own_top_n_and_threshold_rank_its_results (the job's --top-n is 2).
+        {"id": "own", "query": "q", "documents": ["a", "b", "c"], "top_n": 1},
+        {"id": "job", "query": "q", "documents": ["a", "b", "c"]},
+        {"id": "none_kept", "query": "q", "documents": ["a", "b"], "threshold": 1.0},
+        # test_a_duplicate_id_is_an_error_row_not_a_second_result: "same" twice, in two shards.
+        {"id": "same", **GOOD_ROW},
+        {"id": "other", **GOOD_ROW},
+        {"id": "same", **GOOD_ROW},
+    ]
+    # test_rows_that_cannot_be_read_become_error_rows_and_the_job_finishes.
+    hostile = [
+        b'{"id": "bad-utf8", "query": "caf\xe9", "documents": ["a"]}',  # Latin-1, not UTF-8 (no readable id)
+        b'{"id": "deep", "query": "q", "documents": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        json.dumps({"id": "text-not-a-string", "query": "q", "documents": [{"text": 5}]}).encode(),
+        json.dumps({"id": "image-not-a-string", "query": "q", "documents": [{"image": ["x"]}]}).encode(),
+        json.dumps(["not", "an", "object"]).encode(),
+        json.dumps({"id": "good-2", **GOOD_ROW}).encode(),
+    ]
+    return [json.dumps(r).encode() for r in rows] + hostile
+
+
+@pytest.fixture(scope="session")
+def bulk_job(cluster, model_dirs, tmp_path_factory) -> BulkJob:
+    """One bulk job run in process (each run starts its own Ray Data actors: ~10 s), with the rows of
+    bulk_job_lines, the tiny cross-encoder and CLIP (alpha's models), --top-n 2, three rows a shard."""
+    from serve_app.bulk import Options, run
+
+    root = tmp_path_factory.mktemp("bulk_job")
+    lines = bulk_job_lines()
+    (root / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    options = Options(input=str(root / "in.jsonl"), output=str(root / "out"), top_n=2, shard_rows=3)
+    summary = run(options, bulk_settings(model_dirs))
+    rows = {}
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):  # the rows that are not JSON this service reads
+            continue
+        if isinstance(row, dict):
+            rows.setdefault(row["id"], row)
+    return BulkJob(lines, rows, options, summary, shard_rows=3)
+
+
+def bulk_settings(model_dirs, text: str = "cross_encoder"):
+    from serve_app.settings import Settings
+
+    return Settings(text={"model": str(model_dirs[text])}, image_text={"model": str(model_dirs["clip"])})

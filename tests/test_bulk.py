@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -16,7 +17,7 @@ from serve_app.bulk import Options, RowError, parse_row, run
 from serve_app.errors import InputTooLarge, InvalidInput
 from serve_app.schemas import STRATEGIES, Threshold
 from serve_app.settings import Settings
-from tests.conftest import b64, noise_image
+from tests.conftest import BulkJob, b64, bulk_settings, noise_image
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = "paris capital france city river dog car red blue house tree search model".split()
@@ -112,47 +113,33 @@ def wait_for_shards(out: Path, at_least: int, jobs, job_id: str) -> None:
 
 
 def test_submitted_job_writes_every_row_once_and_its_errors(jobs, model_dirs, tmp_path):
-    ids = write_rows(tmp_path / "in.jsonl", 60, bad=(5, 6, 41))
+    """A folder of two files: 60 generated rows, and the shipped example (whose image document is a file in the
+    job's working directory, and whose q4 has an empty query)."""
+    (tmp_path / "in").mkdir()
+    ids = write_rows(tmp_path / "in" / "generated.jsonl", 60, bad=(5, 6, 41))
+    example = ROOT / "examples" / "bulk" / "queries.jsonl"
+    (tmp_path / "in" / "example.jsonl").write_bytes(example.read_bytes())
+    ids += ["q1", "q2", "q3", "q4"]
     out = tmp_path / "out"
-    job = submit(jobs, model_dirs, ["--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--shard-rows", "16"])
+    job = submit(jobs, model_dirs, ["--input", str(tmp_path / "in"), "--output", str(out), "--shard-rows", "16"])
     assert wait_for(jobs, job, {"SUCCEEDED", "FAILED", "STOPPED"}) == "SUCCEEDED", jobs.get_job_logs(job)[-3000:]
-    assert_exactly_once(out, ids, ["row-5", "row-6", "row-41"])
+    assert_exactly_once(out, ids, ["row-5", "row-6", "row-41", "q4"])
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["rows_in"] == 60 and summary["rows_out"] == 57 and summary["errors"] == 3
-    assert summary["pairs"] == 57 * 5 and summary["pairs_per_s"] > 0
+    assert summary["rows_in"] == 64 and summary["rows_out"] == 60 and summary["errors"] == 4
+    assert summary["pairs"] == 57 * 5 + 3 + 3 + 2 and summary["pairs_per_s"] > 0
+    results = {r["id"]: r["results"] for p in out.glob("part-*.parquet") for r in pq.read_table(p).to_pylist()}
+    assert len(results["q3"]) == 2  # its image document was read from the working directory
     logs = jobs.get_job_logs(job)
-    assert "rows 60/60" in logs or "done:" in logs
+    assert "rows 64/64" in logs or "done:" in logs
 
 
-def test_the_shipped_example_runs(jobs, model_dirs, tmp_path):
-    out = tmp_path / "out"
-    job = submit(
-        jobs, model_dirs, ["--input", "examples/bulk/queries.jsonl", "--output", str(out), "--format", "jsonl"]
-    )
-    assert wait_for(jobs, job, {"SUCCEEDED", "FAILED", "STOPPED"}) == "SUCCEEDED", jobs.get_job_logs(job)[-3000:]
-    rows = [json.loads(line) for line in (out / "part-00000.jsonl").read_text().splitlines()]
-    assert [r["id"] for r in rows] == ["q1", "q2", "q3"]
-    assert len(rows[2]["results"]) == 2  # the image document was read from the working directory
-    assert error_ids(out) == ["q4"]
-
-
-def test_a_killed_scoring_actor_is_restarted_and_no_row_is_lost(jobs, model_dirs, tmp_path):
+def test_a_stopped_job_resumes_and_a_killed_scoring_actor_is_restarted_without_duplicates_or_gaps(
+    jobs, model_dirs, tmp_path
+):
+    """One input, two submitted jobs: the first is stopped after two shards; the second resumes it, and one of
+    its scoring actors is SIGKILLed mid-job: Ray Data restarts it and the job still writes every row once."""
     from ray.util.state import list_actors
 
-    ids = write_rows(tmp_path / "in.jsonl", 800, documents=6)
-    out = tmp_path / "out"
-    job = submit(jobs, model_dirs, ["--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--shard-rows", "25"])
-    wait_for_shards(out, 1, jobs, job)
-    scorers = list_actors(filters=[("class_name", "=", "MapWorker(MapBatches(PairScorer))"), ("state", "=", "ALIVE")])
-    assert scorers, "no scoring actor alive mid-job"
-    os.kill(scorers[0].pid, signal.SIGKILL)
-    killed_while_running = str(jobs.get_job_status(job).value) == "RUNNING"
-    assert wait_for(jobs, job, {"SUCCEEDED", "FAILED", "STOPPED"}) == "SUCCEEDED", jobs.get_job_logs(job)[-3000:]
-    assert killed_while_running
-    assert_exactly_once(out, ids, [])
-
-
-def test_an_interrupted_job_resumes_without_duplicates_or_gaps(jobs, model_dirs, tmp_path):
     ids = write_rows(tmp_path / "in.jsonl", 800, documents=6, bad=(7,))
     out = tmp_path / "out"
     args = ["--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--shard-rows", "25"]
@@ -162,32 +149,33 @@ def test_an_interrupted_job_resumes_without_duplicates_or_gaps(jobs, model_dirs,
     assert wait_for(jobs, first, {"STOPPED", "FAILED", "SUCCEEDED"}) == "STOPPED"
     committed = len(list(out.glob("part-*.parquet")))
     assert 2 <= committed < 32
+
     second = submit(jobs, model_dirs, args)
+    wait_for_shards(out, committed + 1, jobs, second)  # the resumed job is scoring
+    scorers = list_actors(filters=[("class_name", "=", "MapWorker(MapBatches(PairScorer))"), ("state", "=", "ALIVE")])
+    assert scorers, "no scoring actor alive mid-job"
+    os.kill(scorers[0].pid, signal.SIGKILL)
+    killed_while_running = str(jobs.get_job_status(second).value) == "RUNNING"
     assert wait_for(jobs, second, {"SUCCEEDED", "FAILED", "STOPPED"}) == "SUCCEEDED", jobs.get_job_logs(second)[-3000:]
+    assert killed_while_running
     assert_exactly_once(out, ids, ["row-7"])
     assert json.loads((out / "summary.json").read_text())["shards_resumed"] >= committed
 
 
-def test_a_rerun_with_other_options_is_refused(model_dirs, tmp_path, cluster):
-    write_rows(tmp_path / "in.jsonl", 3)
-    settings = Settings(text={"model": str(model_dirs["cross_encoder"])})
-    run(Options(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out")), settings)
+def test_a_rerun_with_other_options_is_refused(bulk_job: BulkJob, model_dirs):
     with pytest.raises(SystemExit, match="different job"):
-        run(Options(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out"), top_n=1), settings)
+        run(replace(bulk_job.options, top_n=1), bulk_settings(model_dirs))
 
 
-def test_bulk_scores_equal_the_services(alpha, model_dirs, tmp_path, cluster):
-    image = b64(noise_image((24, 24), 3))
-    rows = [
-        {"id": "a", "query": "what is the capital of france", "documents": ["paris is the capital", "a red car"]},
-        {"id": "b", "query": "a red photo", "documents": [{"image": image}, "the dog", "berlin is a city"]},
-    ]
-    with open(tmp_path / "in.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    settings = Settings(text={"model": str(model_dirs["cross_encoder"])}, image_text={"model": str(model_dirs["clip"])})
-    run(Options(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out"), top_n=2), settings)
-    written = {r["id"]: r["results"] for r in pq.read_table(tmp_path / "out" / "part-00000.parquet").to_pylist()}
-    for row in rows:
+def results_by_id(out: Path) -> dict[str, list[dict]]:
+    return {
+        r["id"]: r["results"] for part in sorted(out.glob("part-*.parquet")) for r in pq.read_table(part).to_pylist()
+    }
+
+
+def test_bulk_scores_equal_the_services(alpha, bulk_job: BulkJob):
+    written = results_by_id(bulk_job.out)
+    for row in (bulk_job.rows["a"], bulk_job.rows["b"]):  # text documents; an image document
         served = alpha.post(
             "/v2/rerank", json={"query": row["query"], "documents": row["documents"], "raw_scores": True, "top_n": 2}
         ).json()["results"]
@@ -232,15 +220,24 @@ def test_a_row_is_read_as_the_service_reads_a_request():
     assert templated.job.instruction == settings.instruction_templates()["same_topic"]
 
 
-def test_a_rows_own_top_n_and_threshold_rank_its_results(model_dirs, tmp_path, cluster):
-    rows = [
-        {"id": "own", "query": "q", "documents": ["a", "b", "c"], "top_n": 1},
-        {"id": "job", "query": "q", "documents": ["a", "b", "c"]},
-        {"id": "none_kept", "query": "q", "documents": ["a", "b"], "threshold": 1.0},
-    ]
-    with open(tmp_path / "in.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    settings = Settings(text={"model": str(model_dirs["cross_encoder"])})
-    run(Options(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out"), top_n=2), settings)
-    written = {r["id"]: r["results"] for r in pq.read_table(tmp_path / "out" / "part-00000.parquet").to_pylist()}
-    assert {name: len(results) for name, results in written.items()} == {"own": 1, "job": 2, "none_kept": 0}
+def test_a_rows_own_top_n_and_threshold_rank_its_results(bulk_job: BulkJob):
+    written = results_by_id(bulk_job.out)
+    kept = {name: len(written[name]) for name in ("own", "job", "none_kept")}
+    assert kept == {"own": 1, "job": 2, "none_kept": 0}  # its own top_n 1; the job's 2; its threshold 1.0: none
+
+
+def test_a_job_starts_actors_only_for_the_models_its_rows_go_to(tmp_path):
+    from serve_app.bulk import input_files, models_used, plan_shards
+
+    settings = Settings(text={"model": "text-model"}, image_text={"model": "image-model"})
+
+    def used(*rows) -> list[str]:
+        (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        shards = plan_shards(input_files(tmp_path / "in.jsonl"), 256)
+        return [m.name for m in models_used(shards, Options(input="in", output="out"), settings)]
+
+    text = {"id": "t", "query": "q", "documents": ["a"]}
+    image = {"id": "i", "query": "q", "documents": [{"image": b64(noise_image((8, 8), 1))}]}
+    assert used(text) == ["text-model"]  # a text-only file starts no image-text actor
+    assert used(text, image) == ["text-model", "image-model"]
+    assert used({"id": "e", "query": "", "documents": ["a"]}, "not a row") == []  # error rows start none

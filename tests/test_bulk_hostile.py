@@ -10,48 +10,35 @@ import pyarrow.parquet as pq
 import pytest
 
 from serve_app import bulk
-from serve_app.bulk import Options, Output, PairScorer, parse_args, run
+from serve_app.bulk import Output, PairScorer, parse_args, run
 from serve_app.scoring.types import Content, Pair, Score, Windows
 from serve_app.settings import Settings
+from tests.conftest import BulkJob, bulk_settings
 
 
-def settings_for(model_dirs, model: str = "cross_encoder") -> Settings:
-    return Settings(text={"model": str(model_dirs[model])}, image_text={"model": str(model_dirs["clip"])})
-
-
-def errors_of(out: Path) -> dict[str, str]:
-    lines = [
-        json.loads(line) for part in (out / "errors").glob("part-*.jsonl") for line in part.read_text().splitlines()
+def errors_of(job: BulkJob) -> dict[str, str]:
+    """Each error row's reason, by its id, or by "line N" (from 1) where the row has no readable id."""
+    errors = [
+        json.loads(line) for part in (job.out / "errors").glob("part-*.jsonl") for line in part.read_text().splitlines()
     ]
-    return {str(e["id"]) or f"row {e['row']}": e["error"] for e in lines}
+    return {str(e["id"]) or f"line {e['shard'] * job.shard_rows + e['row'] + 1}": e["error"] for e in errors}
 
 
 def ids_of(out: Path) -> list[str]:
     return [r["id"] for part in sorted(out.glob("part-*.parquet")) for r in pq.read_table(part).to_pylist()]
 
 
-GOOD = {"query": "capital of france", "documents": ["paris", "a red car"]}
-
-
-def test_rows_that_cannot_be_read_become_error_rows_and_the_job_finishes(model_dirs, tmp_path, cluster):
-    lines = [
-        json.dumps({"id": "good-1", **GOOD}).encode(),
-        b'{"id": "bad-utf8", "query": "caf\xe9", "documents": ["a"]}',  # Latin-1, not UTF-8
-        b'{"id": "deep", "query": "q", "documents": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
-        json.dumps({"id": "text-not-a-string", "query": "q", "documents": [{"text": 5}]}).encode(),
-        json.dumps({"id": "image-not-a-string", "query": "q", "documents": [{"image": ["x"]}]}).encode(),
-        json.dumps(["not", "an", "object"]).encode(),
-        json.dumps({"id": "good-2", **GOOD}).encode(),
-    ]
-    (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
-    summary = run(Options(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out")), settings_for(model_dirs))
-    assert sorted(ids_of(tmp_path / "out")) == ["good-1", "good-2"]
-    errors = errors_of(tmp_path / "out")
-    assert summary["rows_out"] + summary["errors"] == len(lines)
-    assert "UTF-8" in errors["row 1"] or "utf-8" in errors["row 1"]
-    assert "nest" in errors["row 2"].lower()
+def test_rows_that_cannot_be_read_become_error_rows_and_the_job_finishes(bulk_job: BulkJob):
+    assert "good-2" in ids_of(bulk_job.out)  # the good row after them
+    errors = errors_of(bulk_job)
+    assert bulk_job.summary["rows_out"] + bulk_job.summary["errors"] == len(bulk_job.lines)
+    line = {bulk_job.lines.index(text) + 1 for text in bulk_job.lines if b"bad-utf8" in text}.pop()
+    assert "UTF-8" in errors[f"line {line}"] or "utf-8" in errors[f"line {line}"]
+    line = {bulk_job.lines.index(text) + 1 for text in bulk_job.lines if b'"deep"' in text}.pop()
+    assert "nest" in errors[f"line {line}"].lower()
     assert "documents" in errors["text-not-a-string"] and "documents" in errors["image-not-a-string"]
-    assert "not a JSON object" in errors["row 5"]
+    line = bulk_job.lines.index(b'["not", "an", "object"]') + 1
+    assert "not a JSON object" in errors[f"line {line}"]
 
 
 def test_one_pair_failing_in_a_way_nobody_foresaw_fails_its_own_row_only():
@@ -81,12 +68,9 @@ def test_one_pair_failing_in_a_way_nobody_foresaw_fails_its_own_row_only():
     assert "RuntimeError" in errors[1] and not errors[0] and not errors[2]
 
 
-def test_resuming_with_another_model_is_refused(model_dirs, tmp_path, cluster):
-    (tmp_path / "in.jsonl").write_text(json.dumps({"id": "a", **GOOD}) + "\n")
-    options = Options(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out"))
-    run(options, settings_for(model_dirs))
+def test_resuming_with_another_model_is_refused(bulk_job: BulkJob, model_dirs):
     with pytest.raises(SystemExit, match="model"):
-        run(options, settings_for(model_dirs, "cross_encoder_2"))
+        run(bulk_job.options, bulk_settings(model_dirs, "cross_encoder_2"))
 
 
 def test_two_runs_cannot_write_one_output_at_once(tmp_path):
@@ -110,13 +94,10 @@ def test_a_committed_shard_is_on_disk_before_it_counts(tmp_path, monkeypatch):
     assert len(synced) >= 4  # errors file, its folder, the part file, its folder
 
 
-def test_a_duplicate_id_is_an_error_row_not_a_second_result(model_dirs, tmp_path, cluster):
-    rows = [{"id": "same", **GOOD}, {"id": "other", **GOOD}, {"id": "same", **GOOD}]
-    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    options = Options(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out"), shard_rows=1)
-    run(options, settings_for(model_dirs))
-    assert sorted(ids_of(tmp_path / "out")) == ["other", "same"]
-    assert "duplicate id" in errors_of(tmp_path / "out")["same"]
+def test_a_duplicate_id_is_an_error_row_not_a_second_result(bulk_job: BulkJob):
+    ids = ids_of(bulk_job.out)
+    assert ids.count("same") == 1 and ids.count("other") == 1
+    assert "duplicate id" in errors_of(bulk_job)["same"]
 
 
 @pytest.mark.parametrize(
