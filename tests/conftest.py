@@ -72,7 +72,8 @@ def serve_url(cluster) -> Iterator[str]:
     from ray import serve
 
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # One proxy, on the head: the declared-GPU nodes share this machine, and a proxy each would only cost CPU.
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "location": "HeadOnly"})
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
