@@ -612,8 +612,13 @@ def models_used(shards: list[Shard], options: Options, settings: Settings) -> li
     image-text actor (nor takes its GPU); a row that cannot be read or routed starts none (it is an error row)."""
     catalog, templates = Catalog(settings), settings.instruction_templates()
     names: set[str] = set()
-    started = time.monotonic()
+    started = last_log = time.monotonic()
+    rows_total, rows_done = sum(s.rows for s in shards), 0
     for shard in shards:
+        if time.monotonic() - last_log > PROGRESS_EVERY_S:  # a large file takes a while: say how far it is
+            last_log = time.monotonic()
+            log.info("routing rows %d/%d to their models", rows_done, rows_total)
+        rows_done += shard.rows
         for row in read_shard(shard):
             try:
                 names.update(parse_row(row, options, settings, templates, check_images=False).models)
