@@ -135,6 +135,13 @@ class PoolSettings(BaseModel):
         description="A replica whose model did not load reports itself unhealthy after this many seconds, so Serve "
         "replaces it and the new replica loads again (a model volume mounted late, a hub outage). Unset: never.",
     )
+    health_check_period_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="How often Serve asks each replica whether it is healthy; three failed checks in a row replace "
+        "it (a failed device, a model that did not load after load_retry_s). Serve's own default, 10 s: a broken "
+        "replica is replaced about 30 s after it breaks.",
+    )
     family: Literal["cross_encoder", "embedding", "dual_encoder", "blip_itm", "yes_no"] | None = Field(
         default=None,
         description="The model's scorer family. Unset: from config.json's architectures; set it for a model whose "
@@ -168,6 +175,7 @@ class PoolSettings(BaseModel):
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
             "ray_actor_options": self.ray_actor_options(),
+            "health_check_period_s": self.health_check_period_s,
             "user_config": {"max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s},
         }
 

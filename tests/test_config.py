@@ -52,3 +52,10 @@ def test_serve_config_serves_two_text_models_and_one_image_text_model():
     assert sorted(m.modality for m in catalog.models) == ["image_text", "text", "text"]
     assert {m.placement for m in catalog.models} == {"own", "shared"}
     assert catalog.find("rerank-v3.5").name == "ms-marco-minilm" and catalog.find("jina-reranker-m0").name == "clip"
+
+
+def test_a_pools_health_check_period_reaches_serve_and_its_realtime_variant():
+    pool = Settings(text={"health_check_period_s": 2, "realtime_replicas": 1}).text
+    assert pool.deployment_options("text_pool")["health_check_period_s"] == 2
+    assert pool.realtime_options("text_realtime_pool")["health_check_period_s"] == 2
+    assert Settings().text.deployment_options("text_pool")["health_check_period_s"] == 10  # Serve's own default

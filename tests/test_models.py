@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pyarrow.parquet as pq
@@ -286,9 +285,11 @@ def test_a_bulk_row_is_routed_as_a_request_is(model_dirs):
 
 
 def test_the_bulk_job_scores_each_row_with_its_model(model_dirs, tmp_path, cluster):
+    # One job, run with --model large: a row that names no model takes it, a row's own name (or alias) wins.
+    # (Without --model, a row goes to its modality's default: test_a_bulk_row_is_routed_as_a_request_is.)
     rows = [
         {"id": "default", "query": QUERY, "documents": DOCUMENTS},
-        {"id": "large", "query": QUERY, "documents": DOCUMENTS, "model": "large"},
+        {"id": "small", "query": QUERY, "documents": DOCUMENTS, "model": "small"},
         {"id": "alias", "query": QUERY, "documents": DOCUMENTS, "model": "rerank-v3.5"},
         {"id": "unknown", "query": QUERY, "documents": DOCUMENTS, "model": "rerank-english-v2.0"},
     ]
@@ -299,25 +300,16 @@ def test_the_bulk_job_scores_each_row_with_its_model(model_dirs, tmp_path, clust
         "small": direct.cross_encoder(model_dirs["cross_encoder"], QUERY, DOCUMENTS),
         "large": direct.cross_encoder(model_dirs["cross_encoder_2"], QUERY, DOCUMENTS),
     }
+    with pytest.raises(SystemExit, match="--model: model 'nope' not found"):
+        run(Options(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out3"), model="nope"), settings)
 
-    def written(out: Path) -> dict[str, list[float]]:
-        table = pq.read_table(out / "part-00000.parquet").to_pylist()
-        return {r["id"]: [s for _, s in sorted((x["index"], x["raw_score"]) for x in r["results"])] for r in table}
-
-    run(Options(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out")), settings)
-    scores = written(tmp_path / "out")
-    assert scores["default"] == pytest.approx(expected["small"], abs=1e-4)
+    run(Options(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out"), model="large"), settings)
+    table = pq.read_table(tmp_path / "out" / "part-00000.parquet").to_pylist()
+    scores = {r["id"]: [s for _, s in sorted((x["index"], x["raw_score"]) for x in r["results"])] for r in table}
+    assert scores["default"] == pytest.approx(expected["large"], abs=1e-4)
+    assert scores["small"] == pytest.approx(expected["small"], abs=1e-4)
     assert scores["alias"] == pytest.approx(expected["small"], abs=1e-4)
-    assert scores["large"] == pytest.approx(expected["large"], abs=1e-4)
     (error,) = [
         json.loads(line) for line in (tmp_path / "out" / "errors" / "part-00000.jsonl").read_text().splitlines()
     ]
     assert error["id"] == "unknown" and "not found" in error["error"] and "large" in error["error"]
-
-    # --model: the model of every row that names none.
-    run(Options(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out2"), model="large"), settings)
-    scores = written(tmp_path / "out2")
-    assert scores["default"] == pytest.approx(expected["large"], abs=1e-4)
-    assert scores["alias"] == pytest.approx(expected["small"], abs=1e-4)
-    with pytest.raises(SystemExit, match="--model: model 'nope' not found"):
-        run(Options(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out3"), model="nope"), settings)
