@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import ValidationError
 
-from serve_app import hardware, pools
+from serve_app import hardware
 from serve_app.catalog import Catalog, Served
 from serve_app.errors import RerankError
 from serve_app.hardware import Placement
@@ -268,6 +268,8 @@ class PairScorer:
         self.settings = settings
         self.scorer = None
         self.load_error: str | None = None
+        from serve_app import pools  # torch: in the scoring actors only, not the driver or the row tasks
+
         rows = hardware.load_profile_rows(settings.batch_profiles_path)
         served = served_model(model, settings)
         try:

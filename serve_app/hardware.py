@@ -8,11 +8,14 @@ import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 import yaml
 
 from serve_app.settings import PoolSettings
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +35,9 @@ GPU_KINDS = [
     ("RTX 3090", "RTX3090"),
     ("RTX 3060", "RTX3060"),
 ]
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The dtypes a profile may name (torch's names): torch is imported where a model loads, not here, so that the
+# bulk job's driver and its row-reading tasks (which choose batch sizes from the profiles) load no torch.
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,11 @@ class BatchProfile:
     source: str  # "table: <row>", "derived: ...", "config"
 
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        import torch
+
+        if self.dtype not in DTYPES:
+            raise ValueError(f"batch profile dtype {self.dtype!r}: one of {', '.join(DTYPES)}")
+        return getattr(torch, self.dtype)
 
     def overridden(self, max_batch_size: int | None, batch_wait_timeout_s: float | None) -> BatchProfile:
         """A pool's own cap and wait win over the table's; unset ones keep this profile's."""
@@ -95,6 +104,8 @@ def placement() -> Placement:
 
     Ray narrows CUDA_VISIBLE_DEVICES to the replica's own GPU, so `cuda:0` is the assigned card.
     """
+    import torch
+
     node = socket.gethostname()
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name(0)
@@ -183,6 +194,8 @@ DEVICE_FAULTS = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "cuDNN error", "
 
 def is_device_fault(exc: BaseException) -> bool:
     """A failure of the device itself (not of the input, not out-of-memory, which a smaller batch survives)."""
+    import torch
+
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return False
     accelerator_error = getattr(torch, "AcceleratorError", None)
@@ -192,11 +205,15 @@ def is_device_fault(exc: BaseException) -> bool:
 
 
 def preferred_gpu_dtype() -> str:
+    import torch
+
     return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
 
 
 def memory_stats() -> dict:
     """Memory this process uses: CUDA allocator figures on a GPU, resident set size on the CPU."""
+    import torch
+
     if torch.cuda.is_available():
         return {
             "device": "cuda",
@@ -216,6 +233,8 @@ def memory_stats() -> dict:
 
 def reset_peak_memory() -> None:
     """Start a new peak: the CUDA allocator's, or the kernel's VmHWM (Linux clear_refs 5)."""
+    import torch
+
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
         return

@@ -61,6 +61,11 @@ def cluster() -> Iterator:
     context = ray.init(address=local.address, log_to_driver=False)
     local.wait_for_nodes()
     local.dashboard_url = f"http://{context.dashboard_url}"
+    # The port was free when chosen, not when bound: another Ray on this machine (a second test run) may have
+    # taken it, and this session's jobs would then run on that cluster. Fail here, by name, if so.
+    session = ray._private.worker.global_worker.node.session_name
+    answered = httpx.get(f"{local.dashboard_url}/api/version", timeout=60).json()["session_name"]
+    assert answered == session, f"the dashboard at {local.dashboard_url} is another Ray's ({answered}), not {session}"
     yield local
     ray.shutdown()
     local.shutdown()
@@ -76,6 +81,20 @@ def serve_url(cluster) -> Iterator[str]:
     serve.start(http_options={"host": "127.0.0.1", "port": port, "location": "HeadOnly"})
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
+
+
+def processes_naming(text: str) -> list[int]:
+    """Live processes whose command line (a Ray worker's: its title, e.g. ray::MapWorker(...)) contains `text`
+    (zombies have none); a scan of /proc, which no load on the cluster can slow down as Ray's state API can."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue  # gone meanwhile
+    return found
 
 
 def node_with(kind: str) -> str:

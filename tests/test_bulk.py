@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ from serve_app.bulk import Options, RowError, parse_row, run
 from serve_app.errors import InputTooLarge, InvalidInput
 from serve_app.schemas import STRATEGIES, Threshold
 from serve_app.settings import Settings
-from tests.conftest import BulkJob, b64, bulk_settings, noise_image
+from tests.conftest import BulkJob, b64, bulk_settings, noise_image, processes_naming
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = "paris capital france city river dog car red blue house tree search model".split()
@@ -109,7 +110,31 @@ def wait_for_shards(out: Path, at_least: int, jobs, job_id: str) -> None:
     while len(list(out.glob("part-*.parquet"))) < at_least:
         assert str(jobs.get_job_status(job_id).value) in ("PENDING", "RUNNING"), jobs.get_job_logs(job_id)[-3000:]
         assert time.monotonic() < deadline
-        time.sleep(0.5)
+        time.sleep(0.1)
+
+
+# A scoring actor's process title (Ray Data's actor of map_batches(PairScorer)).
+SCORER = "ray::MapWorker(MapBatches(PairScorer))"
+
+
+def freeze_scorers(besides: set[int]) -> list[int]:
+    """SIGSTOP every scoring actor but those in `besides`: from here on the job scores nothing, so it cannot
+    finish before the test acts, however fast this machine scores (a tiny model scores the whole input in
+    seconds, and on a loaded machine Ray's own calls take as long)."""
+    pids = [pid for pid in processes_naming(SCORER) if pid not in besides]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    return pids
+
+
+def kill_and_reap(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while set(pids) & set(processes_naming(SCORER)):
+        assert time.monotonic() < deadline, pids
+        time.sleep(0.1)
 
 
 def test_submitted_job_writes_every_row_once_and_its_errors(jobs, model_dirs, tmp_path):
@@ -136,28 +161,33 @@ def test_submitted_job_writes_every_row_once_and_its_errors(jobs, model_dirs, tm
 def test_a_stopped_job_resumes_and_a_killed_scoring_actor_is_restarted_without_duplicates_or_gaps(
     jobs, model_dirs, tmp_path
 ):
-    """One input, two submitted jobs: the first is stopped after two shards; the second resumes it, and one of
-    its scoring actors is SIGKILLed mid-job: Ray Data restarts it and the job still writes every row once."""
-    from ray.util.state import list_actors
-
+    """One input, two submitted jobs: the first is stopped after two shards; the second resumes it, and its
+    scoring actor is SIGKILLed mid-job: Ray Data restarts it and the job still writes every row once. Each job's
+    scoring actor is frozen (SIGSTOP) before the test acts on the job, so neither can finish first."""
     ids = write_rows(tmp_path / "in.jsonl", 800, documents=6, bad=(7,))
     out = tmp_path / "out"
     args = ["--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--shard-rows", "25"]
+    others = set(processes_naming(SCORER))  # none expected; never touched
+
     first = submit(jobs, model_dirs, args)
     wait_for_shards(out, 2, jobs, first)
+    frozen = freeze_scorers(others)
+    assert frozen, "no scoring actor of the first job"
     jobs.stop_job(first)
     assert wait_for(jobs, first, {"STOPPED", "FAILED", "SUCCEEDED"}) == "STOPPED"
+    kill_and_reap(frozen)  # a stopped process may not take the job's own stop signal
     committed = len(list(out.glob("part-*.parquet")))
     assert 2 <= committed < 32
 
     second = submit(jobs, model_dirs, args)
     wait_for_shards(out, committed + 1, jobs, second)  # the resumed job is scoring
-    scorers = list_actors(filters=[("class_name", "=", "MapWorker(MapBatches(PairScorer))"), ("state", "=", "ALIVE")])
-    assert scorers, "no scoring actor alive mid-job"
-    os.kill(scorers[0].pid, signal.SIGKILL)
-    killed_while_running = str(jobs.get_job_status(second).value) == "RUNNING"
+    frozen = freeze_scorers(others)
+    assert frozen, "no scoring actor alive mid-job"
+    assert str(jobs.get_job_status(second).value) == "RUNNING"  # and it cannot finish while they are stopped
+    os.kill(frozen[0], signal.SIGKILL)
+    for pid in frozen[1:]:
+        os.kill(pid, signal.SIGCONT)
     assert wait_for(jobs, second, {"SUCCEEDED", "FAILED", "STOPPED"}) == "SUCCEEDED", jobs.get_job_logs(second)[-3000:]
-    assert killed_while_running
     assert_exactly_once(out, ids, ["row-7"])
     assert json.loads((out / "summary.json").read_text())["shards_resumed"] >= committed
 

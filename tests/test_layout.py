@@ -28,6 +28,14 @@ def test_the_ingress_api_and_schemas_load_no_torch():
     }
 
 
+def test_the_bulk_driver_and_its_row_tasks_load_no_torch():
+    # Each row-reading task's worker imports serve_app.bulk: with torch that cost ~3 s of CPU a worker.
+    # Only the scoring actors load torch (serve_app.pools, in PairScorer).
+    loaded = modules_after_import("serve_app.bulk")
+    assert "serve_app.bulk" in loaded and "serve_app.hardware" in loaded
+    assert not {"torch", "transformers", "serve_app.pools"} & loaded
+
+
 @pytest.mark.parametrize("family", ["cross_encoder", "embedding", "dual_encoder", "blip_itm"])
 def test_a_family_loads_neither_ray_nor_the_family_registry(family):
     loaded = modules_after_import(f"serve_app.scoring.{family}")

@@ -29,6 +29,7 @@ import httpx
 import pytest
 
 from serve_app.ports import free_port, port_free
+from tests.conftest import processes_naming
 
 ROOT = Path(__file__).resolve().parent.parent
 README_BLOCK = re.compile(r"<!-- ray-tools -->\s*```bash\n(.*?)```", re.DOTALL)
@@ -111,19 +112,6 @@ class Head:
                     os.kill(pid, signal.SIGKILL)
             time.sleep(0.2)
         self.log.close()
-
-
-def processes_naming(text: str) -> list[int]:
-    """Live processes whose command line contains `text` (zombies have none)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if text.encode() in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue  # gone meanwhile
-    return found
 
 
 @pytest.fixture(scope="module")
