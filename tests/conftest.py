@@ -121,7 +121,8 @@ def deploy_all(specs: dict[str, dict]) -> None:
 
 @pytest.fixture(scope="session")
 def apps(serve_url, model_dirs, tmp_path_factory) -> dict[str, str]:
-    """Three applications, each an ingress with a text and an image-text pool."""
+    """The session's applications, deployed side by side: each an ingress with a text and (most) an image-text
+    pool."""
     specs = {
         # Tiny cross-encoder and CLIP.
         "alpha": {
@@ -189,9 +190,27 @@ def apps(serve_url, model_dirs, tmp_path_factory) -> dict[str, str]:
             # deadline and one CI run got a 504.
             "admission_wait_fraction": 0.6,
         },
+        # A text replica that no test but tests/test_forward_cost.py calls: its idle re-measurements of the
+        # forward cost, started by one call right after start-up, are not interrupted by other tests' calls.
+        "remeasure": {
+            "text": {"model": str(model_dirs["cross_encoder"]), "num_cpus": 0.25},
+            "image_text": {"enabled": False},
+        },
     }
     deploy_all(specs)
-    return {name: f"{serve_url}/{name}" for name in specs}
+    urls = {name: f"{serve_url}/{name}" for name in specs}
+    # The remeasuring replica's first call, made now: its measurements then run 1, 5 and 15 s from here while
+    # other tests run, and tests/test_forward_cost.py reads them later instead of waiting 21 s for them.
+    replicas = httpx.get(f"{urls['remeasure']}/v1/models", timeout=60).json()["pools"]["text"]["replicas"]
+    REMEASURE_BEFORE_FIRST_CALL.extend(replicas)
+    first = {"query": "capital?", "documents": ["paris"]}
+    answer = httpx.post(f"{urls['remeasure']}/v2/rerank", json=first, timeout=60)
+    assert answer.status_code == 200, answer.text
+    return urls
+
+
+# The remeasure application's replicas as /v1/models showed them before their first call (set by `apps`).
+REMEASURE_BEFORE_FIRST_CALL: list[dict] = []
 
 
 @pytest.fixture(scope="session")

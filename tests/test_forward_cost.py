@@ -12,44 +12,30 @@ import httpx
 import pytest
 
 from serve_app.replica import REFINE_AFTER_S
+from tests.conftest import REMEASURE_BEFORE_FIRST_CALL
 
 
-@pytest.fixture(scope="module")
-def fresh(serve_url, model_dirs):
-    """A replica of its own: no other test's calls interrupt its measurements."""
-    from ray import serve
-
-    from tests.conftest import deploy
-
-    deploy(
-        "remeasure",
-        {"text": {"model": str(model_dirs["cross_encoder"]), "num_cpus": 0.25}, "image_text": {"enabled": False}},
-    )
-    try:
-        with httpx.Client(base_url=f"{serve_url}/remeasure", timeout=60) as client:
-            yield client
-    finally:
-        serve.delete("remeasure")
-
-
-def test_the_forward_cost_is_measured_again_when_idle_and_the_median_kept(fresh):
-    (replica,) = fresh.get("/v1/models").json()["pools"]["text"]["replicas"]
-    assert replica["forward_cost_samples"] == [replica["forward_cost_tokens"]]  # start-up's only, before a call
-    answer = fresh.post("/v2/rerank", json={"query": "capital?", "documents": ["paris", "berlin"]})
-    assert answer.status_code == 200, answer.text  # a call starts the re-measuring
-    deadline = time.monotonic() + 90
-    while True:
-        (replica,) = fresh.get("/v1/models").json()["pools"]["text"]["replicas"]
-        samples = replica["forward_cost_samples"]
-        if replica["forward_cost_settled"]:
-            break
-        assert time.monotonic() < deadline, replica
-        time.sleep(0.5)
-    assert len(samples) == 1 + len(REFINE_AFTER_S)
-    assert all(isinstance(s, int) and s >= 0 for s in samples)
-    assert replica["forward_cost_tokens"] == round(statistics.median(samples))
-    # The replica still answers, with the cost it now uses.
-    assert fresh.post("/v2/rerank", json={"query": "capital?", "documents": ["paris"]}).status_code == 200
+def test_the_forward_cost_is_measured_again_when_idle_and_the_median_kept(apps):
+    # The session's `remeasure` application: a replica of its own, whose first call `apps` made at start-up.
+    (before,) = REMEASURE_BEFORE_FIRST_CALL
+    assert before["forward_cost_samples"] == [before["forward_cost_tokens"]]  # start-up's only, before a call
+    assert not before["forward_cost_settled"]
+    with httpx.Client(base_url=apps["remeasure"], timeout=60) as client:
+        deadline = time.monotonic() + 90
+        while True:
+            (replica,) = client.get("/v1/models").json()["pools"]["text"]["replicas"]
+            samples = replica["forward_cost_samples"]
+            if replica["forward_cost_settled"]:
+                break
+            assert time.monotonic() < deadline, replica
+            time.sleep(0.5)
+        assert replica["pid"] == before["pid"]  # the same replica, measured again
+        assert len(samples) == 1 + len(REFINE_AFTER_S)
+        assert samples[0] == before["forward_cost_samples"][0]
+        assert all(isinstance(s, int) and s >= 0 for s in samples)
+        assert replica["forward_cost_tokens"] == round(statistics.median(samples))
+        # The replica still answers, with the cost it now uses.
+        assert client.post("/v2/rerank", json={"query": "capital?", "documents": ["paris"]}).status_code == 200
 
 
 @pytest.fixture

@@ -35,6 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 README_BLOCK = re.compile(r"<!-- ray-tools -->\s*```bash\n(.*?)```", re.DOTALL)
 OUTPUT = "/tmp/rerank-out"
 STOP_GRACE_S = 5
+SERVE_URL = "http://127.0.0.1:8000"  # deploy/serve_config.yaml's http_options, the README's curl
+STATUS_EVERY_S = 15
 
 
 def readme_commands() -> list[str]:
@@ -166,6 +168,13 @@ def run(command: str, env: dict[str, str], timeout_s: float = 600) -> subprocess
     return done
 
 
+def serving(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health/live", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def the(commands: list[str], prefix: str) -> str:
     (found,) = [c for c in commands if c.startswith(prefix)]
     return found
@@ -201,7 +210,16 @@ def test_bulk_job_submitted_with_the_token_writes_every_id_once(session, tmp_pat
 def test_serve_deploy_status_rerank_and_shutdown_with_the_token(session):
     env, commands = session["env"], session["commands"]
     run(the(commands, "serve deploy"), env)
-    deadline = time.monotonic() + 300
+    # Until Serve's HTTP answers, asked of the port itself: each `serve status` is a CLI start (about 2 s of CPU,
+    # which a 2-core machine takes from the deployment it waits for); it is run every STATUS_EVERY_S meanwhile,
+    # to fail at once on DEPLOY_FAILED, then until it reads RUNNING.
+    deadline, last_status = time.monotonic() + 300, time.monotonic()
+    while not serving(SERVE_URL):
+        assert time.monotonic() < deadline, run(the(commands, "serve status"), env).stdout
+        if time.monotonic() - last_status > STATUS_EVERY_S:
+            last_status = time.monotonic()
+            assert "DEPLOY_FAILED" not in (status := run(the(commands, "serve status"), env).stdout), status
+        time.sleep(0.5)
     while True:
         status = run(the(commands, "serve status"), env).stdout
         if re.search(r"reranker:\s*\n\s*status: RUNNING", status):
