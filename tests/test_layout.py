@@ -36,10 +36,28 @@ def test_the_bulk_driver_and_its_row_tasks_load_no_torch():
     assert not {"torch", "transformers", "serve_app.pools"} & loaded
 
 
-@pytest.mark.parametrize("family", ["cross_encoder", "embedding", "dual_encoder", "blip_itm"])
-def test_a_family_loads_neither_ray_nor_the_family_registry(family):
-    loaded = modules_after_import(f"serve_app.scoring.{family}")
-    assert "torch" in loaded
+FAMILIES = ["cross_encoder", "embedding", "dual_encoder", "blip_itm"]
+
+
+@pytest.fixture(scope="module")
+def loaded_by_family() -> dict[str, set[str]]:
+    """sys.modules after importing each family in turn, in one fresh interpreter (torch is imported once, not
+    once a family: ~3 s of CPU each). A module a family brings in is in its set and every later one's, so a
+    family that loads Ray (or the registry) fails first, by name."""
+    code = (
+        "import sys, json\n"
+        f"sets = {{}}\nfor f in {FAMILIES!r}:\n"
+        "    __import__('serve_app.scoring.' + f)\n    sets[f] = sorted(sys.modules)\n"
+        "print(json.dumps(sets))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    return {family: set(modules) for family, modules in json.loads(out.stdout).items()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_family_loads_neither_ray_nor_the_family_registry(family, loaded_by_family):
+    loaded = loaded_by_family[family]
+    assert f"serve_app.scoring.{family}" in loaded and "torch" in loaded
     assert "ray" not in loaded and "fastapi" not in loaded
     assert "serve_app.scoring.loading" not in loaded
 
