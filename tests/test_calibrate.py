@@ -175,17 +175,16 @@ def test_calibrate_bulk_and_a_replica_load_the_pool_scorer_alike(
     model_dirs, profiles, tmp_path, monkeypatch, serve_url
 ):
     """One loading path (pools.load_pool): the same pool settings give the same load options and batch cap."""
-    from ray import serve
 
     from serve_app.bulk import PairScorer
-    from tests.conftest import deploy
+    from tests.conftest import deploy, undeploy
 
     model = str(model_dirs["cross_encoder"])
     deploy("loaded_alike", {"text": {"model": model, **POOL_SETTINGS}, "image_text": {"enabled": False}})
     try:
         (replica,) = httpx.get(f"{serve_url}/loaded_alike/v1/models", timeout=60).json()["pools"]["text"]["replicas"]
     finally:
-        serve.delete("loaded_alike")
+        undeploy("loaded_alike")
 
     for name, value in {"model": model, **POOL_SETTINGS}.items():
         monkeypatch.setenv(f"RERANK_TEXT__{name.upper()}", str(value))

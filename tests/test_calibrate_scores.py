@@ -12,7 +12,7 @@ import pytest
 
 from serve_app import bulk, calibrate_scores, score_fit
 from serve_app.settings import Settings
-from tests.conftest import deploy
+from tests.conftest import deploy, undeploy
 
 ROOT = Path(__file__).resolve().parent.parent
 LABELS = ROOT / "examples" / "labels"
@@ -86,8 +86,6 @@ def write_map(path: Path, model: str, score_map: score_fit.ScoreMap, labels: int
 
 
 def test_the_served_and_bulk_scores_are_the_fitted_map_of_the_raw_score(serve_url, model_dirs, tmp_path, cluster):
-    from ray import serve
-
     model = str(model_dirs["cross_encoder"])
     # An isotonic map: a piecewise-linear one that no family default could produce by chance.
     score_map = score_fit.ScoreMap.isotonic([-0.5, 0.0, 0.2, 0.6], [0.05, 0.3, 0.31, 0.9])
@@ -105,7 +103,7 @@ def test_the_served_and_bulk_scores_are_the_fitted_map_of_the_raw_score(serve_ur
         (described,) = httpx.get(f"{serve_url}/mapped/v1/models", timeout=60).json()["data"]
         assert described["score_map"] == {"kind": "isotonic", "labels": 123, "source": str(path)}
     finally:
-        serve.delete("mapped")
+        undeploy("mapped")
 
     with open(tmp_path / "in.jsonl", "w") as f:
         f.write(json.dumps({"id": "r", "query": "capital of france", "documents": documents}) + "\n")

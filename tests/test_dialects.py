@@ -15,7 +15,7 @@ from serve_app.scoring.loading import load_scorer, resolve_model_dir
 from serve_app.scoring.types import Content, Logistic, Pair
 from serve_app.settings import DEFAULT_TEXT_MODEL, Settings
 from tests import direct
-from tests.conftest import deploy, noise_image
+from tests.conftest import deploy, noise_image, undeploy
 
 STRIDE = Settings().window_stride_tokens
 QUERY = "what is the capital of france"
@@ -174,8 +174,6 @@ def test_answers_carry_real_tokens_and_timing_headers_that_add_up(alpha):
 
 
 def test_a_3000_document_request_is_answered_whole(serve_url, model_dirs):
-    from ray import serve
-
     deploy(
         "wide",
         {
@@ -192,7 +190,7 @@ def test_a_3000_document_request_is_answered_whole(serve_url, model_dirs):
         assert sorted(r["index"] for r in answer["results"]) == list(range(3000))
         assert answer["meta"]["pairs"] == {"text": 3000}
     finally:
-        serve.delete("wide")
+        undeploy("wide")
 
 
 def test_cross_encoder_scores_equal_sentence_transformers(alpha, model_dirs):

@@ -10,9 +10,8 @@ import time
 from collections.abc import Callable
 
 import httpx
-from ray import serve
 
-from tests.conftest import deploy
+from tests.conftest import deploy, undeploy
 
 BODY = {"query": "what is the capital of france", "documents": ["paris is the capital", "a red car", "the dog"]}
 # How long Serve may take to notice a killed replica: a few seconds, more on a loaded machine (was 5 s here).
@@ -82,7 +81,7 @@ def test_a_killed_replica_costs_at_most_a_retry_and_no_request_waits_for_the_dea
             limit_s=30,
         )
     finally:
-        serve.delete("faults")
+        undeploy("faults")
     after = [a for a in answers if a[0] >= killed_at]
     failed = [a for a in after if a[1] != 200]
     recovered_s = max((a[0] + a[2] - killed_at for a in failed), default=0.0)
@@ -111,7 +110,7 @@ def test_with_one_replica_killed_requests_are_refused_fast_until_its_replacement
             f"{serve_url}/lone", 2, lambda seen, at: served_again(seen, at, 10), limit_s=90
         )
     finally:
-        serve.delete("lone")
+        undeploy("lone")
     after = [a for a in answers if a[0] >= killed_at]
     failed = [a for a in after if a[1] != 200]
     last_failure = max((a[0] for a in failed), default=killed_at)
@@ -150,4 +149,4 @@ def test_a_model_that_appears_after_start_up_is_loaded_by_a_replacement_replica(
         else:
             raise AssertionError("the pool never loaded the model that appeared")
     finally:
-        serve.delete("late")
+        undeploy("late")

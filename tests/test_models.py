@@ -18,7 +18,7 @@ from serve_app.catalog import Catalog
 from serve_app.errors import InvalidInput, ModelNotFound, PoolUnavailable
 from serve_app.settings import Settings
 from tests import direct
-from tests.conftest import b64, deploy, node_with, noise_image
+from tests.conftest import b64, deploy, node_with, noise_image, undeploy
 
 QUERY = "what is the capital of france"
 DOCUMENTS = ["paris is the capital of france", "a red car in the rain", "the dog", "berlin is in germany"]
@@ -71,8 +71,6 @@ def test_without_a_default_for_a_kind_of_pair_the_refusal_names_the_models_that_
 
 @pytest.fixture(scope="module")
 def many(serve_url, model_dirs) -> httpx.Client:
-    from ray import serve
-
     deploy(
         "many",
         {
@@ -107,7 +105,7 @@ def many(serve_url, model_dirs) -> httpx.Client:
     )
     with httpx.Client(base_url=f"{serve_url}/many", timeout=180) as client:
         yield client
-    serve.delete("many")
+    undeploy("many")
 
 
 def rerank(client: httpx.Client, body: dict) -> dict:

@@ -77,9 +77,7 @@ def test_a_client_that_disconnects_cancels_its_pairs(tight):
 
 
 def test_a_new_config_deployed_under_load_completes_every_request(serve_url, model_dirs):
-    from ray import serve
-
-    from tests.conftest import deploy
+    from tests.conftest import deploy, undeploy
 
     model = str(model_dirs["cross_encoder"])
     deploy("rolling", {"text": {"model": model, "max_batch_size": 8}, "image_text": {"enabled": False}})
@@ -116,7 +114,7 @@ def test_a_new_config_deployed_under_load_completes_every_request(serve_url, mod
         assert text["replica_count"] == 2
         assert {r["max_batch_size"] for r in text["replicas"]} == {4}
     finally:
-        serve.delete("rolling")
+        undeploy("rolling")
 
 
 # ---- admission by estimated wait ---------------------------------------------------------------------------

@@ -12,15 +12,13 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.conftest import deploy
+from tests.conftest import deploy, undeploy
 
 DOCUMENTS = [f"document {i} about paris, the capital of france" for i in range(16)]
 
 
 @pytest.fixture(scope="module")
 def spread(serve_url, model_dirs):
-    from ray import serve
-
     deploy(
         "spread",
         {
@@ -32,7 +30,7 @@ def spread(serve_url, model_dirs):
         with httpx.Client(base_url=f"{serve_url}/spread", timeout=60) as client:
             yield client
     finally:
-        serve.delete("spread")
+        undeploy("spread")
 
 
 def pairs_by_replica(client: httpx.Client) -> dict[str, int]:

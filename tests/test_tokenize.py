@@ -182,9 +182,7 @@ def test_long_documents_cut_in_the_ingress_spread_over_calls_and_merge_to_their_
 
 
 def test_tokenize_in_pool_sends_text_and_scores_the_same(serve_url, model_dirs, alpha):
-    from ray import serve
-
-    from tests.conftest import deploy
+    from tests.conftest import deploy, undeploy
 
     deploy(
         "textual",
@@ -217,7 +215,7 @@ def test_tokenize_in_pool_sends_text_and_scores_the_same(serve_url, model_dirs, 
                 [by_index[1][i] for i in range(len(body["documents"]))], abs=1e-5
             )
     finally:
-        serve.delete("textual")
+        undeploy("textual")
 
 
 def test_a_too_long_pair_is_refused_by_the_ingress_with_413(alpha):
