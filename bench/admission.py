@@ -12,7 +12,8 @@ core as torch threads, no image pool), on a local Ray, over HTTP. The benchmark'
    once (503 + Retry-After);
 3. admission on, clients that honour Retry-After and try again (at most 5 times).
 
-Writes bench/results/admission-<date>-<host>.json and prints the table; `--readme` renders it into the README.
+Writes bench/results/admission-<date>-<host>.json and prints the table; `--readme` renders it into
+docs/operations.md.
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ import httpx  # noqa: E402
 
 from bench import dataset  # noqa: E402
 from bench import readme as readme_block  # noqa: E402
+from serve_app import pages  # noqa: E402
 from serve_app.ports import free_port  # noqa: E402
 from serve_app.stats import percentile  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-README_MARK = "admission"
+README_MARK = "bench:admission"
 from serve_app.settings import Settings  # noqa: E402
 
 ON = Settings.model_fields["admission_wait_fraction"].default
@@ -184,14 +186,15 @@ def table(phases: list[dict]) -> str:
     return "\n".join([head, *rows])
 
 
-def render_readme(result_path: Path, readme: Path = ROOT / "README.md") -> str:
+def rendered_block(result_path: Path) -> str:
+    """The docs block of this result (docs/operations.md, `<!-- bench:admission -->`)."""
     result = json.loads(result_path.read_text())
     caption = (
         f"{result['requests']} requests ({result['pairs']} pairs) from {result['concurrency']} clients at once, "
         f"{result['model']}, {result['machine']['cores']} cores, deadline {result['request_timeout_s']:g} s "
         f"(`{result['command']}`, {result['date']}, `{readme_block.relative(result_path)}`):"
     )
-    return readme_block.replace_block(readme.read_text(), README_MARK, f"{caption}\n\n{table(result['phases'])}")
+    return f"{caption}\n\n{table(result['phases'])}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -199,10 +202,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--readme", type=Path, help="only render this result file into README.md")
+    parser.add_argument("--readme", type=Path, help="only render this result file into its docs block")
     args = parser.parse_args(argv)
     if args.readme:
-        (ROOT / "README.md").write_text(render_readme(args.readme.resolve()))
+        pages.render(README_MARK, rendered_block(args.readme.resolve()))
         return
     result = run(args.requests, args.concurrency)
     readme_block.save(result, args.out, "admission", lambda r: table(r["phases"]))

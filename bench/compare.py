@@ -2,7 +2,7 @@
 
     python -m bench.compare            # what `make bench` runs (CPU)
     python -m bench.compare --gpu      # `make bench GPU=1`: the same table on the card, plus MFU
-    python -m bench.compare --readme bench/results/X.json   # rewrite the README table from a result
+    python -m bench.compare --readme bench/results/X.json   # render bench/README.md's table from a result
 
 For each model (the default text model, a MiniLM-L6-sized cross-encoder, a tiny CLIP for the image-text
 path) the same requests go through: (1) the raw forward pass at its best batch size, (2) sentence-
@@ -35,7 +35,7 @@ from pathlib import Path
 import httpx
 
 from bench import dataset
-from bench import readme as readme_block
+from serve_app import pages
 from serve_app.ports import free_port
 from serve_app.stats import percentile
 
@@ -736,11 +736,11 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=90)
 
 
-def render_readme(result_path: Path, readme: Path = ROOT / "README.md") -> str:
-    """The README with its section for this result's kind (cpu or gpu) rendered from the result file; the
-    README's tables are never typed by hand (tests/test_bench_readme.py checks they agree)."""
+def rendered_block(result_path: Path) -> tuple[str, str]:
+    """The docs block for this result's kind (`bench:cpu` or `bench:gpu` in bench/README.md) and its body, rendered
+    from the result file; the tables are never typed by hand (tests/test_docs.py checks they agree)."""
     result = json.loads(result_path.read_text())
-    kind = "gpu" if result["plan"]["device"] == "cuda" else "cpu"
+    mark = "bench:gpu" if result["plan"]["device"] == "cuda" else "bench:cpu"
     rows = [Row(**r) for r in result["rows"]]
     where = f"{result['machine']['cpu']}, {result['machine']['cores']} cores"
     if result["machine"].get("gpu"):
@@ -756,10 +756,10 @@ def render_readme(result_path: Path, readme: Path = ROOT / "README.md") -> str:
             "",
             goals_table(result["goals"]),
             "",
-            f"![benchmark]({relative.with_suffix('.png')})",
+            f"![benchmark]({pages.link(mark, result_path.with_suffix('.png'))})",
         ]
     )
-    return readme_block.replace_block(readme.read_text(), kind, section)
+    return mark, section
 
 
 def load_requests(plan: Plan, requests_file: Path | None) -> tuple[list[dataset.BenchRequest], dict]:
@@ -873,7 +873,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-infinity", action="store_true")
     parser.add_argument("--requests", type=int, help="requests in the throughput set (default: the plan's)")
     parser.add_argument("--out", type=Path, help="result path (default bench/results/<date>-<host>.json)")
-    parser.add_argument("--readme", type=Path, help="only rewrite the README table from this result file")
+    parser.add_argument("--readme", type=Path, help="only render this result file into its docs block")
     parser.add_argument("--embedding-dir", type=Path, help="the default text model's directory (no weights: random)")
     parser.add_argument("--requests-file", type=Path, help="requests written by --dump-requests")
     parser.add_argument("--dump-requests", type=Path, help="only write the plan's requests to this file")
@@ -882,7 +882,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.readme:
-        (ROOT / "README.md").write_text(render_readme(args.readme.resolve()))
+        pages.render(*rendered_block(args.readme.resolve()))
         return
     plan = gpu_plan() if args.gpu or args.gpu_plan_on_cpu else cpu_plan()
     if args.gpu_plan_on_cpu:

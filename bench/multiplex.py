@@ -12,7 +12,7 @@ each placement in turn, in alternating order: own-ce alone, own-emb alone, and c
 shared replica (half the clients each). Then it asks for models in an order that always names the one least
 recently used, so that each request waits for a load (evicting another), and times that request against the
 same request once the model is loaded. Writes bench/results/multiplex-<device>.json; --readme renders the
-README's lines from it.
+lines in docs/api.md from it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import platform
-import re
 import statistics
 import sys
 import threading
@@ -36,13 +35,13 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import httpx  # noqa: E402
 
 from bench import dataset  # noqa: E402
+from serve_app import pages  # noqa: E402
 from serve_app.ports import free_port  # noqa: E402
 
 log = logging.getLogger("bench.multiplex")
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-README = ROOT / "README.md"
-SECTION = re.compile(r"(<!-- bench:multiplex -->\n)(.*?)(<!-- /bench:multiplex -->)", re.S)
+README_MARK = "bench:multiplex"
 APP = "multiplex"
 
 
@@ -144,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loads", type=int, default=6, help="first requests for a model not loaded")
     parser.add_argument("--cache", type=Path, default=ROOT / "bench" / ".cache")
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--readme", action="store_true", help="render the README's lines from bench/results")
+    parser.add_argument("--readme", action="store_true", help="render the docs' lines from bench/results")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -244,13 +243,13 @@ def render_lines(path: Path) -> str:
     )
 
 
-def rendered_readme() -> str:
-    text = README.read_text()
-    return SECTION.sub(lambda m: m.group(1) + render_lines(RESULTS / "multiplex-cpu.json") + m.group(3), text)
+def rendered_block() -> str:
+    """The docs block (docs/api.md, `<!-- bench:multiplex -->`) from the committed result."""
+    return render_lines(RESULTS / "multiplex-cpu.json")
 
 
 def render_readme() -> None:
-    README.write_text(rendered_readme())
+    pages.render(README_MARK, rendered_block())
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""What every benchmark does with its result: write the JSON file, print its table, and render it into the
-README between `<!-- bench:MARK -->` and `<!-- /bench:MARK -->` (the README's figures are never typed by hand;
-tests/test_bench_readme.py checks that they agree with the result files)."""
+"""What every benchmark does with its result: write the JSON file and print its table. Its `--readme` renders the
+result into its block of the docs (`serve_app.pages`: the figures are never typed by hand; tests/test_docs.py
+checks that they agree with the result files)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-
-
-def replace_block(text: str, mark: str, body: str) -> str:
-    """`text` with the block named `mark` holding `body`."""
-    start, end = f"<!-- bench:{mark} -->", f"<!-- /bench:{mark} -->"
-    if start not in text or end not in text:
-        raise SystemExit(f"README.md has no {start} ... {end} block")
-    return text[: text.index(start)] + f"{start}\n{body}\n{end}" + text[text.index(end) + len(end) :]
 
 
 def relative(path: Path) -> Path:

@@ -7,7 +7,8 @@ The default text model's tokenizer (all-MiniLM-L6-v2, packaged), the benchmark's
 held to one thread with RAYON_NUM_THREADS=1), tokenize requests for `--seconds`; pairs/s for N = 1 .. cores,
 and the ratio to N = 1. (2) The pool's share: a pool replica's `prepare` (tokenize + pad into batches) on text
 pairs against the same pairs arriving as token ids (pad only), per pair, measured side by side.
-Writes bench/results/tokenize-<date>-<host>.json and prints the table; `--readme` renders it into the README.
+Writes bench/results/tokenize-<date>-<host>.json and prints the table; `--readme` renders it into
+bench/README.md.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench import dataset  # noqa: E402
 from bench import readme as readme_block  # noqa: E402
+from serve_app import pages  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-README_MARK = "tokenize"
+README_MARK = "bench:tokenize"
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -136,13 +138,14 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def render_readme(result_path: Path, readme: Path = ROOT / "README.md") -> str:
+def rendered_block(result_path: Path) -> str:
+    """The docs block of this result (bench/README.md, `<!-- bench:tokenize -->`)."""
     result = json.loads(result_path.read_text())
     caption = (
         f"{result['model']}; {result['requests']} requests ({result['pairs']} pairs); {result['machine']['cores']} "
         f"cores (`{result['command']}`, {result['date']}, `{readme_block.relative(result_path)}`):"
     )
-    return readme_block.replace_block(readme.read_text(), README_MARK, f"{caption}\n\n{table(result)}")
+    return f"{caption}\n\n{table(result)}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -150,10 +153,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--readme", type=Path, help="only render this result file into README.md")
+    parser.add_argument("--readme", type=Path, help="only render this result file into its docs block")
     args = parser.parse_args(argv)
     if args.readme:
-        (ROOT / "README.md").write_text(render_readme(args.readme.resolve()))
+        pages.render(README_MARK, rendered_block(args.readme.resolve()))
         return
     result = run(args.seconds, args.requests)
     readme_block.save(result, args.out, "tokenize", table)

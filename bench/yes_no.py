@@ -6,7 +6,7 @@ A Qwen3 causal LM with random weights (speed does not depend on them) of the cho
 BPE tokenizer trained on the benchmark's own text (about Qwen's tokens per word), is loaded as a replica loads
 it, twice: prefix_reuse on and off. Each round scores every request through both, in alternating order, cut
 at the pool's batch cap as a replica cuts them. Writes bench/results/yes-no-<size>-<device>.json; --readme
-renders the README's table from the result files.
+renders the table in docs/models.md from the result files.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import datetime
 import json
 import logging
 import platform
-import re
 import statistics
 import sys
 import time
@@ -25,15 +24,14 @@ from pathlib import Path
 import torch
 
 from bench import dataset
-from serve_app import hardware, pools
+from serve_app import hardware, pages, pools
 from serve_app.scoring.types import Content, Pair, TokenCount
 from serve_app.settings import Settings, TextPoolSettings
 
 log = logging.getLogger("bench.yes_no")
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-README = ROOT / "README.md"
-SECTION = re.compile(r"(<!-- bench:yes-no -->\n)(.*?)(<!-- /bench:yes-no -->)", re.S)
+README_MARK = "bench:yes-no"
 
 # Qwen3-0.6B's (Qwen3-Reranker-0.6B's) config, and a small one a 2-core CPU scores 100-document requests with.
 SIZES = {
@@ -86,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cache", type=Path, default=ROOT / "bench" / ".cache")
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--readme", action="store_true", help="render the README's table from bench/results")
+    parser.add_argument("--readme", action="store_true", help="render the docs' table from bench/results")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.readme:
@@ -171,14 +169,13 @@ def render_table(paths: list[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def rendered_readme() -> str:
-    text = README.read_text()
-    table = render_table(sorted(RESULTS.glob("yes-no-*.json")))
-    return SECTION.sub(lambda m: m.group(1) + table + m.group(3), text)
+def rendered_block() -> str:
+    """The docs block (docs/models.md, `<!-- bench:yes-no -->`) from the committed results."""
+    return render_table(sorted(RESULTS.glob("yes-no-*.json")))
 
 
 def render_readme() -> None:
-    README.write_text(rendered_readme())
+    pages.render(README_MARK, rendered_block())
 
 
 if __name__ == "__main__":

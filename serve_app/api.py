@@ -241,6 +241,16 @@ def build_api(ingress: RerankService) -> FastAPI:
     app.add_exception_handler(RerankError, rerank_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     authorized = [api_key_check(settings)]
+    add_schema_routes(app, settings, authorized)
+    add_rerank_routes(app, ingress, authorized)
+    add_probe_routes(app, ingress)
+    add_pages(app)
+    add_status_routes(app, ingress, authorized)
+    return app
+
+
+def add_schema_routes(app: FastAPI, settings: Settings, authorized: list) -> None:
+    """/openapi.json (with the limits of these settings) and /docs, behind the key."""
 
     @functools.cache
     def limited_schema() -> dict:  # the settings of a replica never change: built once
@@ -256,6 +266,10 @@ def build_api(ingress: RerankService) -> FastAPI:
     async def docs(request: Request) -> HTMLResponse:
         root = request.scope.get("root_path", "").rstrip("/")
         return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title=f"{app.title} - Swagger UI")
+
+
+def add_rerank_routes(app: FastAPI, ingress: RerankService, authorized: list) -> None:
+    """The dialects: Cohere v2, Jina, text-embeddings-inference and vLLM's /score."""
 
     @app.post(
         "/v2/rerank",
@@ -313,6 +327,10 @@ def build_api(ingress: RerankService) -> FastAPI:
             operation_id=f"score_{path.strip('/').replace('/', '_')}",
         )(score)
 
+
+def add_probe_routes(app: FastAPI, ingress: RerankService) -> None:
+    """Readiness and liveness: no key needed."""
+
     @app.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
     async def health() -> JSONResponse:
         """Readiness: scores a small real pair through each loaded pool (cached `health_cache_s` seconds).
@@ -327,6 +345,9 @@ def build_api(ingress: RerankService) -> FastAPI:
         container on this, take it out of the load balancer on /health."""
         return {"status": "alive"}
 
+
+def add_pages(app: FastAPI) -> None:
+    """The playground and the index page linking it: no key needed (the page asks for it where one is set)."""
     page = PLAYGROUND.read_text(encoding="utf-8")
 
     @app.get("/playground", include_in_schema=False)
@@ -344,6 +365,10 @@ def build_api(ingress: RerankService) -> FastAPI:
         )
         return HTMLResponse(f"<!doctype html><title>Reranker</title><h1>Multimodal reranker</h1><ul>{links}</ul>")
 
+
+def add_status_routes(app: FastAPI, ingress: RerankService, authorized: list) -> None:
+    """/v1/models and /v1/stats, behind the key."""
+
     @app.get("/v1/models", dependencies=authorized, responses={401: ERRORS[401]})
     async def models() -> dict:
         """Each pool: model, family, device, dtype, max batch size, replicas and counters, or why it is down."""
@@ -354,5 +379,3 @@ def build_api(ingress: RerankService) -> FastAPI:
         """Per replica: memory (CUDA allocated/reserved/peak, or RSS), batches, mean fill, p50/p95 batch latency,
         queued pairs. The same figures go to Prometheus through Ray's metrics export."""
         return await ingress.stats()
-
-    return app

@@ -9,9 +9,10 @@ from ray.serve.config import BackpressureConfig, RequestRouterConfig
 from serve_app.catalog import SHARED, Catalog
 from serve_app.hardware import load_profile_rows
 from serve_app.ingress import Ingress
-from serve_app.replica import PoolReplica, SharedReplica
+from serve_app.replica import PoolReplica
 from serve_app.routing import SpreadRouter
 from serve_app.settings import POOLS, Settings, replica_options
+from serve_app.shared_replica import SharedReplica
 
 
 def bind_pools(settings: Settings, realtime: bool) -> dict[str, Application | None]:

@@ -630,18 +630,12 @@ def models_used(shards: list[Shard], options: Options, settings: Settings) -> li
     return [m for m in catalog.models if m.name in names]
 
 
-def score_shards(
-    todo: list[Shard],
-    models: list[Served],
-    out: Output,
-    options: Options,
-    settings: Settings,
-    templates: dict[str, str],
-    rows_done: int,
-) -> int:
+def scoring_dataset(
+    todo: list[Shard], models: list[Served], options: Options, settings: Settings, templates: dict[str, str]
+):
+    """The job's Ray Data dataset: each shard's rows (their headers and error rows), and per model its pairs
+    scored by an actor pool of that model's scorer."""
     import ray
-
-    rows_total = rows_done + sum(s.rows for s in todo)
 
     # One block per shard: shards stream through and commit one by one instead of in a few large lumps.
     items = ray.data.from_items([asdict(s) for s in todo], override_num_blocks=len(todo))
@@ -668,8 +662,21 @@ def score_shards(
                 num_gpus=pool_settings.num_gpus if has_gpus else 0,
             )
         )
-    dataset = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]  # every row an error row
+    return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]  # every row an error row
 
+
+def score_shards(
+    todo: list[Shard],
+    models: list[Served],
+    out: Output,
+    options: Options,
+    settings: Settings,
+    templates: dict[str, str],
+    rows_done: int,
+) -> int:
+    """Score every shard of `todo` and commit each as soon as all its pairs are in; returns the pairs scored."""
+    rows_total = rows_done + sum(s.rows for s in todo)
+    dataset = scoring_dataset(todo, models, options, settings, templates)
     pending = {s.index: ShardResult(s.rows) for s in todo}
     seen_ids = out.committed_ids()
     pairs_scored, last_log, started = 0, time.monotonic(), time.monotonic()

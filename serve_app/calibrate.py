@@ -7,7 +7,8 @@ profile row, dtype, shapes and measured forward cost). For each batch size it ti
 (`scorer.forward` on a batch prepared once) and the path a replica serves (`scorer.score`: tokenize, sort,
 pad, forward), records the peak memory, picks the knee (the largest size before doubling gains < 5%
 throughput or memory passes the budget), prints a table, writes the row into the calibrated rows file
-beside the profiles (`batch_profiles.calibrated.yaml`, unless --dry-run), and saves a plot and the sweep as JSON.
+beside the profiles (`batch_profiles.calibrated.yaml`, unless --dry-run), and saves a plot and the sweep as JSON
+(under bench/results; a dry run writes them to a new temporary directory unless --plot and --json say where).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import platform
 import random
 import re
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -408,6 +410,58 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def warn_if_shared_cpu(on_gpu: bool) -> None:
+    if not on_gpu and hasattr(os, "getloadavg") and os.getloadavg()[0] > (os.cpu_count() or 1) * 0.5:
+        log.warning(
+            "load average %.1f on %d cores: other work shares the CPU, timings will be noisy",
+            os.getloadavg()[0],
+            os.cpu_count() or 1,
+        )
+
+
+def print_summary(pool: str, model: str, machine, tokens: int, rows: list[SweepRow], knee: SweepRow, budget: int):
+    print(f"{pool} pool: {model} on {machine.name} ({machine.device}, {machine.dtype}), {tokens} tokens/pair")
+    print(table(rows, knee))
+    print(f"knee: {knee.batch_size} pairs/batch ({why_knee(rows, knee, budget)}; budget {mib(budget)})")
+    print(
+        f"served (scorer) path at the knee: {knee.ratio:.2f}x the raw forward "
+        f"({knee.scorer_pairs_per_s:,.1f} vs {knee.raw_pairs_per_s:,.1f} pairs/s)"
+    )
+
+
+def output_paths(args: argparse.Namespace, gpu_kind: str) -> tuple[Path, Path]:
+    """Where the plot and the sweep's JSON go: where --plot and --json say; else bench/results/calibrate-<pool>-<gpu>,
+    or, for a dry run, a new temporary directory (a dry run writes nothing into the repository unless told where)."""
+    if args.plot is None:
+        folder = Path(tempfile.mkdtemp(prefix="calibrate-")) if args.dry_run else RESULTS_DIR
+        plot_path = folder / f"calibrate-{args.pool}-{gpu_kind}.png"
+    else:
+        plot_path = args.plot
+    return plot_path, args.json or plot_path.with_suffix(".json")
+
+
+def sweep_report(args, model: str, machine, loaded, rows: list[SweepRow], knee: SweepRow, budget: int) -> dict:
+    """The sweep as JSON: the machine, how the scorer was loaded (the same options a replica of this pool reports
+    in /v1/models), the knee and its profile row, every row."""
+    return {
+        "pool": args.pool,
+        "model": model,
+        "device": machine.device,
+        "device_name": machine.name,
+        "gpu_kind": machine.gpu_kind,
+        "dtype": machine.dtype,
+        "load_options": loaded.scorer.options.describe(),
+        "profile": asdict(loaded.profile),
+        "tokens": args.tokens,
+        "repeats": args.repeats,
+        "budget_bytes": budget,
+        "knee": knee.batch_size,
+        "knee_reason": why_knee(rows, knee, budget),
+        "profile_row": asdict(profile_row(args.pool, model, machine, knee, datetime.date.today())),
+        "rows": [dict(asdict(r), ratio=r.ratio) for r in rows],
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if not logging.getLogger().handlers:
@@ -422,61 +476,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     profile_rows = hardware.load_profile_rows(profiles_path)
     # The replica's own loading path; its warm-up is the sweep's first batch.
     loaded = pools.load_pool(args.pool, pool_settings, profile_rows, settings.model_cache_dir, warm_up=False)
-    scorer = loaded.scorer
     machine = this_machine(loaded)
     on_gpu = machine.device.startswith("cuda")
     sizes = args.batch_sizes or [2**i for i in range(11 if on_gpu else 7)]
-    repeats = args.repeats or (5 if on_gpu else 3)
+    args.repeats = args.repeats or (5 if on_gpu else 3)
     budget = int(args.budget_gib * 2**30) if args.budget_gib else default_budget_bytes(machine.device)
     log.info("calibrating %s pool: %s on %s (%s, %s)", args.pool, model, machine.name, machine.device, machine.dtype)
-    pairs = synthetic_pairs(args.pool, scorer, max(sizes), args.tokens)
-    log.info("sizes %s, %d repeats, budget %s", sizes, repeats, mib(budget))
-    if not on_gpu and hasattr(os, "getloadavg") and os.getloadavg()[0] > (os.cpu_count() or 1) * 0.5:
-        log.warning(
-            "load average %.1f on %d cores: other work shares the CPU, timings will be noisy",
-            os.getloadavg()[0],
-            os.cpu_count() or 1,
-        )
-    rows = sweep(scorer, pairs, sizes, repeats, machine.device, budget, None if on_gpu else CPU_BATCH_LIMIT_S)
+    pairs = synthetic_pairs(args.pool, loaded.scorer, max(sizes), args.tokens)
+    log.info("sizes %s, %d repeats, budget %s", sizes, args.repeats, mib(budget))
+    warn_if_shared_cpu(on_gpu)
+    rows = sweep(
+        loaded.scorer, pairs, sizes, args.repeats, machine.device, budget, None if on_gpu else CPU_BATCH_LIMIT_S
+    )
     if not rows:
         log.error("no batch size could be measured")
         return 1
     knee = pick_knee(rows, budget)
-    row = profile_row(args.pool, model, machine, knee, datetime.date.today())
+    print_summary(args.pool, model, machine, args.tokens, rows, knee, budget)
 
-    print(f"{args.pool} pool: {model} on {machine.name} ({machine.device}, {machine.dtype}), {args.tokens} tokens/pair")
-    print(table(rows, knee))
-    print(f"knee: {knee.batch_size} pairs/batch ({why_knee(rows, knee, budget)}; budget {mib(budget)})")
-    print(
-        f"served (scorer) path at the knee: {knee.ratio:.2f}x the raw forward "
-        f"({knee.scorer_pairs_per_s:,.1f} vs {knee.raw_pairs_per_s:,.1f} pairs/s)"
-    )
-
-    plot_path = args.plot or RESULTS_DIR / f"calibrate-{args.pool}-{machine.gpu_kind}.png"
-    json_path = args.json or plot_path.with_suffix(".json")
+    plot_path, json_path = output_paths(args, machine.gpu_kind)
     plot(rows, knee, plot_path, f"{args.pool}: {model} on {machine.name}, {machine.dtype}, knee {knee.batch_size}")
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    report = {
-        "pool": args.pool,
-        "model": model,
-        "device": machine.device,
-        "device_name": machine.name,
-        "gpu_kind": machine.gpu_kind,
-        "dtype": machine.dtype,
-        # How the scorer was loaded: the same options a replica of this pool reports in /v1/models.
-        "load_options": scorer.options.describe(),
-        "profile": asdict(loaded.profile),
-        "tokens": args.tokens,
-        "repeats": repeats,
-        "budget_bytes": budget,
-        "knee": knee.batch_size,
-        "knee_reason": why_knee(rows, knee, budget),
-        "profile_row": asdict(row),
-        "rows": [dict(asdict(r), ratio=r.ratio) for r in rows],
-    }
+    report = sweep_report(args, model, machine, loaded, rows, knee, budget)
     json_path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"plot: {plot_path}\njson: {json_path}")
-
+    row = profile_row(args.pool, model, machine, knee, datetime.date.today())
     if args.dry_run:
         print(f"dry run, {calibrated} left alone; the row would be:\n  {format_row(row)}")
     else:

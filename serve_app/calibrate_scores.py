@@ -20,20 +20,18 @@ import argparse
 import datetime
 import json
 import logging
-import re
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from serve_app import score_fit
+from serve_app import pages, score_fit
 from serve_app.catalog import Catalog, Served
 from serve_app.errors import RerankError
 from serve_app.settings import DEFAULT_TEXT_MODEL, Settings, score_map_path
 
 log = logging.getLogger("serve_app.calibrate_scores")
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
 
 
 class LabelError(ValueError):
@@ -196,11 +194,11 @@ def print_summary(fitted: dict, report: dict, path: Path) -> None:
         print(f"{name:<10} {row['threshold']:<10} {precision:<10} {recall:<7} {'':41}{suggested}")
 
 
-README_SECTION = re.compile(r"(<!-- calibration:text -->\n)(.*?)(<!-- /calibration:text -->)", re.S)
+README_MARK = "calibration:text"
 
 
 def readme_lines(report_path: Path) -> str:
-    """The README's lines on the shipped map, from its report file."""
+    """The docs' lines on the shipped map, from its report file."""
     written = json.loads(report_path.read_text())
     held, report = written["held_out"], written["report"]
     rows = "".join(
@@ -217,9 +215,9 @@ def readme_lines(report_path: Path) -> str:
     )
 
 
-def rendered_readme() -> str:
-    report = score_map_path(DEFAULT_TEXT_MODEL).with_suffix(".report.json")
-    return README_SECTION.sub(lambda m: m.group(1) + readme_lines(report) + m.group(3), README.read_text())
+def rendered_block() -> str:
+    """The docs block (docs/models.md, `<!-- calibration:text -->`) from the shipped map's report."""
+    return readme_lines(score_map_path(DEFAULT_TEXT_MODEL).with_suffix(".report.json"))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -231,7 +229,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="where the map goes (default: deploy/score_maps)")
     parser.add_argument("--min-isotonic", type=int, default=200, help="train labels needed to try isotonic")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--readme", action="store_true", help="render the README's lines from the shipped map")
+    parser.add_argument("--readme", action="store_true", help="render the docs' lines from the shipped map")
     args = parser.parse_args(argv)
     if not args.readme and args.labels is None:
         parser.error("--labels is required")
@@ -243,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(argv)
     if args.readme:
-        README.write_text(rendered_readme())
+        pages.render(README_MARK, rendered_block())
         return 0
     try:
         run(args)

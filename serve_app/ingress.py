@@ -18,19 +18,15 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.api import build_api
 from serve_app.catalog import SHARED, Catalog, Served
+from serve_app.encoders import Encoders, encode_call
 from serve_app.errors import (
     DeadlineExceeded,
-    InputTooLarge,
-    InvalidInput,
     Overloaded,
-    PoolUnavailable,
     ReplicaLost,
 )
-from serve_app.media import RequestImages, load_image
+from serve_app.media import load_contents
 from serve_app.schemas import (
-    ContentSpec,
     HealthResponse,
-    PoolHealth,
     RerankJob,
     RerankRequest,
     RerankResponse,
@@ -45,89 +41,13 @@ from serve_app.schemas import (
     rank,
 )
 from serve_app.scoring.text import TextEncoder
-from serve_app.scoring.types import CallResult, Content, EncodedPair, Pair, PairTooLong, Score, ScoringError
+from serve_app.scoring.types import CallResult, EncodedPair, Pair, Score
 from serve_app.settings import POOLS, Settings
+from serve_app.status import RunningReplicas, ServiceStatus
 
 log = logging.getLogger("ray.serve")
 # What a pool call raises when its replica died under it.
 REPLICA_GONE = (ActorDiedError, ActorUnavailableError, RayActorError)
-
-
-class RunningReplicas:
-    """Running replicas per deployment of this application, from Serve's status, read at most once a second
-    (a controller call) unless a fresh count is asked for. A read that fails keeps the last counts (a busy
-    controller must not collapse a request's calls into one); None until a read succeeds."""
-
-    REFRESH_S = 1.0
-
-    def __init__(self) -> None:
-        self.at = -1.0e9
-        self.counts: dict[str, int] | None = None
-        self.reading: asyncio.Future | None = None  # one read in flight, awaited by every call that needs it
-
-    async def running(self, deployment: str, fresh: bool = False) -> int | None:
-        if fresh or time.monotonic() - self.at > self.REFRESH_S:
-            if self.reading is None:
-                self.reading = asyncio.ensure_future(asyncio.to_thread(running_replicas))
-            reading = self.reading
-            try:
-                counts = await asyncio.shield(reading)
-            finally:
-                if self.reading is reading and reading.done():
-                    self.reading = None
-            self.counts, self.at = counts if counts is not None else self.counts, time.monotonic()
-        return None if self.counts is None else self.counts.get(deployment)
-
-
-def running_replicas() -> dict[str, int] | None:
-    try:
-        application = serve.status().applications[serve.get_replica_context().app_name]
-        return {name: d.replica_states.get("RUNNING", 0) for name, d in application.deployments.items()}
-    except Exception:  # noqa: BLE001 - unknown counts never refuse a request
-        return None
-
-
-class Encoders:
-    """Per model: a TextEncoder built from the TokenizerSpec its pool hands out (asked of one replica, once), or
-    None where its pairs travel as text (another family, tokenize_in=pool, the shared pool)."""
-
-    SPEC_WAIT_S = 2.0  # a pool that has not answered by then gets this request's pairs as text
-
-    def __init__(self) -> None:
-        self.known: dict[str, TextEncoder | None] = {}
-        self.asking: dict[str, asyncio.Future] = {}
-
-    async def get(self, name: str, handle: DeploymentHandle) -> TextEncoder | None:
-        if name in self.known:
-            return self.known[name]
-        task = self.asking.get(name)
-        if task is None:
-            task = self.asking[name] = asyncio.ensure_future(self._ask(name, handle))
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved, never logged as lost
-        try:
-            return await asyncio.wait_for(asyncio.shield(task), self.SPEC_WAIT_S)
-        except Exception as exc:  # noqa: BLE001 - no spec yet: the pairs go as text, the pool says what is wrong
-            if task.done():
-                self.asking.pop(name, None)  # failed (pool unavailable): ask again next time
-            log.info("model %s: no tokenizer from its pool yet (%s); sending text", name, type(exc).__name__)
-            return None
-
-    async def _ask(self, name: str, handle: DeploymentHandle) -> TextEncoder | None:
-        spec = await handle.tokenizer_spec.remote()
-        encoder = None if spec is None else await asyncio.to_thread(TextEncoder, spec)
-        self.known[name] = encoder
-        log.info("model %s: %s", name, f"tokenizing here ({spec.family})" if encoder else "its pool tokenizes")
-        return encoder
-
-
-def encode_call(encoder: TextEncoder, pairs: list[Pair], truncate: bool, stride: int | None):
-    """A model's pairs as token ids (windows cut, lengths checked), the way its pool would tokenize them."""
-    try:
-        return encoder.prepare(pairs, truncate, stride)
-    except PairTooLong as exc:
-        raise InputTooLarge(str(exc), "documents") from None
-    except ScoringError as exc:
-        raise InvalidInput(str(exc), "documents") from None
 
 
 @dataclass
@@ -165,13 +85,6 @@ class Ranked:
         }
 
 
-@dataclass
-class CachedHealth:
-    at: float
-    response: HealthResponse
-    status_code: int
-
-
 @serve.deployment
 @serve.ingress()
 class Ingress:
@@ -192,9 +105,11 @@ class Ingress:
         self.catalog = Catalog(settings)
         self.templates = templates
         self.http = httpx.AsyncClient(follow_redirects=False)
-        self.cached_health: CachedHealth | None = None
         self.pairs_sent: dict[str, int] = {}
         self.replicas = RunningReplicas()
+        self.status = ServiceStatus(
+            settings, self.catalog, pools, realtime_pools, shared, self.replicas, self.pairs_sent
+        )
         self.encoders = Encoders()
         # One handle per shared model, made once: each call names its model to the multiplexing router.
         self.shared_handles = {
@@ -252,34 +167,16 @@ class Ingress:
         """vLLM's /score: a score per pair, in the pairs' order. Pairs of one query are one job (its documents
         batched together); the jobs of several queries run at once."""
         started = time.perf_counter()
-        pairs = request.pairs()
-        if len(pairs) > self.settings.max_documents_per_request:
-            raise InputTooLarge(
-                f"text_2: {len(pairs)} pairs; the limit is {self.settings.max_documents_per_request} "
-                "(setting max_documents_per_request)",
-                "text_2",
-            )
-        groups: dict[ContentSpec, list[int]] = {}
-        for i, (query, _) in enumerate(pairs):
-            groups.setdefault(query, []).append(i)
-        jobs = [
-            RerankJob(
-                query=query,
-                documents=[pairs[i][1] for i in indices],
-                max_tokens_per_doc=request.truncate_prompt_tokens,
-                model=request.model,
-            )
-            for query, indices in groups.items()
-        ]
-        tasks = [asyncio.ensure_future(self._rerank(job)) for job in jobs]
+        jobs = request.to_jobs(self.settings.max_documents_per_request)
+        tasks = [asyncio.ensure_future(self._rerank(job)) for _, job in jobs]
         try:
             answers = await asyncio.gather(*tasks)
         except BaseException:
             for task in tasks:
                 task.cancel()
             raise
-        scores = [0.0] * len(pairs)
-        for indices, ranked in zip(groups.values(), answers):
+        scores = [0.0] * sum(len(indices) for indices, _ in jobs)
+        for (indices, _), ranked in zip(jobs, answers):
             for scored in ranked.scored:
                 scores[indices[scored.index]] = scored.relevance_score
         combined = Ranked([], {}, {}, [call for ranked in answers for call in ranked.calls])
@@ -293,92 +190,15 @@ class Ingress:
         )
         return response, combined.headers()
 
+    # What the service says about itself: serve_app/status.py.
     async def health(self) -> tuple[HealthResponse, int]:
-        now = time.monotonic()
-        if self.cached_health is None or now - self.cached_health.at > self.settings.health_cache_s:
-            response, status_code = await self._probe_pools()
-            self.cached_health = CachedHealth(now, response, status_code)
-        return self.cached_health.response, self.cached_health.status_code
-
-    def _deployments(self) -> dict[str, DeploymentHandle | None]:
-        """Every pool deployment by the key /v1/models and /v1/stats show: text, image_text, model_<name>,
-        text_realtime ..., shared."""
-        named = dict(self.pools)
-        named.update({f"{key}_realtime": handle for key, handle in self.realtime_pools.items() if handle})
-        if self.shared is not None:
-            named[SHARED] = self.shared
-        return named
+        return await self.status.health()
 
     async def models(self) -> dict:
-        """Every served model (`data`, OpenAI's list shape) and every pool with its replicas (`pools`)."""
-        pools = {}
-        for key, handle in self._deployments().items():
-            if handle is None:
-                pools[key] = {"pool": key, "available": False, "reason": "disabled in settings"}
-                continue
-            replicas = await each_replica(handle, "info", self.settings.retry_after_s)
-            described = {"replica_count": replica_count(handle.deployment_name), "replicas": replicas}
-            if key != SHARED:
-                counters = {name: sum(r["counters"][name] for r in replicas) for name in replicas[0]["counters"]}
-                counters["largest_batch"] = max(r["counters"]["largest_batch"] for r in replicas)
-                described = {**replicas[0], "counters": counters, **described}
-            pools[key] = {**described, "pairs_sent": self.pairs_sent.get(key, 0)}
-        return {"object": "list", "data": [self._describe(m, pools) for m in self.catalog.models], "pools": pools}
-
-    def _describe(self, served: Served, pools: dict) -> dict:
-        """One model of /v1/models: name, aliases, family, modality, placement, replicas, batch cap and source."""
-        pool = pools.get(served.key) or {}
-        described = {
-            "id": served.name,
-            "object": "model",
-            "aliases": list(served.aliases),
-            "default_for": served.modality if served.default else None,
-            "modality": served.modality,
-            "placement": served.placement,
-            "pool": served.key,
-            "model": served.settings.model,
-            "family": served.settings.family,
-        }
-        if served.placement == "own":
-            return {
-                **described,
-                "family": pool.get("family") or served.settings.family,
-                "available": pool.get("available", False),
-                "reason": pool.get("reason"),
-                "replicas": pool.get("replica_count"),
-                "realtime_replicas": served.settings.realtime_replicas,
-                "max_batch_size": pool.get("max_batch_size"),
-                "max_batch_size_source": pool.get("max_batch_size_source"),
-                "score_map": pool.get("score_map"),
-            }
-        # Shared: loaded where a replica holds it; family and cap known once loaded somewhere.
-        holding = [
-            (replica["replica"], held)
-            for replica in pool.get("replicas", [])
-            for held in replica["loaded"]
-            if held["name"] == served.name
-        ]
-        errors = [r["load_errors"][served.name] for r in pool.get("replicas", []) if served.name in r["load_errors"]]
-        first = holding[0][1] if holding else {}
-        return {
-            **described,
-            "family": first.get("family") or served.settings.family,
-            "available": bool(holding) or not errors,
-            "reason": errors[0] if errors and not holding else None,
-            "replicas": pool.get("replica_count"),
-            "loaded_on": [replica for replica, _ in holding],
-            "max_models_per_replica": self.settings.shared_pool.max_models_per_replica,
-            "max_batch_size": first.get("max_batch_size", served.settings.max_batch_size),
-            "max_batch_size_source": first.get("max_batch_size_source", "known once loaded"),
-            "score_map": first.get("score_map"),
-        }
+        return await self.status.models()
 
     async def stats(self) -> dict:
-        pools = {}
-        for name, handle in self._deployments().items():
-            if handle is not None:
-                pools[name] = await each_replica(handle, "stats", self.settings.retry_after_s)
-        return {"object": "list", "pools": pools}
+        return await self.status.stats()
 
     # ---- the one internal path ----------------------------------------------------------
 
@@ -409,7 +229,7 @@ class Ingress:
         kinds = ["image_text" if d.image is not None or job.query.image is not None else "text" for d in job.documents]
         counts = {pool: kinds.count(pool) for pool in POOLS}
         routes = self.catalog.route(job.model, counts)  # before any image is fetched: a wrong name costs nothing
-        query, documents = await self._load(job)
+        query, documents = await load_contents(job, self.settings, self.http)
         pairs = [Pair(query, d, job.instruction, job.max_tokens_per_doc) for d in documents]
         priority = job.priority or self.settings.default_priority
         windows = job.windows and job.truncate and self.settings.long_documents == "windows"
@@ -557,109 +377,8 @@ class Ingress:
             return self._realtime(served)
         return self.pools[served.key]
 
-    async def _load(self, job: RerankJob) -> tuple[Content, list[Content]]:
-        """Decode every image of the job at once; each document keeps its text."""
-        if job.query.image is None and all(d.image is None for d in job.documents):
-            return Content(text=job.query.text), [Content(text=d.text) for d in job.documents]
-
-        budget = RequestImages(self.settings)
-
-        async def content(spec: ContentSpec, field: str) -> Content:
-            if spec.image is None:
-                return Content(text=spec.text)
-            image = await load_image(spec.image, self.settings, f"{field}.image", self.http, budget)
-            return Content(text=spec.text, image=image)
-
-        specs = [(job.query, "query"), *((d, f"documents[{i}]") for i, d in enumerate(job.documents))]
-        tasks = [asyncio.create_task(content(spec, field)) for spec, field in specs]
-        try:
-            _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        except asyncio.CancelledError:  # the deadline, or the client went away
-            for task in tasks:
-                task.cancel()
-            raise
-        # One image failed: its siblings' fetches and queued decodes stop too (a decode already running in a
-        # thread finishes, bounded by the per-image limits).
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        failed = [task for task in tasks if not task.cancelled() and task.exception() is not None]
-        if failed:
-            raise failed[0].exception()
-        query, *documents = [task.result() for task in tasks]
-        return query, documents
-
-    async def _probe_pools(self) -> tuple[HealthResponse, int]:
-        async def probe(name: str, handle: DeploymentHandle | None) -> PoolHealth:
-            if handle is None:
-                return PoolHealth(status="disabled")
-            try:
-                latency = await asyncio.wait_for(handle.probe.remote(), self.settings.health_timeout_s)
-            except PoolUnavailable as exc:
-                # /health answers without a key: the details (paths, addresses, ids) go to the log, not to it.
-                log.warning("health: pool %s unavailable: %s", name, exc.message)
-                return PoolHealth(status="unavailable", reason="its model did not load; the replica log says why")
-            except asyncio.TimeoutError:
-                log.warning("health: pool %s gave no probe score within %s s", name, self.settings.health_timeout_s)
-                return PoolHealth(status="down", reason=f"no answer within {self.settings.health_timeout_s} s")
-            except Exception as exc:  # noqa: BLE001 - any failure of a loaded pool means it is down
-                log.warning("health: pool %s failed a probe pair: %s: %s", name, type(exc).__name__, exc)
-                return PoolHealth(status="down", reason="scoring a probe pair failed; the ingress log says why")
-            return PoolHealth(status="ok", latency_ms=round(latency, 2))
-
-        async def shared() -> PoolHealth:
-            # Probing would load a model on demand: the shared pool is up while a replica runs.
-            running = await self.replicas.running(self.shared.deployment_name, fresh=True)
-            autoscaling = self.settings.shared_pool.autoscaling
-            if running == 0 and not (autoscaling and autoscaling.min_replicas == 0):
-                return PoolHealth(status="down", reason="no shared replica is running")
-            return PoolHealth(status="ok")
-
-        start = time.perf_counter()
-        names = list(self.pools)
-        probes = [probe(name, self.pools[name]) for name in names]
-        if self.shared is not None:
-            names.append(SHARED)
-            probes.append(shared())
-        pools = dict(zip(names, await asyncio.gather(*probes)))
-        latency_ms = round((time.perf_counter() - start) * 1000, 2)
-        # Ready while any pool scores: a pool that is down or overloaded sheds its own requests (503) instead
-        # of taking every node out of the load balancer.
-        if not any(p.status == "ok" for p in pools.values()):
-            return HealthResponse(status="down", latency_ms=None, pools=pools), 503
-        status = "ok" if all(p.status in ("ok", "disabled") for p in pools.values()) else "degraded"
-        return HealthResponse(status=status, latency_ms=latency_ms, pools=pools), 200
-
 
 def document_out(document) -> dict:
     if isinstance(document, str):
         return {"text": document}
     return document.model_dump(exclude_none=True)
-
-
-async def each_replica(handle: DeploymentHandle, method: str, retry_after_s: int) -> list[dict]:
-    """Ask every running replica of a deployment, not just one: a handle call goes to one replica,
-    so send a few calls at once (the router spreads them) until every replica has answered."""
-    expected = replica_count(handle.deployment_name) or 1
-    seen: dict[str, dict] = {}
-    for _ in range(5):
-        try:
-            answers = await asyncio.gather(*(getattr(handle, method).remote() for _ in range(2 * expected)))
-        except BackPressureError:
-            raise Overloaded(
-                "the pool's queues are full; ask again after the Retry-After seconds", retry_after_s
-            ) from None
-        seen.update({answer["replica"]: answer for answer in answers})
-        if len(seen) >= expected:
-            break
-    return sorted(seen.values(), key=lambda answer: answer["replica"])
-
-
-def replica_count(deployment: str) -> int | None:
-    """Running replicas of a deployment of this application, from Serve's status."""
-    try:
-        status = serve.status()
-        application = status.applications[serve.get_replica_context().app_name]
-        return application.deployments[deployment].replica_states.get("RUNNING", 0)
-    except Exception:  # noqa: BLE001 - the count is informative; never fail /v1/models over it
-        return None

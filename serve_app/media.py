@@ -9,12 +9,17 @@ import io
 import re
 import threading
 import warnings
+from typing import TYPE_CHECKING
 
 import httpx
 from PIL import Image, ImageOps
 
 from serve_app.errors import InputTooLarge, InvalidInput, Overloaded, RerankError
+from serve_app.scoring.types import Content
 from serve_app.settings import Settings
+
+if TYPE_CHECKING:  # annotations only: schemas is a module of this row
+    from serve_app.schemas import ContentSpec, RerankJob
 
 DATA_URI = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
 
@@ -192,3 +197,37 @@ async def load_image(
     else:
         data = decode_base64(value, settings, field)
     return await asyncio.to_thread(open_image, data, settings, field, budget)
+
+
+async def load_contents(job: RerankJob, settings: Settings, http: httpx.AsyncClient) -> tuple[Content, list[Content]]:
+    """The job's query and documents as Content: every image fetched and decoded at once, within one budget for
+    the request; each document keeps its text."""
+    if job.query.image is None and all(d.image is None for d in job.documents):
+        return Content(text=job.query.text), [Content(text=d.text) for d in job.documents]
+
+    budget = RequestImages(settings)
+
+    async def content(spec: ContentSpec, field: str) -> Content:
+        if spec.image is None:
+            return Content(text=spec.text)
+        image = await load_image(spec.image, settings, f"{field}.image", http, budget)
+        return Content(text=spec.text, image=image)
+
+    specs = [(job.query, "query"), *((d, f"documents[{i}]") for i, d in enumerate(job.documents))]
+    tasks = [asyncio.create_task(content(spec, field)) for spec, field in specs]
+    try:
+        _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    except asyncio.CancelledError:  # the deadline, or the client went away
+        for task in tasks:
+            task.cancel()
+        raise
+    # One image failed: its siblings' fetches and queued decodes stop too (a decode already running in a
+    # thread finishes, bounded by the per-image limits).
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    failed = [task for task in tasks if not task.cancelled() and task.exception() is not None]
+    if failed:
+        raise failed[0].exception()
+    query, *documents = [task.result() for task in tasks]
+    return query, documents

@@ -398,6 +398,30 @@ class ScoreRequest(BaseModel):
             )
         return [(_spec(a), _spec(b)) for a, b in zip(firsts, seconds)]
 
+    def to_jobs(self, max_pairs: int) -> list[tuple[list[int], RerankJob]]:
+        """The pairs grouped by query: one job per distinct query (its documents batched together), each with the
+        indices of the pairs its documents came from. More than `max_pairs` pairs is a 413."""
+        pairs = self.pairs()
+        if len(pairs) > max_pairs:
+            raise InputTooLarge(
+                f"text_2: {len(pairs)} pairs; the limit is {max_pairs} (setting max_documents_per_request)", "text_2"
+            )
+        groups: dict[ContentSpec, list[int]] = {}
+        for i, (query, _) in enumerate(pairs):
+            groups.setdefault(query, []).append(i)
+        return [
+            (
+                indices,
+                RerankJob(
+                    query=query,
+                    documents=[pairs[i][1] for i in indices],
+                    max_tokens_per_doc=self.truncate_prompt_tokens,
+                    model=self.model,
+                ),
+            )
+            for query, indices in groups.items()
+        ]
+
 
 class ScoreData(BaseModel):
     index: int

@@ -483,6 +483,41 @@ def _suggest(probs: np.ndarray, labels: np.ndarray, inclusive: bool, rule: str, 
 SUGGEST_RULES = {"strict": "precision", "balanced": "f1", "explore": "recall"}
 
 
+def _curves(probs: np.ndarray, y: np.ndarray) -> tuple[list, list, list]:
+    """Precision, recall and F1 keeping p >= each of THRESHOLDS."""
+    precision, recall, f1 = [], [], []
+    for t in THRESHOLDS:
+        p, r = precision_recall_at(probs, y, float(t), inclusive=True)
+        precision.append(_num(p))
+        recall.append(_num(r))
+        f1.append(_num(_f1(p, r)))
+    return precision, recall, f1
+
+
+def _strategy_rows(
+    after: np.ndarray, prior: np.ndarray | None, y: np.ndarray, strategies: Mapping[str, Threshold]
+) -> tuple[dict, dict]:
+    """Each strategy's threshold with precision/recall/F1/kept after (and before) the map, and its suggested
+    threshold on these labels."""
+
+    def at(probs: np.ndarray, threshold: Threshold) -> dict[str, Any]:
+        p, r = precision_recall_at(probs, y, threshold.value, threshold.inclusive)
+        kept = int(np.sum(probs >= threshold.value if threshold.inclusive else probs > threshold.value))
+        return {"precision": _num(p), "recall": _num(r), "f1": _num(_f1(p, r)), "kept": kept}
+
+    per_strategy, suggested = {}, {}
+    for name, threshold in strategies.items():
+        per_strategy[name] = {
+            "threshold": threshold.value,
+            "inclusive": threshold.inclusive,
+            "after": at(after, threshold),
+            "before": None if prior is None else at(prior, threshold),
+        }
+        rule = SUGGEST_RULES.get(name)
+        suggested[name] = None if rule is None else _suggest(after, y, threshold.inclusive, rule, THRESHOLDS)
+    return per_strategy, suggested
+
+
 def report(
     raw: Any,
     labels: Any,
@@ -504,30 +539,8 @@ def report(
     after = score_map.apply(x) if isinstance(score_map, ScoreMap) else np.array([score_map(float(v)) for v in x])
     prior = None if before is None else np.array([before(float(v)) for v in x])
 
-    precision, recall, f1 = [], [], []
-    for t in THRESHOLDS:
-        p, r = precision_recall_at(after, y, float(t), inclusive=True)
-        precision.append(_num(p))
-        recall.append(_num(r))
-        f1.append(_num(_f1(p, r)))
-
-    def at(probs: np.ndarray, threshold: Threshold) -> dict[str, Any]:
-        p, r = precision_recall_at(probs, y, threshold.value, threshold.inclusive)
-        kept = int(np.sum(probs >= threshold.value if threshold.inclusive else probs > threshold.value))
-        return {"precision": _num(p), "recall": _num(r), "f1": _num(_f1(p, r)), "kept": kept}
-
-    per_strategy = {}
-    suggested = {}
-    for name, threshold in strategies.items():
-        per_strategy[name] = {
-            "threshold": threshold.value,
-            "inclusive": threshold.inclusive,
-            "after": at(after, threshold),
-            "before": None if prior is None else at(prior, threshold),
-        }
-        rule = SUGGEST_RULES.get(name)
-        suggested[name] = None if rule is None else _suggest(after, y, threshold.inclusive, rule, THRESHOLDS)
-
+    precision, recall, f1 = _curves(after, y)
+    per_strategy, suggested = _strategy_rows(after, prior, y, strategies)
     return {
         "n": int(y.size),
         "positives": int(y.sum()),

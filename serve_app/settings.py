@@ -19,6 +19,9 @@ SCORE_MAPS_DIR = DEPLOY_DIR / "score_maps"
 
 MIN_API_KEY_CHARS = 16
 
+# A tuning knob: docs/settings.md lists it under "Advanced", after the settings a newcomer needs.
+ADVANCED = {"advanced": True}
+
 # The pools: text-only pairs, and pairs with an image on either side. Each is a Settings field of that name.
 POOLS = ("text", "image_text")
 
@@ -26,20 +29,24 @@ POOLS = ("text", "image_text")
 class Calibration(BaseModel):
     """calibrated = sigmoid(scale * (raw - shift)); overrides a family's default map."""
 
-    scale: float = Field(gt=0)
-    shift: float = 0.0
+    scale: float = Field(gt=0, description="How steep the map is around `shift`.")
+    shift: float = Field(default=0.0, description="The raw score that maps to 0.5.")
 
 
 class Autoscaling(BaseModel):
     """Serve's autoscaling_config for one deployment: replicas follow ongoing requests per replica."""
 
-    min_replicas: int = Field(default=1, ge=0)
-    max_replicas: int = Field(default=4, ge=1)
-    target_ongoing_requests: float = Field(default=2.0, gt=0)
-    upscale_delay_s: float = Field(default=5.0, ge=0)
-    downscale_delay_s: float = Field(default=60.0, ge=0)
-    metrics_interval_s: float = Field(default=2.0, gt=0)
-    look_back_period_s: float = Field(default=10.0, gt=0)
+    min_replicas: int = Field(default=1, ge=0, description="Fewest replicas; 0 lets an idle pool scale to zero.")
+    max_replicas: int = Field(default=4, ge=1, description="Most replicas.")
+    target_ongoing_requests: float = Field(
+        default=2.0, gt=0, description="Calls in flight per replica that Serve aims at: above it, more replicas."
+    )
+    upscale_delay_s: float = Field(default=5.0, ge=0, description="How long the need lasts before replicas are added.")
+    downscale_delay_s: float = Field(
+        default=60.0, ge=0, description="How long the lull lasts before replicas are dropped (a start costs a load)."
+    )
+    metrics_interval_s: float = Field(default=2.0, gt=0, description="How often replicas report their load.")
+    look_back_period_s: float = Field(default=10.0, gt=0, description="The window the load is averaged over.")
 
 
 def replica_options(num_replicas: int, autoscaling: Autoscaling | None) -> dict:
@@ -48,6 +55,9 @@ def replica_options(num_replicas: int, autoscaling: Autoscaling | None) -> dict:
         return {"num_replicas": num_replicas}
     return {"num_replicas": "auto", "autoscaling_config": autoscaling.model_dump()}
 
+
+MODEL_DESCRIPTION = "Local model directory or model id, loaded with from_pretrained."
+NUM_CPUS_DESCRIPTION = "CPUs Ray reserves for each replica (ray_actor_options)."
 
 # A served model's name: what clients send as `model`. No spaces or control characters, so logs and metric tags stay
 # one token; a default model named by its path or hub id (the `model` setting) fits too.
@@ -58,8 +68,8 @@ ModelName = Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]
 class PoolSettings(BaseModel):
     """One pool of scoring replicas: its model, its resources and its batch cap."""
 
-    enabled: bool = True
-    model: str = Field(description="Local model directory or model id, loaded with from_pretrained.")
+    enabled: bool = Field(default=True, description="false: the pool is not deployed; requests needing it get 503.")
+    model: str = Field(description=MODEL_DESCRIPTION)
     name: ModelName | None = Field(
         default=None, description="The name a request's `model` field picks this model by. Unset: the `model` setting."
     )
@@ -69,47 +79,72 @@ class PoolSettings(BaseModel):
         "(rerank-v3.5, jina-reranker-m0).",
     )
     max_ongoing_requests: int = Field(
-        default=64, ge=1, description="Calls a replica takes at once; must exceed the calls one batch gathers."
+        default=64,
+        ge=1,
+        description="Calls a replica takes at once; must exceed the calls one batch gathers.",
+        json_schema_extra=ADVANCED,
     )
     max_queued_requests: int = Field(
         default=256,
         ge=-1,
         description="Calls waiting for a replica; beyond it callers get 503 + Retry-After. -1: no cap.",
+        json_schema_extra=ADVANCED,
     )
-    autoscaling: Autoscaling | None = Field(default=None, description="Unset: num_replicas, fixed.")
-    num_replicas: int = Field(default=1, ge=1)
-    num_cpus: float = Field(default=1.0, ge=0)
-    num_gpus: float = Field(default=0.0, ge=0)
+    autoscaling: Autoscaling | None = Field(
+        default=None,
+        description="Serve's autoscaling of this pool (the Autoscaling table). Unset: num_replicas, fixed.",
+    )
+    num_replicas: int = Field(default=1, ge=1, description="Replicas of the pool, when it does not autoscale.")
+    num_cpus: float = Field(default=1.0, ge=0, description=NUM_CPUS_DESCRIPTION)
+    num_gpus: float = Field(
+        default=0.0, ge=0, description="GPUs per replica; a fraction lets pools share a card (ray_actor_options)."
+    )
     accelerator_type: str | None = Field(
-        default=None, description="Ray accelerator type to pin replicas to, e.g. A10G or L4."
+        default=None,
+        description="Pins replicas to nodes with Ray's accelerator_type:<NAME> resource, e.g. A10G or L4; the batch "
+        "profile row of that card sizes the batches.",
     )
     max_batch_size: int | None = Field(
         default=None,
         ge=1,
-        description="Most pairs per batch, counted across callers. Unset: the batch profile for the replica's GPU.",
+        description="Most pairs per batch, counted across callers. Unset: the batch profile of the replica's GPU "
+        "(docs/gpus.md); set: overrides it, live through Serve's user_config.",
     )
-    batch_wait_timeout_s: float | None = Field(default=None, ge=0, description="Unset: from the batch profile.")
+    batch_wait_timeout_s: float | None = Field(
+        default=None,
+        ge=0,
+        description="How long a batch waits to fill. Unset: from the batch profile.",
+        json_schema_extra=ADVANCED,
+    )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         default="auto", description="auto: the profile's (bf16/fp16) on a GPU, float32 on the CPU."
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        default="sdpa", description="flash_attention_2 is used where flash-attn is installed, else sdpa."
+        default="sdpa",
+        description="flash_attention_2 is used where flash-attn is installed, else sdpa.",
+        json_schema_extra=ADVANCED,
     )
     quantize: Literal["int8"] | None = Field(
         default=None,
         description="int8: dynamic quantisation on CPU (bitsandbytes on GPU). Faster and smaller, costs some accuracy.",
     )
     overlap_preprocessing: bool = Field(
-        default=True, description="Tokenize the next batch while the previous one runs its forward pass."
+        default=True,
+        description="Tokenize the next batch while the previous one runs its forward pass.",
+        json_schema_extra=ADVANCED,
     )
     realtime_replicas: int = Field(
-        default=0, ge=0, description="Replicas of a realtime variant: each call is its own batch, no wait."
+        default=0,
+        ge=0,
+        description="Replicas of a realtime variant (<pool>_realtime_pool), for requests with priority realtime: "
+        "each call is its own batch, no wait for other callers.",
     )
     max_tokens_per_forward: int | None = Field(
         default=None,
         ge=64,
         description="Padded tokens per forward pass; a batch sorted by length is cut to fit. Unset: 16384 on "
         "the CPU, no limit on a GPU (the batch cap was sized for the card's memory at full length).",
+        json_schema_extra=ADVANCED,
     )
     forward_cost_tokens: int | None = Field(
         default=None,
@@ -117,13 +152,20 @@ class PoolSettings(BaseModel):
         description="What one more forward pass costs, in padded tokens; a sorted batch is cut where a cut saves "
         "more padding than this. Unset: measured at start-up and three times more when idle after the first "
         "call, the median kept (text pools); 0 otherwise.",
+        json_schema_extra=ADVANCED,
     )
     torch_threads: int | None = Field(
         default=None,
         ge=1,
-        description="Torch CPU threads per replica. Unset: Ray's OMP_NUM_THREADS, i.e. the replica's num_cpus.",
+        description="Torch CPU threads per replica. Unset: Ray's OMP_NUM_THREADS, i.e. the replica's num_cpus. "
+        "A lone CPU replica on a machine gets all cores' speed with this set to the core count.",
+        json_schema_extra=ADVANCED,
     )
-    calibration: Calibration | None = Field(default=None, description="Override of the family's raw -> 0..1 map.")
+    calibration: Calibration | None = Field(
+        default=None,
+        description="{scale, shift}: calibrated = sigmoid(scale * (raw - shift)), overriding the family's raw -> "
+        "0..1 map and any score_map.",
+    )
     score_map: Path | None = Field(
         default=None,
         description="A raw -> 0..1 map fitted from labels (python -m serve_app.calibrate_scores). Unset: "
@@ -134,6 +176,7 @@ class PoolSettings(BaseModel):
         gt=0,
         description="A replica whose model did not load reports itself unhealthy after this many seconds, so Serve "
         "replaces it and the new replica loads again (a model volume mounted late, a hub outage). Unset: never.",
+        json_schema_extra=ADVANCED,
     )
     health_check_period_s: float = Field(
         default=10.0,
@@ -141,6 +184,7 @@ class PoolSettings(BaseModel):
         description="How often Serve asks each replica whether it is healthy; three failed checks in a row replace "
         "it (a failed device, a model that did not load after load_retry_s). Serve's own default, 10 s: a broken "
         "replica is replaced about 30 s after it breaks.",
+        json_schema_extra=ADVANCED,
     )
     family: Literal["cross_encoder", "embedding", "dual_encoder", "blip_itm", "yes_no"] | None = Field(
         default=None,
@@ -151,17 +195,20 @@ class PoolSettings(BaseModel):
         default=("no", "yes"),
         description="yes/no rerankers: the (negative, positive) answer tokens, as the tokenizer spells them; "
         "the score is the softmax of the positive one over the two at the answer position.",
+        json_schema_extra=ADVANCED,
     )
     cuda_graphs: bool = Field(
         default=False,
         description="Text cross-encoders and embedding models on a CUDA device: replay each padded shape's forward "
         "from a CUDA graph (captured at warm-up) instead of launching its kernels from Python; a model that cannot be "
         "captured runs eagerly (/v1/models says why). No effect on the CPU or with flash_attention_2.",
+        json_schema_extra=ADVANCED,
     )
     prefix_reuse: bool = Field(
         default=True,
         description="yes/no rerankers (causal LMs): run the prompt prefix a query's documents share once per "
         "batch and score only each document's own tokens.",
+        json_schema_extra=ADVANCED,
     )
 
     def served_name(self) -> str:
@@ -192,14 +239,14 @@ class PoolSettings(BaseModel):
 
 
 class TextPoolSettings(PoolSettings):
-    model: str = DEFAULT_TEXT_MODEL
+    model: str = Field(default=DEFAULT_TEXT_MODEL, description=MODEL_DESCRIPTION)
 
 
 class ImageTextPoolSettings(PoolSettings):
     """Half a CPU by default, so that ingress (0.5) + text (1) + image-text (0.5) fit a 2-core machine."""
 
-    model: str = DEFAULT_IMAGE_TEXT_MODEL
-    num_cpus: float = Field(default=0.5, ge=0)
+    model: str = Field(default=DEFAULT_IMAGE_TEXT_MODEL, description=MODEL_DESCRIPTION)
+    num_cpus: float = Field(default=0.5, ge=0, description=NUM_CPUS_DESCRIPTION)
 
 
 class ModelSettings(PoolSettings):
@@ -225,20 +272,22 @@ class SharedPoolSettings(BaseModel):
     max_models_per_replica: int = Field(
         default=2, ge=1, description="Models one shared replica holds loaded; past it the least recently used goes."
     )
-    num_replicas: int = Field(default=1, ge=1)
-    autoscaling: Autoscaling | None = Field(default=None, description="Unset: num_replicas, fixed.")
-    num_cpus: float = Field(default=1.0, ge=0)
-    num_gpus: float = Field(default=0.0, ge=0)
-    accelerator_type: str | None = None
-    max_ongoing_requests: int = Field(default=64, ge=1)
-    max_queued_requests: int = Field(default=256, ge=-1)
+    num_replicas: int = Field(default=1, ge=1, description="Shared replicas, when the pool does not autoscale.")
+    autoscaling: Autoscaling | None = Field(
+        default=None, description="As for a pool; the router prefers the replicas holding a call's model."
+    )
+    num_cpus: float = Field(default=1.0, ge=0, description="CPUs Ray reserves for each shared replica.")
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs per shared replica.")
+    accelerator_type: str | None = Field(default=None, description="As for a pool: pins replicas to a kind of card.")
+    max_ongoing_requests: int = Field(default=64, ge=1, description="As for a pool.", json_schema_extra=ADVANCED)
+    max_queued_requests: int = Field(default=256, ge=-1, description="As for a pool.", json_schema_extra=ADVANCED)
     max_batch_size: int | None = Field(
         default=None,
         ge=1,
         description="Most pairs one gathered batch holds, all models together (each model's own cap still cuts its "
         "forward passes). Unset: the largest of the models' caps (their max_batch_size, else their profile row).",
     )
-    torch_threads: int | None = Field(default=None, ge=1)
+    torch_threads: int | None = Field(default=None, ge=1, description="As for a pool.", json_schema_extra=ADVANCED)
 
     def deployment_options(self, name: str) -> dict:
         actor: dict = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
@@ -269,14 +318,14 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid")
 
     host: str = Field(default="127.0.0.1", description="Address the HTTP proxy binds to.")
-    port: int = Field(default=8000, ge=1, le=65535)
+    port: int = Field(default=8000, ge=1, le=65535, description="Port the HTTP proxy listens on.")
     api_key: SecretStr | None = Field(
         default=None,
         description=f"When set, every route but /health and /health/live needs it (Bearer or X-API-Key). Several "
         f"keys, comma-separated, are all valid (rotation: add the new key, move clients, drop the old one). Each "
         f"key needs {MIN_API_KEY_CHARS}+ characters; set but empty refuses to start (unset: authentication off).",
     )
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="ERROR for production.")
 
     text: TextPoolSettings = Field(
         default=TextPoolSettings(), description="The default model for text pairs (a request with no `model`)."
@@ -292,21 +341,36 @@ class Settings(BaseSettings):
     shared_pool: SharedPoolSettings = Field(
         default=SharedPoolSettings(), description="Replicas of the models placed `shared`; deployed only if any is."
     )
-    ingress_replicas: int = Field(default=1, ge=1)
-    ingress_num_cpus: float = Field(default=0.5, ge=0)
+    ingress_replicas: int = Field(default=1, ge=1, description="Ingress replicas, when it does not autoscale.")
+    ingress_num_cpus: float = Field(
+        default=0.5,
+        ge=0,
+        description="CPUs Ray reserves per ingress replica (ingress 0.5 + text 1 + image-text 0.5 fit 2 cores).",
+    )
     ingress_max_ongoing_requests: int = Field(
-        default=100, ge=1, description="HTTP requests one ingress replica takes at once."
+        default=100, ge=1, description="HTTP requests one ingress replica takes at once.", json_schema_extra=ADVANCED
     )
     ingress_max_queued_requests: int = Field(
-        default=200, ge=-1, description="HTTP requests waiting for an ingress replica; beyond it: 503 + Retry-After."
+        default=200,
+        ge=-1,
+        description="HTTP requests waiting for an ingress replica; beyond it: 503 + Retry-After.",
+        json_schema_extra=ADVANCED,
     )
-    ingress_autoscaling: Autoscaling | None = Field(default=None, description="Unset: ingress_replicas, fixed.")
+    ingress_autoscaling: Autoscaling | None = Field(
+        default=None,
+        description="Serve's autoscaling of the ingress (the Autoscaling table). Unset: ingress_replicas, fixed.",
+    )
     request_timeout_s: float = Field(
         default=30.0,
         gt=0,
         description="Deadline of one request; past it the caller gets 504 and its pairs are cancelled.",
     )
-    retry_after_s: int = Field(default=1, ge=0, description="Retry-After (seconds) sent with 503 when queues are full.")
+    retry_after_s: int = Field(
+        default=1,
+        ge=0,
+        description="Retry-After (seconds) sent with 503 when queues are full.",
+        json_schema_extra=ADVANCED,
+    )
     admission_wait_fraction: float | None = Field(
         default=0.9,
         gt=0,
@@ -315,9 +379,10 @@ class Settings(BaseSettings):
         "from the estimate) when the pairs queued before it, plus its own, at the replica's measured pairs/s "
         "would take longer than this fraction of the time the request has left before request_timeout_s. "
         "null: admit every call (it may then wait in the queue until the deadline, and get 504).",
+        json_schema_extra=ADVANCED,
     )
 
-    max_documents_per_request: int = Field(default=1000, ge=1)
+    max_documents_per_request: int = Field(default=1000, ge=1, description="Documents per request; more is 413.")
     max_text_chars: int = Field(
         default=100_000,
         ge=1,
@@ -360,7 +425,12 @@ class Settings(BaseSettings):
         default_factory=list,
         description="URL prefixes images may be fetched from (scheme://host[:port]/path). Empty: no URLs.",
     )
-    image_url_timeout_s: float = Field(default=5.0, gt=0)
+    image_url_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="Per image fetch, the whole download (a server trickling bytes is cut); waiting for a free "
+        "connection gets half of it, then 503 (our load, not the caller's fault).",
+    )
     long_documents: Literal["windows", "truncate"] = Field(
         default="windows",
         description="A document longer than the model's window (beside its query): windows scores it as "
@@ -368,7 +438,7 @@ class Settings(BaseSettings):
         "/rerank always truncates (its `truncate` contract).",
     )
     window_stride_tokens: int = Field(
-        default=64, ge=0, description="Tokens consecutive windows of a long document share."
+        default=64, ge=0, description="Tokens consecutive windows of a long document share.", json_schema_extra=ADVANCED
     )
     auto_truncate: bool = Field(
         default=True, description="Truncate over-long pairs when a TEI request leaves `truncate` unset."
@@ -378,6 +448,7 @@ class Settings(BaseSettings):
         description="The local Ray that `make run` starts slows its periodic loops (serve_app/local_ray.py): idle "
         "CPU from ~10% to ~6.5% of a core on 2 cores; deploys and autoscaling react up to ~1 s later and task "
         "events are off. A cluster you start yourself is not touched.",
+        json_schema_extra=ADVANCED,
     )
     tokenize_in: Literal["ingress", "pool"] = Field(
         default="ingress",
@@ -385,6 +456,7 @@ class Settings(BaseSettings):
         "cut into windows): ingress sends token ids to the pool, whose replicas then only pad and run forwards "
         "(tokenizing scales with the CPU-only ingress replicas, and a document's windows spread over pool "
         "replicas); pool sends text. Other families (images, yes/no prompts) always tokenize in the pool.",
+        json_schema_extra=ADVANCED,
     )
     min_pairs_per_call: int = Field(
         default=8,
@@ -393,6 +465,7 @@ class Settings(BaseSettings):
         "ceil(pairs / replicas) pairs, at least this many (a call has a fixed cost), at most max_pairs_per_call: "
         "a request's pairs are scored on several replicas at once. The shared pool gets calls of "
         "max_pairs_per_call (a call on a replica without the model would load it).",
+        json_schema_extra=ADVANCED,
     )
     pool_router: Literal["spread", "power_of_two"] = Field(
         default="spread",
@@ -400,11 +473,13 @@ class Settings(BaseSettings):
         "outstanding from this ingress replica, the shorter queue (the calls of one request land on different "
         "replicas). power_of_two: Serve's default, two random replicas, the shorter queue (calls sent at the "
         "same moment often land on one replica).",
+        json_schema_extra=ADVANCED,
     )
     max_pairs_per_call: int = Field(
         default=128,
         ge=1,
         description="The ingress cuts a pool's pairs into calls of this many, to spread them over replicas.",
+        json_schema_extra=ADVANCED,
     )
     default_priority: Literal["batch", "realtime"] = Field(
         default="batch", description="A request's `priority` when it gives none."
@@ -414,9 +489,19 @@ class Settings(BaseSettings):
         description="(GPU kind, pool[, model]) -> batch cap, wait, dtype. Rows measured by calibrate live beside "
         "it in <name>.calibrated.yaml and win over hand-written rows of the same kind, pool and model.",
     )
-    health_cache_s: float = Field(default=5.0, ge=0, description="How long /health reuses a measured latency.")
-    health_timeout_s: float = Field(default=10.0, gt=0)
-    instruction_templates_path: Path = DEPLOY_DIR / "instruction_templates.json"
+    health_cache_s: float = Field(
+        default=5.0, ge=0, description="How long /health reuses a measured latency.", json_schema_extra=ADVANCED
+    )
+    health_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="How long /health waits for a pool's probe before calling it unavailable.",
+        json_schema_extra=ADVANCED,
+    )
+    instruction_templates_path: Path = Field(
+        default=DEPLOY_DIR / "instruction_templates.json",
+        description="A JSON object of name -> instruction, the names a request's instruction_template picks from.",
+    )
     model_cache_dir: Path = Field(
         default=DEFAULT_MODEL_CACHE_DIR,
         description="Where models shipped inside Python packages are unpacked.",
@@ -503,3 +588,130 @@ def env_name(*path: str) -> str:
     """The environment variable of a (nested) setting: env_name("text", "model") -> RERANK_TEXT__MODEL."""
     delimiter = Settings.model_config["env_nested_delimiter"]
     return Settings.model_config["env_prefix"] + delimiter.join(part.upper() for part in path)
+
+
+# docs/settings.md is written from the fields above: each field's description is its documentation.
+SETTINGS_PAGE = "docs/settings.md"
+START_HERE = ("text.model", "image_text.model", "models", "api_key", "host", "text.num_gpus", "text.accelerator_type")
+SETTINGS_INTRO = """# Settings
+
+<!-- Written by `python -m serve_app.settings --markdown` from the fields' descriptions in serve_app/settings.py;
+tests/test_docs.py checks it is current. Edit the descriptions, not this page. -->
+
+One object, `serve_app.settings.Settings`. Set a field as an environment variable `RERANK_<NAME>`, nested with
+`__` (`RERANK_TEXT__MODEL=/models/ms-marco-MiniLM-L-6-v2`, `RERANK_IMAGE_TEXT__NUM_GPUS=1`; a list or a group as
+JSON), or under `args` in `deploy/serve_config.yaml`. `python -m serve_app.settings` prints the settings the
+environment gives. Rows marked *advanced* are tuning knobs: their defaults suit the cases the tests and the
+benchmarks cover."""
+
+
+def _default(field) -> str:
+    if field.is_required():
+        return "required"
+    value = field.get_default(call_default_factory=True)
+    if isinstance(value, BaseModel) and not isinstance(value, (Calibration, Autoscaling)):
+        return "see below"
+    if value is None:
+        return "unset"
+    if isinstance(value, Path):
+        for base, shown in ((DEPLOY_DIR.parent, ""), (Path.home(), "~/")):  # the repository's, or the user's
+            if value.is_relative_to(base) and base != Path("/"):
+                return shown + str(value.relative_to(base))
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value)) or "empty"
+    return str(value)
+
+
+def _one_line(text: str | None) -> str:
+    """A description as one line of markdown (an `<NAME>` would be read as an HTML tag)."""
+    return " ".join((text or "").split()).replace("<", "&lt;")
+
+
+def _rows(model: type[BaseModel], skip: tuple[str, ...] = (), beside: type[BaseModel] | None = None) -> list[list]:
+    """(advanced, cells) per field of `model`: name, default (and `beside`'s default), description."""
+    rows = []
+    for name, field in model.model_fields.items():
+        if name in skip:
+            continue
+        defaults = [_default(field)]
+        if beside is not None:
+            defaults.append(_default(beside.model_fields[name]))
+        what = _one_line(field.description).replace("|", "\\|")
+        advanced = bool((field.json_schema_extra or {}).get("advanced"))
+        rows.append([advanced, [f"`{name}`", *[f"`{d}`" for d in defaults], what]])
+    return rows
+
+
+def _tables(title: str, head: list[str], rows: list[list], lead: str = "") -> list[str]:
+    """A section: its basic rows, then its advanced ones."""
+    out = [f"## {title}", ""] + ([lead, ""] if lead else [])
+    line = "| " + " | ".join(head) + " |\n|" + "---|" * len(head)
+    for advanced, label in ((False, ""), (True, "*Advanced:*\n\n")):
+        chosen = [cells for flag, cells in rows if flag is advanced]
+        if chosen:
+            out += [label + line, *("| " + " | ".join(cells) + " |" for cells in chosen), ""]
+    return out
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a heading."""
+    return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+
+
+def markdown() -> str:
+    """docs/settings.md, from the fields' descriptions."""
+    groups = {"Settings": Settings, "PoolSettings": TextPoolSettings}
+    start = []
+    for path in START_HERE:
+        group, _, name = path.rpartition(".")
+        field = groups["PoolSettings" if group else "Settings"].model_fields[name]
+        start.append(f"- `{path}` (`{env_name(*path.split('.'))}`): {_one_line(field.description)}")
+    pool = ("text", "image_text", "models", "shared_pool")
+    out = [SETTINGS_INTRO, "", "## Start here", "", *start, ""]
+    out += _tables("The service", ["setting", "default", "what"], _rows(Settings, skip=pool))
+    out += _tables(
+        "A pool: `text`, `image_text`, and each entry of `models`",
+        ["setting", "text", "image_text", "what"],
+        _rows(TextPoolSettings, beside=ImageTextPoolSettings),
+        "An entry of `models` takes these fields with `text`'s defaults (`name` and `model` required), and:",
+    )
+    out += _tables(
+        "A named model: `models[]`",
+        ["setting", "default", "what"],
+        _rows(ModelSettings, skip=tuple(PoolSettings.model_fields)),
+    )
+    out += _tables(
+        "The shared pool: `shared_pool`",
+        ["setting", "default", "what"],
+        _rows(SharedPoolSettings),
+        _one_line(SharedPoolSettings.__doc__),
+    )
+    out += _tables(
+        "Autoscaling: a pool's `autoscaling`, `shared_pool.autoscaling`, `ingress_autoscaling`",
+        ["setting", "default", "what"],
+        _rows(Autoscaling),
+    )
+    out += _tables("A score map by hand: a pool's `calibration`", ["setting", "default", "what"], _rows(Calibration))
+    sections = [line[3:] for line in out if line.startswith("## ")]
+    toc = [f"- [{title}](#{_anchor(title)})" for title in sections]
+    return "\n".join([out[0], "", *toc, "", *out[1:]]).rstrip("\n") + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    from serve_app import pages
+
+    parser = argparse.ArgumentParser(prog="python -m serve_app.settings", description="The service's settings.")
+    parser.add_argument("--markdown", action="store_true", help=f"write {SETTINGS_PAGE} from the fields' descriptions")
+    args = parser.parse_args(argv)
+    if args.markdown:
+        (pages.ROOT / SETTINGS_PAGE).write_text(markdown())
+        print(f"wrote {SETTINGS_PAGE}")
+        return
+    print(Settings().model_dump_json(indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -151,13 +151,22 @@ def test_main_end_to_end_on_the_tiny_cross_encoder(model_dirs, profiles, tmp_pat
     assert "scorer pairs/s" in out and "knee:" in out and "served (scorer) path at the knee" in out
 
 
-def test_dry_run_leaves_the_profiles_alone(model_dirs, profiles, tmp_path):
-    before = profiles.read_text()
+def test_a_dry_run_writes_nothing_into_the_repository(model_dirs, profiles, tmp_path, monkeypatch, capsys):
+    """Neither the profiles nor, without --plot and --json, bench/results: its plot and sweep go to a new temporary
+    directory, which it names."""
+    import tempfile
+
+    from serve_app.calibrate import RESULTS_DIR
+
+    before, results = profiles.read_text(), sorted(RESULTS_DIR.iterdir())
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     argv = ["--pool", "image_text", "--model", str(model_dirs["clip"]), "--batch-sizes", "1,2", "--repeats", "1"]
-    argv += ["--profiles", str(profiles), "--plot", str(tmp_path / "c.png"), "--json", str(tmp_path / "c.json")]
-    assert main([*argv, "--dry-run"]) == 0
+    assert main([*argv, "--profiles", str(profiles), "--dry-run"]) == 0
     assert profiles.read_text() == before and not calibrated_path(profiles).exists()
-    assert len(json.loads((tmp_path / "c.json").read_text())["rows"]) == 2
+    assert sorted(RESULTS_DIR.iterdir()) == results
+    (written,) = tmp_path.glob("calibrate-*/calibrate-image_text-*.json")
+    assert len(json.loads(written.read_text())["rows"]) == 2 and written.with_suffix(".png").exists()
+    assert f"json: {written}" in capsys.readouterr().out
 
 
 # Pool settings that every loader must honour: none of them is a default.

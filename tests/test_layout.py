@@ -22,7 +22,8 @@ def test_the_ingress_api_and_schemas_load_no_torch():
     loaded = modules_after_import("serve_app.ingress", "serve_app.api", "serve_app.schemas")
     assert "serve_app.ingress" in loaded  # the import itself worked
     assert not {"torch", "transformers"} & loaded
-    assert not {m for m in loaded if m.startswith(("serve_app.scoring.", "serve_app.replica", "serve_app.pools"))} - {
+    replicas = ("serve_app.replica", "serve_app.shared_replica", "serve_app.scoring_replica", "serve_app.resident")
+    assert not {m for m in loaded if m.startswith(("serve_app.scoring.", "serve_app.pools", *replicas))} - {
         "serve_app.scoring.types",
         "serve_app.scoring.text",  # tokenizing with the Rust tokenizer alone (tokenize_in=ingress)
     }
@@ -72,8 +73,10 @@ LAYERS = [
     ["__main__"],
     ["app"],
     ["ingress"],
-    ["api"],
-    ["replica", "bulk", "calibrate", "calibrate_scores"],
+    ["api", "status", "encoders"],
+    ["replica", "shared_replica", "bulk", "calibrate", "calibrate_scores"],
+    ["scoring_replica"],
+    ["resident"],
     ["pools"],
     ["scoring.loading"],
     ["scoring.cross_encoder", "scoring.embedding", "scoring.dual_encoder", "scoring.blip_itm", "scoring.yes_no"],
@@ -81,6 +84,7 @@ LAYERS = [
     ["scoring.batching", "scoring.graphs", "schemas", "media", "catalog"],
     ["scoring.text"],
     ["scoring.types", "settings", "errors", "stats", "ports", "scoring", "local_ray", "routing"],
+    ["pages"],
 ]
 PACKAGE = Path(__file__).resolve().parent.parent / "serve_app"
 
@@ -125,3 +129,25 @@ def test_every_import_in_the_package_points_down():
         if row[imported] <= row[module] and imported != module
     ]
     assert not upward
+
+
+LONGEST_FUNCTION = 60
+
+
+def test_no_function_in_the_package_is_longer_than_a_screen():
+    """A function a reader can hold in their head: past LONGEST_FUNCTION lines, cut it into named steps."""
+    long = [
+        f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for path in PACKAGE.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > LONGEST_FUNCTION
+    ]
+    assert not long, long
+
+
+def test_the_request_path_and_the_pool_replica_each_fit_one_file_a_reader_can_hold():
+    """ingress.py holds the request path only (status.py: what the service says about itself; encoders.py: the
+    tokenizers); replica.py the pool replica only (scoring_replica.py: the call path; shared_replica.py)."""
+    sizes = {name: len((PACKAGE / name).read_text().splitlines()) for name in ("ingress.py", "replica.py")}
+    assert all(lines < 400 for lines in sizes.values()), sizes

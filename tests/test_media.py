@@ -364,20 +364,18 @@ def test_no_free_connection_is_our_fault_not_the_callers(image_server):
 
 
 def test_one_bad_image_cancels_its_siblings_fetches(image_server):
-    from serve_app.ingress import Ingress
+    from serve_app.media import load_contents
     from serve_app.schemas import ContentSpec, RerankJob
 
     settings = Settings(image_url_allowlist=[f"{image_server}/images/"])
-    written = Ingress.func_or_class.__mro__[1]  # the class as written, under Serve's ASGI wrapper
-    ingress = written.__new__(written)
-    written.__init__(ingress, {}, {}, settings, {})
     slow = [ContentSpec(image=f"{image_server}/images/slower-{i}.png") for i in range(4)]
     job = RerankJob(query=ContentSpec(text="q"), documents=[*slow, ContentSpec(image="not base64!")])
 
     async def go() -> tuple[float, set]:
         start = time.monotonic()
         with pytest.raises(InvalidInput, match="base64") as info:
-            await ingress._load(job)
+            async with httpx.AsyncClient(follow_redirects=False) as http:  # the ingress' client
+                await load_contents(job, settings, http)
         assert info.value.field == "documents[4].image"
         return time.monotonic() - start, asyncio.all_tasks() - {asyncio.current_task()}
 

@@ -1,11 +1,11 @@
-"""Ray's own tools against a real `ray start --head` with token authentication, run as the README writes them.
+"""Ray's own tools against a real `ray start --head` with token authentication, run as docs/operations.md writes them.
 
-The README's "Ray's own tools" block is read from the README and each line run as a subprocess in one
+The "Ray's own tools" block is read from docs/operations.md and each line run as a subprocess in one
 environment (its `source` and `export` lines set that environment). Three things differ from a user's
 shell, each so that the test cannot disturb the session's cluster or the machine:
 - HOME is a temporary directory, so the token lands there (`~/.ray/auth_token`), not in the real home;
 - `ray start --head` gets its own ports and temporary directory, and `--block`: the test stops that head
-  itself, because the README's `ray stop` would stop every Ray process on the machine, the session's too;
+  itself, because the block's `ray stop` would stop every Ray process on the machine, the session's too;
 - the bulk job's output directory is a temporary one; HF_HUB_OFFLINE=1 (no hub here).
 """
 
@@ -28,11 +28,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from serve_app import pages
 from serve_app.ports import free_port, port_free
 from tests.conftest import processes_naming
 
 ROOT = Path(__file__).resolve().parent.parent
-README_BLOCK = re.compile(r"<!-- ray-tools -->\s*```bash\n(.*?)```", re.DOTALL)
+BASH_BLOCK = re.compile(r"```bash\n(.*?)```", re.DOTALL)
 OUTPUT = "/tmp/rerank-out"
 STOP_GRACE_S = 5
 SERVE_URL = "http://127.0.0.1:8000"  # deploy/serve_config.yaml's http_options, the README's curl
@@ -41,7 +42,7 @@ STATUS_EVERY_S = 15
 
 def readme_commands() -> list[str]:
     """The block's commands: comments dropped, backslash continuations joined."""
-    (block,) = README_BLOCK.findall((ROOT / "README.md").read_text())
+    (block,) = BASH_BLOCK.findall(pages.block("ray-tools"))  # docs/operations.md
     commands, pending = [], ""
     for line in block.splitlines():
         line = re.sub(r"\s+#\s.*$", "", line).rstrip()  # a trailing comment ("  # ...")
@@ -56,7 +57,7 @@ def readme_commands() -> list[str]:
 
 
 class Head:
-    """`ray start --head` as the README writes it, on ports and a temporary directory of its own."""
+    """`ray start --head` as the docs write it, on ports and a temporary directory of its own."""
 
     def __init__(self, command: str, env: dict[str, str], temp_dir: Path, log: Path) -> None:
         self.dashboard_port = free_port()
@@ -118,7 +119,7 @@ class Head:
 
 @pytest.fixture(scope="module")
 def session() -> Iterator[dict]:
-    """The README block's environment and a started head; the head is stopped at the end."""
+    """The block's environment and a started head; the head is stopped at the end."""
     if not port_free("127.0.0.1", 8000):
         pytest.fail("port 8000 is taken: deploy/serve_config.yaml serves there; stop what listens on it")
     home = Path(tempfile.mkdtemp(prefix="rt-home-"))
@@ -142,10 +143,10 @@ def session() -> Iterator[dict]:
             run(command, env)  # before the head: e.g. the token
         else:
             rest.append(command)
-    assert head is not None, "the README block starts a head with `ray start --head`"
+    assert head is not None, "the block starts a head with `ray start --head`"
     try:
         head.wait_until_up()
-        # The README's CLIs talk to the default dashboard address; this head has its own port.
+        # The block's CLIs talk to the default dashboard address; this head has its own port.
         env.update(RAY_API_SERVER_ADDRESS=head.address, RAY_DASHBOARD_ADDRESS=head.address)
         yield {"env": env, "commands": rest, "head": head, "home": home}
     finally:

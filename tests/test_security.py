@@ -78,7 +78,7 @@ def test_a_device_fault_is_told_apart_from_bad_input_and_out_of_memory():
 def test_a_replica_asks_to_be_replaced_after_a_device_fault_or_a_failed_load():
     import time
 
-    from serve_app.replica import unhealthy_because
+    from serve_app.scoring_replica import unhealthy_because
     from serve_app.settings import TextPoolSettings
 
     pool = TextPoolSettings(load_retry_s=60)
@@ -93,7 +93,7 @@ def test_a_replica_asks_to_be_replaced_after_a_device_fault_or_a_failed_load():
 def test_concurrent_calls_share_one_read_of_the_running_replicas(monkeypatch):
     import time
 
-    from serve_app import ingress
+    from serve_app import status
 
     reads = []
 
@@ -102,8 +102,8 @@ def test_concurrent_calls_share_one_read_of_the_running_replicas(monkeypatch):
         time.sleep(0.2)
         return {"text_pool": 2}
 
-    monkeypatch.setattr(ingress, "running_replicas", slow_status)
-    watch = ingress.RunningReplicas()
+    monkeypatch.setattr(status, "running_replicas", slow_status)
+    watch = status.RunningReplicas()
 
     async def many() -> list[int | None]:
         return await asyncio.gather(*(watch.running("text_pool") for _ in range(50)))
@@ -113,11 +113,11 @@ def test_concurrent_calls_share_one_read_of_the_running_replicas(monkeypatch):
 
 
 def test_a_failed_read_of_the_running_replicas_keeps_the_last_counts(monkeypatch):
-    from serve_app import ingress
+    from serve_app import status
 
     answers = iter([None, {"text_pool": 2}, None])
-    monkeypatch.setattr(ingress, "running_replicas", lambda: next(answers))
-    watch = ingress.RunningReplicas()
+    monkeypatch.setattr(status, "running_replicas", lambda: next(answers))
+    watch = status.RunningReplicas()
 
     async def three() -> list[int | None]:
         return [await watch.running("text_pool", fresh=True) for _ in range(3)]

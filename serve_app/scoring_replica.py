@@ -1,0 +1,310 @@
+"""What every scoring replica does with the model(s) it holds: admits a call or refuses it at once, checks its
+pairs (cut into windows), batches them with other callers' calls in @serve.batch, prepares on one thread and runs
+the forward on another. replica.py (a pool's own replica) and shared_replica.py (the shared pool's) say which
+model a call is for."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import ray
+from ray import serve
+
+from serve_app import hardware, pools
+from serve_app.errors import InputTooLarge, InvalidInput, Overloaded
+from serve_app.resident import Part, PoolMetrics, Resident, pairs_in
+from serve_app.scoring.types import CallResult, EncodedPair, Pair, PairTooLong, ScoringError, TokenCount, Windows
+from serve_app.settings import PoolSettings
+from serve_app.stats import Throughput
+
+log = logging.getLogger("ray.serve")
+
+
+def unhealthy_because(
+    device_fault: str | None, loaded: bool, started: float, pool_settings: PoolSettings
+) -> str | None:
+    """Why a replica should be replaced, or None while it is fine."""
+    if device_fault is not None:
+        return f"the device failed ({device_fault}); a new process gets a fresh context"
+    retry = pool_settings.load_retry_s
+    if not loaded and retry is not None and time.monotonic() - started > retry:
+        return f"the model did not load; replacing the replica to load it again (load_retry_s={retry})"
+    return None
+
+
+class ScoringReplica:
+    """What every replica does with the model(s) it holds: checks a call, batches it with other callers' calls
+    (of the same model), prepares on one thread and runs the forward pass on another. Subclasses say which
+    model a call is for (`_resident`)."""
+
+    realtime = False
+
+    def _start(self, pool: str, model: str, torch_threads: int | None) -> None:
+        self.placement = hardware.placement()
+        self.device_fault: str | None = None
+        self.started = time.monotonic()
+        self.forward_lock = asyncio.Lock()
+        self.pending_pairs = 0
+        self.last_busy = time.perf_counter()  # when the last batch finished: the forward-cost re-probe waits for quiet
+        self.throughput = Throughput()  # the rate the queue drains at: admission estimates waits with it
+        self.refused = 0
+        self.metrics = PoolMetrics(pool, model)
+        # Every forward pass runs on this one thread, loading and warm-up included: each thread that calls
+        # into torch gets its own OpenMP team, and idle teams spinning beside the busy one cost a CPU replica ~15%.
+        self.torch_threads = pools.set_torch_threads(torch_threads)
+        self.device_thread = ThreadPoolExecutor(
+            1, f"{pool}-device", initializer=pools.set_torch_threads, initargs=(self.torch_threads,)
+        )
+        self.prepare_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{pool}-prepare")
+
+    async def _resident(self) -> Resident:
+        raise NotImplementedError
+
+    def _on_call(self) -> None:
+        """Called at each call, in the replica's event loop (what a subclass starts in the background)."""
+
+    def _check_device(self, pool: str) -> None:
+        if self.device_fault is not None:
+            raise Overloaded(f"a {pool} replica's GPU failed and it is being replaced; retry shortly", 1)
+
+    def _admit(self, pairs: int, admit_by: float | None) -> None:
+        """Overloaded (503) at once when this call's pairs, behind those already queued here, would not be scored
+        by `admit_by` (epoch seconds) at the rate this replica measured under load. Retry-After is when the queue
+        will have drained enough for a fresh request of this size to fit. No measurement yet: admitted."""
+        if admit_by is None or self.realtime:
+            return
+        wait = self.throughput.wait_s(self.pending_pairs + pairs)
+        left = admit_by - time.time()
+        if wait is None or wait <= left:
+            return
+        self.refused += 1
+        self.metrics.refused.inc()
+        rate = self.throughput.pairs_per_s() or 0.0
+        raise Overloaded(
+            f"this replica's queue holds about {wait:.1f} s of work ({self.pending_pairs} pairs queued + {pairs} "
+            f"of this request, at {rate:.0f} pairs/s), more than the {max(left, 0.0):.1f} s the request has before "
+            "its deadline (settings request_timeout_s, admission_wait_fraction); retry after the Retry-After "
+            "seconds, or send fewer documents",
+            max(1, math.ceil(wait - max(left, 0.0))),
+        )
+
+    async def score(
+        self,
+        pairs: list[Pair] | list[EncodedPair],
+        truncate: bool = True,
+        window_stride: int | None = None,
+        admit_by: float | None = None,
+    ) -> CallResult:
+        return await self._score(pairs, truncate, window_stride, admit_by, counted=True)
+
+    async def _score(
+        self,
+        pairs: list[Pair] | list[EncodedPair],
+        truncate: bool = True,
+        window_stride: int | None = None,
+        admit_by: float | None = None,
+        counted: bool = False,
+    ) -> CallResult:
+        """A score per pair, in order, and what they cost. With `window_stride`, a document longer than the
+        model's window is scored as overlapping windows (sharing that many tokens) and gets its best window's
+        score; without, it is truncated (or refused, truncate=False). Bad input fails this call only, before it
+        is batched. With `admit_by` (epoch seconds), a call that could not be scored by then is refused at once
+        (503) instead of waiting for nothing."""
+        arrived = time.perf_counter()
+        resident = await self._resident()  # in the shared pool: perhaps a load, counted as waiting
+        self._on_call()
+        ready = time.perf_counter()
+        resident.last_used = time.monotonic()
+        windows = await self._checked_windows(resident, pairs, truncate, window_stride, counted)
+        windowed = time.perf_counter()
+        self._admit(len(windows.pairs), admit_by)
+        resident.calls += 1
+        results = await self._in_batches(resident.loaded.profile, windows.pairs)
+        # The slowest piece is this call's critical path: its wait for a batch, its preparation, its forward.
+        last = max(results, key=lambda part: part.done)
+        return CallResult(
+            scores=windows.merge([score for part in results for score in part.scores]),
+            pairs=len(windows.pairs),
+            tokens=sum(part.tokens for part in results),
+            split=windows.split,
+            # Cutting documents into windows tokenizes them: tokenization time, not queueing.
+            queue_ms=(ready - arrived + last.started - windowed) * 1000,
+            tokenize_ms=(windowed - ready) * 1000 + last.tokenize_ms,
+            inference_ms=last.inference_ms,
+        )
+
+    async def _checked_windows(
+        self,
+        resident: Resident,
+        pairs: list[Pair] | list[EncodedPair],
+        truncate: bool,
+        window_stride: int | None,
+        counted: bool,
+    ) -> Windows:
+        """The call's pairs as the windows to score, each checked: token ids from the ingress as they are (it
+        tokenized, checked and cut them), text cut into windows with `window_stride` and checked here. A pair
+        the model cannot take fails this call, before anything is batched."""
+        scorer = resident.loaded.scorer
+        encoded = bool(pairs) and isinstance(pairs[0], EncodedPair)
+        if encoded:
+            # Tokenized, checked and cut into windows by the ingress: only padding and forwards are left.
+            if resident.spec is None or not all(isinstance(p, EncodedPair) for p in pairs):
+                raise InvalidInput(f"model {resident.name!r} takes pairs as text, not token ids", "documents")
+            resident.encoded_pairs += len(pairs) if counted else 0
+            return Windows.whole(pairs)
+        resident.tokenized_pairs += len(pairs) if counted else 0
+        try:
+            if window_stride is not None:
+                windows = await asyncio.get_running_loop().run_in_executor(
+                    self.prepare_thread, scorer.expand_windows, pairs, window_stride
+                )
+            else:
+                windows = Windows.whole(pairs)
+            if truncate:
+                scorer.check(windows.pairs, truncate)
+            else:
+                await asyncio.to_thread(scorer.check, windows.pairs, truncate)
+        except PairTooLong as exc:
+            raise InputTooLarge(str(exc), "documents") from None
+        except ScoringError as exc:
+            raise InvalidInput(str(exc), "documents") from None
+        return windows
+
+    async def _in_batches(self, profile, scored: list[Pair]) -> list[Part]:
+        """The pairs scored through the batcher (or, on a realtime replica, each piece as its own batch), in pieces
+        of the model's cap: a call larger than the cap would be refused by the batcher."""
+        cap = profile.max_batch_size
+        pieces = [scored[i : i + cap] for i in range(0, len(scored), cap)]
+        if self.realtime:
+            return [(await self._run([piece]))[0] for piece in pieces]
+        # Nothing queued or running: a batch would only wait for company, so it starts at once. Busy: the
+        # batch forming now waits (the profile's wait) and fills while the device finishes the last one.
+        self._score_batch.set_batch_wait_timeout_s(profile.batch_wait_timeout_s if self.pending_pairs else 0.0)
+        self.pending_pairs += len(scored)
+        self.metrics.queue.set(self.pending_pairs)
+        try:
+            results = await asyncio.gather(*(self._score_batch(piece) for piece in pieces))
+        finally:
+            # Also when the caller is cancelled: its queued pieces leave the batcher unscored.
+            self.pending_pairs -= len(scored)
+            self.metrics.queue.set(self.pending_pairs)
+        for piece in results:
+            if isinstance(piece, Exception):  # this call failed on its own inside a shared batch
+                raise piece
+        return results
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=pairs_in, max_concurrent_batches=2)
+    async def _score_batch(self, calls: list[list[Pair]]) -> list[Part | Exception]:
+        # Serve splits a gathered batch by multiplexed model id: every call here is for one model.
+        try:
+            return await self._run(calls)
+        except Exception:
+            if len(calls) == 1:
+                raise
+            # Never let one caller's pairs fail the others': score each call on its own.
+            log.exception("batch of %d calls failed; scoring them one by one", len(calls))
+            return [await self._run_alone(call) for call in calls]
+
+    async def _run(self, calls: list[list[Pair]]) -> list[Part]:
+        """Prepare (CPU) then forward (device), in pieces of the model's cap (a shared replica's batch may be
+        larger than a small model's cap). Two batches may be in flight: one prepares while the other holds the
+        device, unless overlap_preprocessing is off."""
+        resident = await self._resident()
+        scorer, cap = resident.loaded.scorer, resident.loaded.profile.max_batch_size
+        flat = [pair for call in calls for pair in call]
+        loop = asyncio.get_running_loop()
+        scored, real_tokens = [], 0
+        started = time.perf_counter()
+        tokenize_s = inference_s = 0.0
+        for offset in range(0, len(flat), cap):
+            piece = flat[offset : offset + cap]
+            start = time.perf_counter()
+            try:
+                if resident.settings.overlap_preprocessing:
+                    prepared = await loop.run_in_executor(self.prepare_thread, scorer.prepare, piece)
+                    tokenized = time.perf_counter()
+                    async with self.forward_lock:
+                        forward_start = time.perf_counter()
+                        raw = await loop.run_in_executor(self.device_thread, scorer.forward, prepared)
+                else:
+                    async with self.forward_lock:
+                        prepared = await loop.run_in_executor(self.prepare_thread, scorer.prepare, piece)
+                        tokenized = forward_start = time.perf_counter()
+                        raw = await loop.run_in_executor(self.device_thread, scorer.forward, prepared)
+            except Exception as exc:
+                if hardware.is_device_fault(exc):
+                    self.device_fault = f"{type(exc).__name__}: {str(exc)[:300]}"
+                raise
+            done = time.perf_counter()
+            tokenize_s += tokenized - start
+            inference_s += done - forward_start
+            resident.prepare_s += tokenized - start
+            resident.forward_s += done - forward_start
+            tokens = scorer.tokens(prepared)
+            real_tokens += tokens.real
+            self._record(resident, len(piece), (done - start) * 1000, tokens)
+            scored.extend(scorer.calibrate(raw))
+        done = self.last_busy = time.perf_counter()
+        self.throughput.record(len(flat), started, done)
+        out, offset = [], 0
+        for call in calls:
+            # A batch's tokens are shared out by pairs: exact when the batch is one caller's.
+            share = round(real_tokens * len(call) / len(flat)) if flat else 0
+            out.append(
+                Part(scored[offset : offset + len(call)], share, started, done, tokenize_s * 1000, inference_s * 1000)
+            )
+            offset += len(call)
+        return out
+
+    async def _run_alone(self, call: list[Pair]) -> Part | Exception:
+        try:
+            return (await self._run([call]))[0]
+        except Exception as exc:  # noqa: BLE001 - handed back to that caller only
+            return exc
+
+    def _record(self, resident: Resident, pairs: int, ms: float, tokens: TokenCount) -> None:
+        resident.batches += 1
+        resident.tokens += tokens
+        resident.pairs += pairs
+        resident.largest_batch = max(resident.largest_batch, pairs)
+        resident.batch_sizes.append(pairs)
+        resident.batch_latencies_ms.append(ms)
+        tags = {"model": resident.name}
+        self.metrics.pairs.inc(pairs, tags=tags)
+        self.metrics.batch_pairs.observe(pairs, tags=tags)
+        self.metrics.batch_ms.observe(ms, tags=tags)
+
+    def _where(self) -> dict:
+        return {
+            "replica": serve.get_replica_context().replica_id.unique_id,
+            "node": self.placement.node,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "gpu_kind": self.placement.gpu_kind,
+            "gpu_name": self.placement.gpu_name,
+            "device": self.placement.device,
+            "torch_threads": self.torch_threads,
+            "pid": os.getpid(),
+        }
+
+    def _admission(self) -> dict:
+        """What admission by estimated wait sees: the measured rate, the queue's wait, the calls refused."""
+        rate = self.throughput.pairs_per_s()
+        wait = self.throughput.wait_s(self.pending_pairs)
+        return {
+            "pairs_per_s_under_load": None if rate is None else round(rate, 2),
+            "estimated_wait_s": None if wait is None else round(wait, 3),
+            "refused_calls": self.refused,
+            "rate_window": self.throughput.window(),  # (pairs, service ms) of the batches the rate is taken over
+        }
+
+    def _memory(self, pool: str) -> dict:
+        memory = hardware.memory_stats()
+        self.metrics.memory.set(
+            memory.get("allocated_bytes") or memory.get("rss_bytes") or 0, tags={"kind": memory["device"]}
+        )
+        return memory
