@@ -27,20 +27,12 @@ import pyarrow.parquet as pq
 from pydantic import ValidationError
 
 from serve_app import hardware
-from serve_app.catalog import Catalog, Served
+from serve_app.catalog import Catalog, Served, modality_counts, modality_of
 from serve_app.errors import RerankError
 from serve_app.hardware import Placement
 from serve_app.media import decode_base64, is_url, open_image
-from serve_app.schemas import (
-    STRATEGIES,
-    BulkRow,
-    ContentSpec,
-    RerankJob,
-    Threshold,
-    check_limits,
-    describe_errors,
-    rank,
-)
+from serve_app.ranking import STRATEGIES, Threshold, rank
+from serve_app.schemas import BulkRow, ContentSpec, RerankJob, check_limits, describe_errors
 from serve_app.scoring.types import Content, ModelLoadError, Pair, Score, ScoringError, Windows
 from serve_app.settings import POOLS, PoolSettings, Settings, score_map_path
 
@@ -156,7 +148,7 @@ def content_of(spec: ContentSpec, settings: Settings, field: str, check_images: 
 def pool_of(query: dict, document: dict, pool: str) -> str:
     if pool != "auto":
         return pool
-    return "image_text" if query["image"] or document["image"] else "text"
+    return modality_of(bool(query["image"]), bool(document["image"]))
 
 
 @dataclass(frozen=True)
@@ -172,7 +164,7 @@ def route_row(query: dict, documents: list[dict], model: str | None, options: Op
     """Each document's model, as the service picks it: the row's `model`, else --model, else the default of its
     kind of pair (or of --pool's)."""
     kinds = [pool_of(query, d, options.pool) for d in documents]
-    routes = catalog.route(model or options.model, {kind: kinds.count(kind) for kind in POOLS})
+    routes = catalog.route(model or options.model, modality_counts(kinds))
     return [routes[kind].name for kind in kinds]
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from serve_app import pages, score_fit
-from serve_app.catalog import Catalog, Served
+from serve_app.catalog import Catalog, Served, modality_counts, modality_of
 from serve_app.errors import RerankError
 from serve_app.settings import DEFAULT_TEXT_MODEL, Settings, score_map_path
 
@@ -67,8 +67,7 @@ def read_labels(path: Path) -> list[dict]:
 
 
 def kinds(rows: list[dict]) -> dict[str, int]:
-    image = sum(1 for r in rows if r["query"]["image"] or r["document"]["image"])
-    return {"text": len(rows) - image, "image_text": image}
+    return modality_counts([modality_of(bool(r["query"]["image"]), bool(r["document"]["image"])) for r in rows])
 
 
 def choose_model(rows: list[dict], name: str | None, catalog: Catalog) -> Served:

@@ -14,6 +14,17 @@ from serve_app.settings import POOLS, ModelSettings, PoolSettings, Settings, dep
 SHARED = "shared"  # the key of the shared pool; own pools' keys are "text", "image_text", "model_<name>"
 
 
+def modality_of(query_has_image: bool, document_has_image: bool) -> str:
+    """The one rule for a pair's modality (the ingress, the bulk job, calibrate_scores): an image on either side
+    makes it image_text."""
+    return "image_text" if query_has_image or document_has_image else "text"
+
+
+def modality_counts(modalities: list[str]) -> dict[str, int]:
+    """Pairs per modality, every modality named (what `Catalog.route` takes)."""
+    return {modality: modalities.count(modality) for modality in POOLS}
+
+
 @dataclass(frozen=True)
 class Served:
     """One served model. `modality` picks its batch profile rows, warm-up and probe pairs, and whether it

@@ -8,9 +8,9 @@ import logging
 
 from ray.serve.handle import DeploymentHandle
 
-from serve_app.errors import InputTooLarge, InvalidInput
+from serve_app.errors import as_request_errors
 from serve_app.scoring.text import TextEncoder
-from serve_app.scoring.types import Pair, PairTooLong, ScoringError
+from serve_app.scoring.types import Pair
 
 log = logging.getLogger("ray.serve")
 
@@ -50,9 +50,5 @@ class Encoders:
 
 def encode_call(encoder: TextEncoder, pairs: list[Pair], truncate: bool, stride: int | None):
     """A model's pairs as token ids (windows cut, lengths checked), the way its pool would tokenize them."""
-    try:
+    with as_request_errors():
         return encoder.prepare(pairs, truncate, stride)
-    except PairTooLong as exc:
-        raise InputTooLarge(str(exc), "documents") from None
-    except ScoringError as exc:
-        raise InvalidInput(str(exc), "documents") from None

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from serve_app.scoring.types import PairTooLong, ScoringError
+
 
 class RerankError(Exception):
     """Base: `status` is the HTTP status the ingress answers with; `field` names the input at fault."""
@@ -85,3 +90,15 @@ class ReplicaLost(Overloaded):
 class DeadlineExceeded(RerankError):
     status = 504
     kind = "deadline_exceeded"
+
+
+@contextmanager
+def as_request_errors(field: str = "documents") -> Iterator[None]:
+    """A scoring error as the request's own error, wherever pairs are checked (the ingress tokenizing, a replica
+    checking a call): a pair too long for the model is a 413, any other pair the model cannot take a 422."""
+    try:
+        yield
+    except PairTooLong as exc:
+        raise InputTooLarge(str(exc), field) from None
+    except ScoringError as exc:
+        raise InvalidInput(str(exc), field) from None

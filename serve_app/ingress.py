@@ -17,7 +17,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.api import build_api
-from serve_app.catalog import SHARED, Catalog, Served
+from serve_app.catalog import SHARED, Catalog, Served, modality_counts, modality_of
 from serve_app.encoders import Encoders, encode_call
 from serve_app.errors import (
     DeadlineExceeded,
@@ -25,6 +25,7 @@ from serve_app.errors import (
     ReplicaLost,
 )
 from serve_app.media import load_contents
+from serve_app.ranking import ScoredDocument, rank
 from serve_app.schemas import (
     HealthResponse,
     RerankJob,
@@ -32,17 +33,15 @@ from serve_app.schemas import (
     RerankResponse,
     RerankResult,
     ScoreData,
-    ScoredDocument,
     ScoreRequest,
     ScoreResponse,
     TeiRank,
     TeiRerankRequest,
     check_limits,
-    rank,
 )
 from serve_app.scoring.text import TextEncoder
-from serve_app.scoring.types import CallResult, EncodedPair, Pair, Score
-from serve_app.settings import POOLS, Settings
+from serve_app.scoring.types import CallResult, EncodedPair, Pair, Score, best_windows
+from serve_app.settings import Settings
 from serve_app.status import RunningReplicas, ServiceStatus
 
 log = logging.getLogger("ray.serve")
@@ -226,8 +225,8 @@ class Ingress:
 
     async def _rank_pairs(self, job: RerankJob, deadline: float) -> Ranked:
         check_limits(job, self.settings)
-        kinds = ["image_text" if d.image is not None or job.query.image is not None else "text" for d in job.documents]
-        counts = {pool: kinds.count(pool) for pool in POOLS}
+        kinds = [modality_of(job.query.image is not None, d.image is not None) for d in job.documents]
+        counts = modality_counts(kinds)
         routes = self.catalog.route(job.model, counts)  # before any image is fetched: a wrong name costs nothing
         query, documents = await load_contents(job, self.settings, self.http)
         pairs = [Pair(query, d, job.instruction, job.max_tokens_per_doc) for d in documents]
@@ -270,11 +269,8 @@ class Ingress:
                 response.cancel()
             raise
         # A document cut into windows (here) has several scores: its best window's is its score.
-        best: list[Score | None] = [None] * len(pairs)
-        for (chunk, _), result in zip(calls, results):
-            for i, value in zip(chunk, result.scores):
-                if best[i] is None or value.raw > best[i].raw:
-                    best[i] = value
+        owner = [i for chunk, _ in calls for i in chunk]
+        best = best_windows(owner, [score for result in results for score in result.scores], len(pairs))
         scores = [score or Score(0.0, 0.0) for score in best]
         return Ranked(
             scored=rank(scores, job.threshold, job.top_n),

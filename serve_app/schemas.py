@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from serve_app.errors import InputTooLarge, InvalidInput
-from serve_app.scoring.types import Score
+from serve_app.ranking import STRATEGIES, Strategy, Threshold
 from serve_app.settings import Settings
 
 
@@ -28,26 +28,7 @@ def valid_unicode(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(valid_unicode)]
-Strategy = Literal["strict", "balanced", "explore"]
 Priority = Literal["realtime", "batch"]
-
-
-@dataclass(frozen=True)
-class Threshold:
-    """Keep a result whose calibrated score is above `value` (or equal, when inclusive)."""
-
-    value: float
-    inclusive: bool
-
-    def keeps(self, score: float) -> bool:
-        return score >= self.value if self.inclusive else score > self.value
-
-
-STRATEGIES: dict[str, Threshold] = {
-    "strict": Threshold(0.75, inclusive=False),
-    "balanced": Threshold(0.55, inclusive=True),
-    "explore": Threshold(0.4, inclusive=False),
-}
 
 
 @dataclass(frozen=True)
@@ -72,22 +53,6 @@ class RerankJob:
     priority: Priority | None = None
     model: str | None = None  # a served name or alias; None: the defaults
     windows: bool = True  # a long document as windows (setting long_documents); False: truncation (TEI)
-
-
-@dataclass(frozen=True)
-class ScoredDocument:
-    index: int
-    relevance_score: float
-    raw_score: float
-
-
-def rank(scores: Sequence[Score], threshold: Threshold | None, top_n: int | None) -> list[ScoredDocument]:
-    """A score per document -> kept by the threshold, best first (ties by index), cut to top_n."""
-    ranked = [ScoredDocument(i, score.relevance, score.raw) for i, score in enumerate(scores)]
-    if threshold is not None:
-        ranked = [s for s in ranked if threshold.keeps(s.relevance_score)]
-    ranked.sort(key=lambda s: (-s.relevance_score, s.index))
-    return ranked[:top_n] if top_n is not None else ranked
 
 
 def check_limits(job: RerankJob, settings: Settings) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from serve_app.schemas import STRATEGIES, Threshold
+from serve_app.ranking import STRATEGIES, Threshold
 
 PROB_FLOOR = 1e-4  # isotonic knots are kept in [PROB_FLOOR, 1 - PROB_FLOOR]: a finite log-loss on new data
 MIN_SLOPE = 1e-6  # Platt slope floor, in units of 1 / std(raw): keeps the map increasing (see platt_fit)
@@ -294,7 +294,7 @@ def expected_calibration_error(probs: Any, labels: Any, bins: int = 10) -> float
 
 
 def precision_recall_at(probs: Any, labels: Any, threshold: float, inclusive: bool) -> tuple[float, float]:
-    """(precision, recall) keeping p >= threshold (inclusive) or p > threshold, as `schemas.Threshold` does.
+    """(precision, recall) keeping p >= threshold (inclusive) or p > threshold, as `ranking.Threshold` does.
     Precision is NaN when nothing is kept, recall NaN when there are no positives."""
     p, y = _probs_labels(probs, labels)
     kept = p >= threshold if inclusive else p > threshold

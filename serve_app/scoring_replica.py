@@ -16,9 +16,9 @@ import ray
 from ray import serve
 
 from serve_app import hardware, pools
-from serve_app.errors import InputTooLarge, InvalidInput, Overloaded
+from serve_app.errors import InvalidInput, Overloaded, as_request_errors
 from serve_app.resident import Part, PoolMetrics, Resident, pairs_in
-from serve_app.scoring.types import CallResult, EncodedPair, Pair, PairTooLong, ScoringError, TokenCount, Windows
+from serve_app.scoring.types import CallResult, EncodedPair, Pair, TokenCount, Windows
 from serve_app.settings import PoolSettings
 from serve_app.stats import Throughput
 
@@ -158,7 +158,7 @@ class ScoringReplica:
             resident.encoded_pairs += len(pairs) if counted else 0
             return Windows.whole(pairs)
         resident.tokenized_pairs += len(pairs) if counted else 0
-        try:
+        with as_request_errors():
             if window_stride is not None:
                 windows = await asyncio.get_running_loop().run_in_executor(
                     self.prepare_thread, scorer.expand_windows, pairs, window_stride
@@ -169,10 +169,6 @@ class ScoringReplica:
                 scorer.check(windows.pairs, truncate)
             else:
                 await asyncio.to_thread(scorer.check, windows.pairs, truncate)
-        except PairTooLong as exc:
-            raise InputTooLarge(str(exc), "documents") from None
-        except ScoringError as exc:
-            raise InvalidInput(str(exc), "documents") from None
         return windows
 
     async def _in_batches(self, profile, scored: list[Pair]) -> list[Part]:

@@ -16,7 +16,7 @@ import pytest
 
 from serve_app.bulk import Options, RowError, parse_row, run
 from serve_app.errors import InputTooLarge, InvalidInput
-from serve_app.schemas import STRATEGIES, Threshold
+from serve_app.ranking import STRATEGIES, Threshold
 from serve_app.settings import Settings
 from tests.conftest import BulkJob, b64, bulk_settings, noise_image, processes_naming
 

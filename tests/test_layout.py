@@ -82,8 +82,8 @@ LAYERS = [
     ["scoring.cross_encoder", "scoring.embedding", "scoring.dual_encoder", "scoring.blip_itm", "scoring.yes_no"],
     ["scoring.family", "hardware", "score_fit"],
     ["scoring.batching", "scoring.graphs", "schemas", "media", "catalog"],
-    ["scoring.text"],
-    ["scoring.types", "settings", "errors", "stats", "ports", "scoring", "local_ray", "routing"],
+    ["scoring.text", "errors", "ranking"],
+    ["scoring.types", "settings", "stats", "ports", "scoring", "local_ray", "routing"],
     ["pages"],
 ]
 PACKAGE = Path(__file__).resolve().parent.parent / "serve_app"

@@ -8,7 +8,7 @@ fills, the request has the shape the API takes (strategy, raw_scores, no model),
 (data-index order, data-score, 3-decimal scores) is the stand-in's, with the balanced threshold line drawn over the
 bars at 0.55 and the time taken in #elapsed; the key is not stored in localStorage, cookies or the URL; an added
 document row with an image goes out as {"text", "image": data URI} and comes back as a thumbnail. A screenshot of
-the ranked page goes to $PLAYGROUND_SCREENSHOT.
+the page ranking with the default model's real weights goes to $PLAYGROUND_SCREENSHOT.
 
 Chromium and chromedriver must be installed (Debian: apt-get install chromium chromium-driver; `make chromium`):
 a missing binary fails here rather than skipping.
@@ -42,7 +42,7 @@ from serve_app.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "serve_app" / "static" / "playground.html"
-# The README's picture: PLAYGROUND_SCREENSHOT=bench/results/playground.png renews it; by default a temporary file.
+# docs/api.md's picture: PLAYGROUND_SCREENSHOT=bench/results/playground.png renews it; by default a temporary file.
 SCREENSHOT = Path(os.environ.get("PLAYGROUND_SCREENSHOT", Path(tempfile.gettempdir()) / "playground.png"))
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -287,6 +287,29 @@ def test_the_page_ranks_through_the_service(browser, apps, guarded):
     assert [i for i, _ in shown] == [i for i, _ in expected]
     assert [s for _, s in shown] == pytest.approx([s for _, s in expected], abs=1e-9)
     assert re.fullmatch(r"\d+ ms", browser.find_element(By.ID, "elapsed").text)
+
+
+def test_the_screenshot_shows_the_default_models_real_ranking(browser, apps, beta):
+    """The picture in docs/api.md: the page on `beta`, whose text model is the default one with its real weights
+    (packaged), ranking the README's request. The answer ranks first, as the service ranks it."""
+    query = "What is the capital of France?"
+    documents = [
+        "Paris is the capital and largest city of France.",
+        "The Eiffel Tower was finished in 1889.",
+        "Bananas are rich in potassium.",
+    ]
+    wait = open_page(browser, f"{apps['beta']}/playground")
+    wait.until(lambda d: len(model_options(d)) > 1)
+    fill(browser, query, documents)
+    browser.find_element(By.ID, "rank").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#results .result") or d.find_element(By.ID, "error").text)
+    assert not browser.find_element(By.ID, "error").is_displayed(), browser.find_element(By.ID, "error").text
+    shown = [
+        int(item.get_attribute("data-index")) for item in browser.find_elements(By.CSS_SELECTOR, "#results .result")
+    ]
+    body = {"query": query, "documents": documents}
+    assert shown == [r["index"] for r in beta.post("/v2/rerank", json=body).json()["results"]]
+    assert shown[0] == 0 and len(shown) == 3, "the real default model ranks the answer first"
     browser.execute_script("window.scrollTo(0, 0)")
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     assert browser.save_screenshot(str(SCREENSHOT))

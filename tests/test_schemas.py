@@ -8,14 +8,8 @@ import pytest
 from pydantic import ValidationError
 
 from serve_app.errors import InvalidInput
-from serve_app.schemas import (
-    STRATEGIES,
-    ContentIn,
-    ContentSpec,
-    RerankRequest,
-    TeiRerankRequest,
-    Threshold,
-)
+from serve_app.ranking import STRATEGIES, Threshold
+from serve_app.schemas import ContentIn, ContentSpec, RerankRequest, TeiRerankRequest
 from serve_app.settings import DEPLOY_DIR, Settings
 
 TEMPLATES = {"answers_question": "Judge whether the document answers the question.", "same_topic": "Same topic?"}

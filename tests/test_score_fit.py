@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from serve_app.schemas import STRATEGIES
+from serve_app.ranking import STRATEGIES
 from serve_app.score_fit import (
     ScoreMap,
     expected_calibration_error,

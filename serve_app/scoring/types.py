@@ -145,13 +145,19 @@ class Windows:
         return cls(list(pairs), list(range(len(pairs))), 0, len(pairs))
 
     def merge(self, scores: Sequence[Score]) -> list[Score]:
-        """Each original pair's score: its best window's (the calibrated map is monotone: the best raw is the
-        best relevance)."""
-        best: list[Score | None] = [None] * self.count
-        for i, score in zip(self.owner, scores):
-            if best[i] is None or score.raw > best[i].raw:
-                best[i] = score
-        return best  # type: ignore[return-value]
+        """Each original pair's score: its best window's."""
+        return best_windows(self.owner, scores, self.count)  # type: ignore[return-value]
+
+
+def best_windows(owner: Sequence[int], scores: Sequence[Score], count: int) -> list[Score | None]:
+    """The one best-window merge (a replica's windows, the ingress' windows spread over calls): per original pair
+    0..count-1, the best score of the windows it owns; None for a pair that owns none. The calibrated map is
+    monotone, so the best raw score is the best relevance."""
+    best: list[Score | None] = [None] * count
+    for i, score in zip(owner, scores):
+        if best[i] is None or score.raw > best[i].raw:
+            best[i] = score
+    return best
 
 
 @dataclass(frozen=True)
