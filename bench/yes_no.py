@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
             rates[mode].append(count / seconds)
             log.info("round %d %s: %.1f pairs/s", round_, mode, count / seconds)
     ratios = [r / p for r, p in zip(rates["reuse"], rates["plain"])]
-    where = loaded["reuse"].placement
+    where = loaded["reuse"].device
     result = {
         "date": datetime.date.today().isoformat(),
         "command": " ".join(["python -m bench.yes_no", *(sys.argv[1:] if argv is None else argv)]),

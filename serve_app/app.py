@@ -11,7 +11,7 @@ from serve_app.hardware import load_profile_rows
 from serve_app.ingress import Ingress
 from serve_app.replica import PoolReplica
 from serve_app.routing import SpreadRouter
-from serve_app.settings import POOLS, Settings, replica_options
+from serve_app.settings import MODALITIES, Settings, replica_options
 from serve_app.shared_replica import SharedReplica
 
 
@@ -19,7 +19,7 @@ def bind_pools(settings: Settings, realtime: bool) -> dict[str, Application | No
     """One deployment per own-placed model (or per such model with realtime replicas, for the realtime variant),
     by key: "text", "image_text", "model_<name>". A disabled default pool is there as None."""
     profiles = load_profile_rows(settings.batch_profiles_path)
-    bound: dict[str, Application | None] = dict.fromkeys(POOLS)
+    bound: dict[str, Application | None] = dict.fromkeys(MODALITIES)
     for served in Catalog(settings).models:
         pool_settings = served.settings
         if served.placement != "own" or (realtime and pool_settings.realtime_replicas == 0):

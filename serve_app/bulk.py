@@ -29,12 +29,12 @@ from pydantic import ValidationError
 from serve_app import hardware
 from serve_app.catalog import Catalog, Served, modality_counts, modality_of
 from serve_app.errors import RerankError
-from serve_app.hardware import Placement
+from serve_app.hardware import Device
 from serve_app.media import decode_base64, is_url, open_image
 from serve_app.ranking import STRATEGIES, Threshold, rank
 from serve_app.schemas import BulkRow, ContentSpec, RerankJob, check_limits, describe_errors
 from serve_app.scoring.types import Content, ModelLoadError, Pair, Score, ScoringError, Windows
-from serve_app.settings import POOLS, PoolSettings, Settings, score_map_path
+from serve_app.settings import MODALITIES, PoolSettings, Settings, score_map_path
 
 log = logging.getLogger("serve_app.bulk")
 
@@ -250,7 +250,7 @@ def expand(
 def served_model(name: str, settings: Settings) -> Served:
     """A served model by name; a pool's name ("text", "image_text") stands for that pool's default."""
     catalog = Catalog(settings)
-    return catalog.defaults[name] if name in POOLS and name in catalog.defaults else catalog.find(name)
+    return catalog.defaults[name] if name in MODALITIES and name in catalog.defaults else catalog.find(name)
 
 
 class PairScorer:
@@ -506,7 +506,7 @@ def batch_size_for(pool: str, pool_settings: PoolSettings, settings: Settings) -
         kinds = [key.split(":", 1)[1] for key in ray.cluster_resources() if key.startswith("accelerator_type:")]
         kind, device = pool_settings.accelerator_type or (kinds[0] if kinds else "cpu"), "cuda:0"
     rows = hardware.load_profile_rows(settings.batch_profiles_path)
-    where = Placement(device, node="", gpu_kind=kind, gpu_name=None)
+    where = Device(device, node="", gpu_kind=kind, gpu_name=None)
     profile = hardware.choose_profile(rows, where, pool, pool_settings)
     # A kind with no row: its actors derive their cap from the card; they are handed the fallback's batches.
     return profile.overridden(pool_settings.max_batch_size, None).max_batch_size

@@ -35,7 +35,7 @@ from serve_app import hardware, pools
 from serve_app.hardware import ProfileRow
 from serve_app.scoring.batching import truncate_to_tokens
 from serve_app.scoring.types import Content, Pair, Scorer
-from serve_app.settings import POOLS, Settings
+from serve_app.settings import MODALITIES, Settings
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +81,9 @@ class Machine:
 
 def this_machine(loaded: pools.PoolScorer) -> Machine:
     """The device the pool's scorer loaded on, in the dtype it computes in (the profile's, or the pool's)."""
-    where = loaded.placement
-    if where.device.startswith("cuda"):
-        return Machine(where.device, where.gpu_kind, where.gpu_name or where.gpu_kind, loaded.profile.dtype)
+    where = loaded.device
+    if where.torch_device.startswith("cuda"):
+        return Machine(where.torch_device, where.gpu_kind, where.gpu_name or where.gpu_kind, loaded.profile.dtype)
     return Machine("cpu", "cpu", f"{cpu_name()} ({torch.get_num_threads()} threads)", loaded.profile.dtype)
 
 
@@ -130,7 +130,7 @@ def noise_image(seed: int, size: int = IMAGE_SIZE):
     return Image.frombytes("RGB", (size, size), random.Random(seed).randbytes(size * size * 3))
 
 
-def synthetic_pairs(pool: str, scorer: Scorer, count: int, tokens: int, seed: int = 0) -> list[Pair]:
+def synthetic_pairs(modality: str, scorer: Scorer, count: int, tokens: int, seed: int = 0) -> list[Pair]:
     """`count` distinct pairs (no family can share work between them).
 
     text: query (1/8 of the tokens) + document, about `tokens` tokens with the special tokens.
@@ -140,7 +140,7 @@ def synthetic_pairs(pool: str, scorer: Scorer, count: int, tokens: int, seed: in
     max_length = scorer.info.max_length
     rng = random.Random(seed)
     pairs = []
-    if pool == "text":
+    if modality == "text":
         if tokens > max_length:
             log.warning("--tokens %d exceeds the model's %d; pairs are truncated to it", tokens, max_length)
         query_tokens = max(2, tokens // 8)
@@ -387,7 +387,7 @@ def parse_sizes(text: str) -> list[int]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m serve_app.calibrate", description=__doc__.splitlines()[0])
-    parser.add_argument("--pool", choices=POOLS, required=True)
+    parser.add_argument("--pool", choices=MODALITIES, required=True)
     parser.add_argument("--model", help="model id or directory (default: the pool's model in Settings)")
     parser.add_argument("--batch-sizes", type=parse_sizes, help="comma list (default: 1..1024 GPU, 1..64 CPU)")
     parser.add_argument("--tokens", type=int, default=128, help="text tokens per pair (default 128)")
@@ -467,7 +467,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings()
-    pool_settings = settings.pool(args.pool)
+    pool_settings = settings.default_model(args.pool)
     if args.model:
         pool_settings = pool_settings.model_copy(update={"model": args.model})
     model = pool_settings.model

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from serve_app.errors import InvalidInput, ModelNotFound, PoolUnavailable
-from serve_app.settings import POOLS, ModelSettings, PoolSettings, Settings, deployment_key, env_name
+from serve_app.settings import MODALITIES, ModelSettings, PoolSettings, Settings, deployment_key, env_name
 
 SHARED = "shared"  # the key of the shared pool; own pools' keys are "text", "image_text", "model_<name>"
 
@@ -22,7 +22,7 @@ def modality_of(query_has_image: bool, document_has_image: bool) -> str:
 
 def modality_counts(modalities: list[str]) -> dict[str, int]:
     """Pairs per modality, every modality named (what `Catalog.route` takes)."""
-    return {modality: modalities.count(modality) for modality in POOLS}
+    return {modality: modalities.count(modality) for modality in MODALITIES}
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,8 @@ class Served:
 def served_models(settings: Settings) -> list[Served]:
     """Every enabled model: the two defaults first, then the named ones in settings order."""
     served = []
-    for pool in POOLS:
-        model = settings.pool(pool)
+    for pool in MODALITIES:
+        model = settings.default_model(pool)
         if model.enabled:
             served.append(Served(model.served_name(), tuple(model.aliases), pool, "own", pool, model, True))
     for model in settings.models:

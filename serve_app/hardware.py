@@ -41,8 +41,10 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
-class Placement:
-    device: str
+class Device:
+    """Where a replica computes: the torch device ("cuda:0" or "cpu"), its node, and the kind of card."""
+
+    torch_device: str
     node: str
     gpu_kind: str  # Ray accelerator type name (A10G, H100 ...), or "cpu"
     gpu_name: str | None  # what CUDA calls the card, when there is one
@@ -99,7 +101,7 @@ def declared_accelerator() -> str | None:
     return None
 
 
-def placement() -> Placement:
+def this_device() -> Device:
     """CUDA when Ray gave this process a GPU, else the CPU; the GPU kind from the card or the node's resource.
 
     Ray narrows CUDA_VISIBLE_DEVICES to the replica's own GPU, so `cuda:0` is the assigned card.
@@ -109,8 +111,8 @@ def placement() -> Placement:
     node = socket.gethostname()
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name(0)
-        return Placement("cuda:0", node, gpu_kind_of(name), name)
-    return Placement("cpu", node, declared_accelerator() or "cpu", None)
+        return Device("cuda:0", node, gpu_kind_of(name), name)
+    return Device("cpu", node, declared_accelerator() or "cpu", None)
 
 
 @dataclass(frozen=True)
@@ -141,13 +143,13 @@ def load_profile_rows(path: Path) -> list[ProfileRow]:
     return read_rows(calibrated_path(path)) + read_rows(path)
 
 
-def lookup_profile(rows: list[ProfileRow], gpu_kind: str, pool: str, model: str) -> BatchProfile | None:
-    """The most specific row for (GPU kind, pool, model), or None when the kind has no row."""
+def lookup_profile(rows: list[ProfileRow], gpu_kind: str, modality: str, model: str) -> BatchProfile | None:
+    """The most specific row for (GPU kind, modality, model), or None when the kind has no row."""
     matches = [
         row
         for row in rows
         if row.gpu.lower() == gpu_kind.lower()
-        and row.pool == pool
+        and row.pool == modality
         and (row.model is None or fnmatch.fnmatch(model, row.model))
     ]
     if not matches:
@@ -158,14 +160,14 @@ def lookup_profile(rows: list[ProfileRow], gpu_kind: str, pool: str, model: str)
     return BatchProfile(row.max_batch_size, row.batch_wait_timeout_s, row.dtype, f"table: {where}")
 
 
-def choose_profile(rows: list[ProfileRow], where: Placement, pool: str, pool_settings: PoolSettings) -> BatchProfile:
+def choose_profile(rows: list[ProfileRow], where: Device, modality: str, pool_settings: PoolSettings) -> BatchProfile:
     """The table row for this GPU kind, the CPU row on a CPU node, or a marker ("derive") for a GPU
     kind with no row: its cap is measured once the model is loaded. dtype: the pool's setting, else the
     row's on a GPU, float32 on the CPU."""
-    on_gpu = where.device.startswith("cuda")
-    found = lookup_profile(rows, where.gpu_kind, pool, pool_settings.model)
+    on_gpu = where.torch_device.startswith("cuda")
+    found = lookup_profile(rows, where.gpu_kind, modality, pool_settings.model)
     if found is None and not on_gpu:
-        cpu = lookup_profile(rows, "cpu", pool, pool_settings.model) or BatchProfile(8, 0.005, "float32", "default")
+        cpu = lookup_profile(rows, "cpu", modality, pool_settings.model) or BatchProfile(8, 0.005, "float32", "default")
         found = BatchProfile(
             cpu.max_batch_size, cpu.batch_wait_timeout_s, "float32", f"{cpu.source} (no row for {where.gpu_kind})"
         )

@@ -231,8 +231,8 @@ class Ingress:
         query, documents = await load_contents(job, self.settings, self.http)
         pairs = [Pair(query, d, job.instruction, job.max_tokens_per_doc) for d in documents]
         priority = job.priority or self.settings.default_priority
-        windows = job.windows and job.truncate and self.settings.long_documents == "windows"
-        stride = self.settings.window_stride_tokens if windows else None
+        split_long = job.split_long_documents and job.truncate and self.settings.long_documents == "windows"
+        stride = self.settings.window_stride_tokens if split_long else None
         by_model: dict[str, list[int]] = {}
         for i, kind in enumerate(kinds):
             by_model.setdefault(routes[kind].name, []).append(i)

@@ -1,4 +1,4 @@
-"""A pool's scorer, loaded one way for the replica, the bulk job and calibrate: placement, batch profile,
+"""A pool's scorer, loaded one way for the replica, the bulk job and calibrate: device, batch profile,
 load options, derived cap, warm-up and the measured cost of one more forward pass."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from serve_app import hardware
-from serve_app.hardware import BatchProfile, Placement, ProfileRow
+from serve_app.hardware import BatchProfile, Device, ProfileRow
 from serve_app.score_fit import FittedMap, ScoreMap
 from serve_app.scoring.batching import BUCKET
 from serve_app.scoring.family import CPU_MAX_TOKENS_PER_FORWARD, LoadOptions
@@ -36,36 +36,36 @@ class PoolScorer:
     """A loaded pool scorer and how it batches: `profile` is final (derived where the card has no row,
     the pool's own cap and wait applied)."""
 
-    placement: Placement
+    device: Device
     profile: BatchProfile
     scorer: Scorer
 
 
 def load_pool(
-    pool: str,
+    modality: str,
     pool_settings: PoolSettings,
     profiles: list[ProfileRow],
     cache_dir: Path,
     warm_up: bool = True,
-    where: Placement | None = None,
+    where: Device | None = None,
     name: str | None = None,
     fitted_map: bool = True,
 ) -> PoolScorer:
     """The one way to load a pool's scorer (`name`: the model's served name, which finds its fitted score map).
     Raises ModelLoadError when the model cannot load."""
     set_torch_threads(pool_settings.torch_threads)
-    where = where or hardware.placement()
-    profile = hardware.choose_profile(profiles, where, pool, pool_settings)
+    where = where or hardware.this_device()
+    profile = hardware.choose_profile(profiles, where, modality, pool_settings)
     options = load_options(pool_settings, where, profile, cache_dir)
     if fitted_map:  # off: the family's own map (or the `calibration` setting), as calibrate_scores' "before"
         options.calibration = calibration(pool_settings, name or pool_settings.served_name())
     scorer = load_scorer(pool_settings.model, options)
     if profile.source.startswith("derive"):
-        profile = derive_profile(scorer, pool, profile, where)
+        profile = derive_profile(scorer, modality, profile, where)
     profile = profile.overridden(pool_settings.max_batch_size, pool_settings.batch_wait_timeout_s)
     if warm_up:
-        warm_up_shapes(scorer, pool, where, profile.max_batch_size)
-    tune_forward_cost(scorer, pool, pool_settings, profile.max_batch_size)
+        warm_up_shapes(scorer, modality, where, profile.max_batch_size)
+    tune_forward_cost(scorer, modality, pool_settings, profile.max_batch_size)
     return PoolScorer(where, profile, scorer)
 
 
@@ -76,11 +76,11 @@ def set_torch_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
-def load_options(pool_settings: PoolSettings, where: Placement, profile: BatchProfile, cache_dir: Path) -> LoadOptions:
-    on_gpu = where.device.startswith("cuda")
+def load_options(pool_settings: PoolSettings, where: Device, profile: BatchProfile, cache_dir: Path) -> LoadOptions:
+    on_gpu = where.torch_device.startswith("cuda")
     calibration = pool_settings.calibration
     return LoadOptions(
-        device=where.device,
+        device=where.torch_device,
         dtype=profile.torch_dtype(),
         max_tokens_per_forward=pool_settings.max_tokens_per_forward or (None if on_gpu else CPU_MAX_TOKENS_PER_FORWARD),
         calibration=calibration and Logistic(calibration.scale, calibration.shift),
@@ -135,30 +135,30 @@ def describe_calibration(scorer: Scorer) -> dict:
     return {"kind": kind, "map": repr(calibrator)}
 
 
-def derive_profile(scorer: Scorer, pool: str, profile: BatchProfile, where: Placement) -> BatchProfile:
+def derive_profile(scorer: Scorer, modality: str, profile: BatchProfile, where: Device) -> BatchProfile:
     """A GPU kind without a row: fit the activations of one probe batch at full length into the free memory."""
     torch.cuda.synchronize()
     hardware.reset_peak_memory()
     before = torch.cuda.memory_allocated()
-    scorer.score(synthetic_pairs(pool, DERIVE_PROBE_PAIRS, scorer.info.max_length))
+    scorer.score(synthetic_pairs(modality, DERIVE_PROBE_PAIRS, scorer.info.max_length))
     per_pair = (torch.cuda.max_memory_allocated() - before) / DERIVE_PROBE_PAIRS
     free, _ = torch.cuda.mem_get_info()
     cap = hardware.derive_max_batch_size(free, per_pair)
     tokens = scorer.info.max_length
     source = f"derived: {free / 2**30:.1f} GiB free, {per_pair / 2**20:.1f} MiB/pair at {tokens} tokens"
-    log.info("pool %s on %s: %s -> max batch %d", pool, where.gpu_kind, source, cap)
+    log.info("%s pool on %s: %s -> max batch %d", modality, where.gpu_kind, source, cap)
     return BatchProfile(cap, profile.batch_wait_timeout_s, profile.dtype, source)
 
 
-def warm_up_shapes(scorer: Scorer, pool: str, where: Placement, max_batch_size: int) -> None:
+def warm_up_shapes(scorer: Scorer, modality: str, where: Device, max_batch_size: int) -> None:
     """Run the shapes a replica will meet once, so no request pays for kernel selection.
 
     On a GPU: every length bucket at every power-of-two batch size up to the cap. On the CPU
     one batch at the cap is enough (no per-shape kernels to pick).
     """
     start = time.perf_counter()
-    if not where.device.startswith("cuda"):
-        scorer.score(synthetic_pairs(pool, max_batch_size, 8))
+    if not where.torch_device.startswith("cuda"):
+        scorer.score(synthetic_pairs(modality, max_batch_size, 8))
     else:
         widths = range(BUCKET, min(scorer.info.max_length, WARM_UP_MAX_TOKENS) + 1, BUCKET)
         # Rows are padded to powers of two: up to the first one at or above the cap.
@@ -166,28 +166,28 @@ def warm_up_shapes(scorer: Scorer, pool: str, where: Placement, max_batch_size: 
         for width in widths:
             for size in sizes:
                 # "query" + the words + 2 digits + 3 special tokens: `width` tokens for a BERT cross-encoder.
-                scorer.score(synthetic_pairs(pool, size, width - 6))
-    log.info("pool %s warmed up in %.1f s", pool, time.perf_counter() - start)
+                scorer.score(synthetic_pairs(modality, size, width - 6))
+    log.info("%s pool warmed up in %.1f s", modality, time.perf_counter() - start)
 
 
-def probe_pair(pool: str) -> Pair:
-    """The small real pair /health scores through a pool."""
-    if pool == "image_text":
+def probe_pair(modality: str) -> Pair:
+    """The small real pair /health scores through a pool of this modality."""
+    if modality == "image_text":
         return Pair(Content(text="a grey square"), Content(image=Image.new("RGB", (32, 32), (128, 128, 128))))
     return Pair(Content(text="health check"), Content(text="the service is scoring pairs"))
 
 
-def synthetic_pairs(pool: str, count: int, words: int) -> list[Pair]:
+def synthetic_pairs(modality: str, count: int, words: int) -> list[Pair]:
     """Distinct pairs of equal length, about `words` tokens, for warm-up and probes (the tokenizer truncates
     the excess). Distinct, since bi-encoders embed each distinct text of a batch once."""
     text = " ".join(["relevance"] * max(1, words))
-    if pool == "image_text":
+    if modality == "image_text":
         image = Image.new("RGB", (224, 224), (90, 120, 150))
         return [Pair(Content(text=f"{text} {i // 10 % 10} {i % 10}"), Content(image=image)) for i in range(count)]
     return [Pair(Content(text="query"), Content(text=f"{text} {i // 10 % 10} {i % 10}")) for i in range(count)]
 
 
-def tune_forward_cost(scorer: Scorer, pool: str, pool_settings: PoolSettings, max_batch_size: int) -> int:
+def tune_forward_cost(scorer: Scorer, modality: str, pool_settings: PoolSettings, max_batch_size: int) -> int:
     """Set the scorer's forward_cost_tokens: the pool's setting, else measured (text pools), else left as is.
 
     Measured as the time of a short one-pair forward over the time per token of a large one: what a cut
@@ -195,15 +195,17 @@ def tune_forward_cost(scorer: Scorer, pool: str, pool_settings: PoolSettings, ma
     """
     if pool_settings.forward_cost_tokens is not None:
         scorer.options.forward_cost_tokens = pool_settings.forward_cost_tokens
-    elif (batch := forward_cost_probe_pairs(scorer, pool, pool_settings, max_batch_size)) is not None:
+    elif (batch := forward_cost_probe_pairs(scorer, modality, pool_settings, max_batch_size)) is not None:
         scorer.options.forward_cost_tokens = measure_forward_cost_tokens(scorer, batch)
     return scorer.options.forward_cost_tokens
 
 
-def forward_cost_probe_pairs(scorer: Scorer, pool: str, pool_settings: PoolSettings, max_batch_size: int) -> int | None:
+def forward_cost_probe_pairs(
+    scorer: Scorer, modality: str, pool_settings: PoolSettings, max_batch_size: int
+) -> int | None:
     """Pairs in the forward-cost probe's large forward; None where the cost is not measured (set in the pool's
     settings, or not a text pool)."""
-    if pool_settings.forward_cost_tokens is not None or pool != "text":
+    if pool_settings.forward_cost_tokens is not None or modality != "text":
         return None
     # A GPU needs a full batch to show a per-token cost (smaller ones are launch-bound); a CPU shows it in a few
     # pairs, and a full batch of a MiniLM-sized model would cost a CPU replica's start (or an on-demand load in

@@ -81,7 +81,7 @@ class PoolReplica(ScoringReplica):
 
     def __init__(
         self,
-        pool: str,
+        modality: str,
         pool_settings: PoolSettings,
         cache_dir: Path,
         profiles: list[ProfileRow],
@@ -90,25 +90,25 @@ class PoolReplica(ScoringReplica):
         key: str | None = None,
         set_where: str | None = None,
     ) -> None:
-        self.pool = pool
-        self.key = key or pool
+        self.modality = modality
+        self.pool = key or modality  # the pool: "text", "image_text" or "model_<name>"
         self.name = name or pool_settings.served_name()
         self.pool_settings = pool_settings
         self.realtime = realtime
         self.load_error: str | None = None
-        self._start(pool, self.name, pool_settings.torch_threads)
+        self._start(modality, self.name, pool_settings.torch_threads)
         self.resident: Resident | None = None
         self.refining: asyncio.Task | None = None
         try:
             start = time.perf_counter()
             loaded = self.device_thread.submit(
-                pools.load_pool, pool, pool_settings, profiles, cache_dir, where=self.placement, name=self.name
+                pools.load_pool, modality, pool_settings, profiles, cache_dir, where=self.device, name=self.name
             ).result()
-            self.resident = Resident(self.name, pool, pool_settings, loaded, time.perf_counter() - start)
+            self.resident = Resident(self.name, modality, pool_settings, loaded, time.perf_counter() - start)
         except ModelLoadError as exc:
             # The service stays up without this pool; /health and /v1/models say why.
-            self.load_error = f"{exc}. Set {set_where or env_name(pool, 'model')} to a local model directory."
-            log.error("pool %s unavailable: %s", self.key, self.load_error)
+            self.load_error = f"{exc}. Set {set_where or env_name(modality, 'model')} to a local model directory."
+            log.error("pool %s unavailable: %s", self.pool, self.load_error)
 
     @property
     def loaded(self) -> pools.PoolScorer | None:
@@ -119,7 +119,7 @@ class PoolReplica(ScoringReplica):
         and one whose model did not load, after load_retry_s, so that the new replica loads it again."""
         reason = unhealthy_because(self.device_fault, self.resident is not None, self.started, self.pool_settings)
         if reason:
-            log.error("pool %s replica unhealthy: %s", self.key, reason)
+            log.error("pool %s replica unhealthy: %s", self.pool, reason)
             raise RuntimeError(reason)
 
     def reconfigure(self, user_config: dict) -> None:
@@ -134,9 +134,9 @@ class PoolReplica(ScoringReplica):
         self._score_batch.set_batch_wait_timeout_s(0.0 if self.realtime else loaded.profile.batch_wait_timeout_s)
 
     async def _resident(self) -> Resident:
-        self._check_device(self.key)
+        self._check_device(self.pool)
         if self.resident is None:
-            raise PoolUnavailable(f"the {self.key} pool is unavailable: {self.load_error}")
+            raise PoolUnavailable(f"the {self.pool} pool is unavailable: {self.load_error}")
         return self.resident
 
     def _on_call(self) -> None:
@@ -150,7 +150,7 @@ class PoolReplica(ScoringReplica):
         REFINE_MAX_INTERRUPTED times."""
         loaded = resident.loaded
         pairs = pools.forward_cost_probe_pairs(
-            loaded.scorer, self.pool, self.pool_settings, loaded.profile.max_batch_size
+            loaded.scorer, self.modality, self.pool_settings, loaded.profile.max_batch_size
         )
         if pairs is None or self.realtime:
             resident.forward_cost_settled = True
@@ -178,7 +178,7 @@ class PoolReplica(ScoringReplica):
         try:
             await remeasure_when_quiet(measure, busy, resident.forward_cost_samples, apply)
         except Exception:  # noqa: BLE001 - the start-up measurement stays; scoring is not affected
-            log.exception("pool %s: measuring the forward cost again failed", self.key)
+            log.exception("pool %s: measuring the forward cost again failed", self.pool)
         finally:
             resident.forward_cost_settled = True
 
@@ -187,14 +187,14 @@ class PoolReplica(ScoringReplica):
     async def probe(self) -> float:
         """Score one small real pair through the scoring path; milliseconds taken."""
         start = time.perf_counter()
-        await self._score([pools.probe_pair(self.pool)])  # not counted: the pairs counters are callers' pairs
+        await self._score([pools.probe_pair(self.modality)])  # not counted: the pairs counters are callers' pairs
         return (time.perf_counter() - start) * 1000
 
     def tokenizer_spec(self):
         """The model's tokenizing as plain data (scoring.text.TokenizerSpec), for the ingress to tokenize with;
         None where its pairs must travel as text."""
         if self.resident is None:
-            raise PoolUnavailable(f"the {self.key} pool is unavailable: {self.load_error}")
+            raise PoolUnavailable(f"the {self.pool} pool is unavailable: {self.load_error}")
         return self.resident.spec
 
     def info(self) -> dict:
@@ -202,8 +202,8 @@ class PoolReplica(ScoringReplica):
         describes each model it holds (Resident.describe)."""
         resident = self.resident
         described = {
-            "pool": self.key,
-            "modality": self.pool,
+            "pool": self.pool,
+            "modality": self.modality,
             "variant": "realtime" if self.realtime else "batch",
             "name": self.name,
             "model": self.pool_settings.model,
@@ -224,13 +224,13 @@ class PoolReplica(ScoringReplica):
     def stats(self) -> dict:
         """What /v1/stats shows of this replica: memory, batches, fill, latency, queue."""
         return {
-            "pool": self.key,
+            "pool": self.pool,
             "name": self.name,
             "variant": "realtime" if self.realtime else "batch",
             "replica": serve.get_replica_context().replica_id.unique_id,
             "node_id": ray.get_runtime_context().get_node_id(),
-            "gpu_kind": self.placement.gpu_kind,
-            "memory": self._memory(self.pool),
+            "gpu_kind": self.device.gpu_kind,
+            "memory": self._memory(self.modality),
             **batch_stats(self.resident),
             "max_batch_size": self.loaded.profile.max_batch_size if self.loaded else None,
             "pending_pairs": self.pending_pairs,

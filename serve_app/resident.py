@@ -78,9 +78,9 @@ class Resident:
     """A model loaded in a replica: its scorer, its counters and when it was last asked for. In the shared
     pool Serve's multiplexer holds these, least recently used first, and calls __del__ when it evicts one."""
 
-    def __init__(self, name: str, pool: str, settings: PoolSettings, loaded: pools.PoolScorer, load_s: float = 0.0):
+    def __init__(self, name: str, modality: str, settings: PoolSettings, loaded: pools.PoolScorer, load_s: float = 0.0):
         self.name = name
-        self.pool = pool  # the modality: "text" or "image_text"
+        self.modality = modality  # "text" or "image_text"
         self.settings = settings
         self.loaded = loaded
         self.load_s = load_s

@@ -52,7 +52,7 @@ class RerankJob:
     truncate: bool = True
     priority: Priority | None = None
     model: str | None = None  # a served name or alias; None: the defaults
-    windows: bool = True  # a long document as windows (setting long_documents); False: truncation (TEI)
+    split_long_documents: bool = True  # a long document as windows (setting long_documents); False: cut (TEI)
 
 
 def check_limits(job: RerankJob, settings: Settings) -> None:
@@ -323,7 +323,7 @@ class TeiRerankRequest(BaseModel):
             query=ContentSpec(text=self.query),
             documents=[ContentSpec(text=t) for t in self.texts],
             truncate=auto_truncate if self.truncate is None else self.truncate,
-            windows=False,  # TEI's contract: over-long pairs are truncated (or refused with truncate=false)
+            split_long_documents=False,  # TEI: over-long pairs are truncated (or refused with truncate=false)
         )
 
 

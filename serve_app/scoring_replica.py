@@ -45,7 +45,7 @@ class ScoringReplica:
     realtime = False
 
     def _start(self, pool: str, model: str, torch_threads: int | None) -> None:
-        self.placement = hardware.placement()
+        self.device = hardware.this_device()
         self.device_fault: str | None = None
         self.started = time.monotonic()
         self.forward_lock = asyncio.Lock()
@@ -278,11 +278,11 @@ class ScoringReplica:
     def _where(self) -> dict:
         return {
             "replica": serve.get_replica_context().replica_id.unique_id,
-            "node": self.placement.node,
+            "node": self.device.node,
             "node_id": ray.get_runtime_context().get_node_id(),
-            "gpu_kind": self.placement.gpu_kind,
-            "gpu_name": self.placement.gpu_name,
-            "device": self.placement.device,
+            "gpu_kind": self.device.gpu_kind,
+            "gpu_name": self.device.gpu_name,
+            "device": self.device.torch_device,
             "torch_threads": self.torch_threads,
             "pid": os.getpid(),
         }

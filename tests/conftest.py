@@ -47,7 +47,7 @@ GUARDED_KEYS = ("guarded-key-0123456789", "rotated-key-0123456789")
 # measures it on the remeasure application.
 MINILM_FORWARD_COST_TOKENS = 25
 
-# Worker nodes that declare GPUs they do not have: placement and batch sizing are tested on CPUs.
+# Worker nodes that declare GPUs they do not have: GPU pinning and batch sizing are tested on CPUs.
 GPU_NODES = {"A10G": 4, "RTX3060": 4, "B200": 4}
 
 

@@ -15,7 +15,7 @@ import yaml
 from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 
-from serve_app.settings import DEPLOY_DIR, POOLS, Settings
+from serve_app.settings import DEPLOY_DIR, MODALITIES, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,7 +64,7 @@ def test_gpu_serve_config_is_a_valid_serve_config_and_builds_the_application(gpu
 
 def test_gpu_serve_config_pins_each_pool_to_one_gpu_kind(gpu_settings):
     assert (gpu_settings.text.accelerator_type, gpu_settings.image_text.accelerator_type) == ("A10G", "L4")
-    for name in POOLS:
+    for name in MODALITIES:
         pool = getattr(gpu_settings, name)
         assert pool.num_gpus >= 1
         assert pool.ray_actor_options()["accelerator_type"] == pool.accelerator_type
@@ -88,7 +88,7 @@ def test_head_is_cpu_only_and_each_pool_has_a_gpu_worker_type_it_fits(cluster, g
     assert head["resources"]["CPU"] >= gpu_settings.ingress_num_cpus * gpu_settings.ingress_replicas
 
     workers = {name: spec for name, spec in types.items() if name != cluster["head_node_type"]}
-    for pool_name in POOLS:
+    for pool_name in MODALITIES:
         pool = getattr(gpu_settings, pool_name)
         (name,) = [n for n, spec in workers.items() if pool.accelerator_type in accelerator_types(spec["resources"])]
         resources = workers[name]["resources"]
@@ -103,7 +103,7 @@ def test_head_is_cpu_only_and_each_pool_has_a_gpu_worker_type_it_fits(cluster, g
 
     assert cluster["max_workers"] >= sum(spec["max_workers"] for spec in workers.values())
     # Every GPU worker type serves some pool.
-    pinned = {getattr(gpu_settings, pool).accelerator_type for pool in POOLS}
+    pinned = {getattr(gpu_settings, pool).accelerator_type for pool in MODALITIES}
     assert all(accelerator_types(spec["resources"]) & pinned for spec in workers.values())
 
 
@@ -158,8 +158,8 @@ def test_rayservice_worker_groups_match_the_pools(rayservice, gpu_settings):
         assert gpus >= 1 and container["resources"]["limits"]["nvidia.com/gpu"] == gpus
         assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
 
-    assert set(groups) == {getattr(gpu_settings, pool).accelerator_type for pool in POOLS}
-    for pool_name in POOLS:
+    assert set(groups) == {getattr(gpu_settings, pool).accelerator_type for pool in MODALITIES}
+    for pool_name in MODALITIES:
         pool = getattr(gpu_settings, pool_name)
         params = groups[pool.accelerator_type]["rayStartParams"]
         assert int(params["num-gpus"]) >= pool.num_gpus and float(params["num-cpus"]) >= pool.num_cpus

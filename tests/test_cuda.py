@@ -44,8 +44,8 @@ def test_batches_on_the_card_have_bucketed_widths_and_power_of_two_sizes(model_d
 
 
 def test_this_card_has_a_profile_row_and_runs_in_its_dtype():
-    where = hardware.placement()
-    assert where.device == "cuda:0" and where.gpu_kind != "cpu"
+    where = hardware.this_device()
+    assert where.torch_device == "cuda:0" and where.gpu_kind != "cpu"
     rows = hardware.load_profile_rows(Settings().batch_profiles_path)
     profile = hardware.choose_profile(rows, where, "text", TextPoolSettings())
     if where.gpu_kind in {row.gpu for row in rows}:

@@ -122,9 +122,9 @@ def test_eager_attention_gives_the_same_scores_as_sdpa(model_dirs):
     assert eager.score(PAIRS) == pytest.approx(load_scorer(str(model_dirs["cross_encoder"])).score(PAIRS), abs=1e-4)
 
 
-def test_placement_outside_ray_starts_no_ray_instance():
-    """calibrate and the benchmarks place their scorer outside Ray: asking Ray would start (or join) a cluster."""
+def test_the_device_outside_ray_starts_no_ray_instance():
+    """calibrate and the benchmarks find their device outside Ray: asking Ray would start (or join) a cluster."""
     pytest.importorskip("ray")
-    code = "import ray\nfrom serve_app import hardware\nprint(hardware.placement().gpu_kind, ray.is_initialized())"
+    code = "import ray\nfrom serve_app import hardware\nprint(hardware.this_device().gpu_kind, ray.is_initialized())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.split() == ["cpu", "False"]

@@ -28,7 +28,7 @@ class BlipItmScorer(FamilyScorer):
         self.image_processor = AutoImageProcessor.from_pretrained(model_dir)
         self.model = load_model(BlipForImageTextRetrieval, model_dir, options)
         self.max_length = model_max_length(self.tokenizer, self.model.config.text_config.max_position_embeddings)
-        self.describe(model, "match probability")
+        self.set_info(model, "match probability")
 
     def _image_text(self, pairs: Sequence[Pair]) -> tuple[list[Image], list[str]]:
         images, texts = [], []

@@ -29,7 +29,7 @@ class CrossEncoderScorer(FamilyScorer):
             raise ModelLoadError(f"{model} has {labels} labels; a cross-encoder needs 1 (relevance) or 2 (no, yes)")
         self.max_length = model_max_length(self.tokenizer, self.model.config.max_position_embeddings)
         # Two labels: softmax's positive class equals sigmoid(l1 - l0), so that difference is the raw score.
-        self.describe(model, "logit" if labels == 1 else "logit difference (yes - no)")
+        self.set_info(model, "logit" if labels == 1 else "logit difference (yes - no)")
         self.graphs = self.graph(self.raw_scores)
 
     def check(self, pairs: Sequence[Pair], truncate: bool) -> None:

@@ -50,7 +50,7 @@ class DualEncoderScorer(FamilyScorer):
         if hasattr(self.model, "logit_bias") and options.calibration is None:
             scale = self.model.logit_scale.detach().float().exp().item()
             self.calibrator = Logistic(scale=scale, shift=-self.model.logit_bias.detach().float().item() / scale)
-        self.describe(model, "cosine")
+        self.set_info(model, "cosine")
 
     def _sides(self, pairs: Sequence[Pair]) -> list[Content]:
         """Query sides, then document sides."""

@@ -47,7 +47,7 @@ class EmbeddingScorer(FamilyScorer):
         self.model = load_model(AutoModel, model_dir, options)
         limit = model_max_length(self.tokenizer, getattr(self.model.config, "max_position_embeddings", None))
         self.max_length = min(limit, sentence_transformers_max_length(model_dir) or limit)
-        self.describe(model, "cosine")
+        self.set_info(model, "cosine")
         self.graphs = self.graph(self.pooled)
 
     def check(self, pairs: Sequence[Pair], truncate: bool) -> None:

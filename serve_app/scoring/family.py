@@ -135,7 +135,8 @@ class FamilyScorer:
         self.dtype = options.dtype
         self.calibrator: Calibrator = options.calibration or self.default_calibration
 
-    def describe(self, model: str, raw_score: str) -> None:
+    def set_info(self, model: str, raw_score: str) -> None:
+        """What `info` says of this scorer (its model, family, device, raw score and map), set once it has loaded."""
         self.info = ScorerInfo(
             model=model,
             family=self.family,

@@ -105,7 +105,7 @@ class YesNoScorer(FamilyScorer):
         self.reuse_prefix = options.prefix_reuse and not self.vision
         parameters = inspect.signature(self.model.forward).parameters
         self.cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
-        self.describe(model, "logit difference (yes - no)")
+        self.set_info(model, "logit difference (yes - no)")
 
     def token_id(self, token: str) -> int | None:
         """The id of one vocabulary entry, None where the tokenizer lacks it."""
