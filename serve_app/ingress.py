@@ -7,7 +7,7 @@ import logging
 import math
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 from fastapi import FastAPI
@@ -82,6 +82,16 @@ class Ranked:
             "x-compute-tokens": str(self.tokens),
             "x-compute-pairs": str(sum(call.pairs for call in self.calls)),
         }
+
+
+@dataclass
+class Sent:
+    """A request's pool calls in flight, each with the documents its pairs belong to, and what the ingress did
+    before sending them: documents it cut into windows, seconds it spent tokenizing."""
+
+    calls: list[tuple[list[int], asyncio.Future]] = field(default_factory=list)
+    split_here: int = 0
+    tokenize_s: float = 0.0
 
 
 @serve.deployment
@@ -224,62 +234,61 @@ class Ingress:
             ) from None
 
     async def _rank_pairs(self, job: RerankJob, deadline: float) -> Ranked:
+        """The request's steps: its limits; a model per pair (before any image is fetched: a wrong name costs
+        nothing); its contents; each model's pairs sent as pool calls, all in flight at once; each document's best
+        window; the ranking."""
         check_limits(job, self.settings)
-        kinds = [modality_of(job.query.image is not None, d.image is not None) for d in job.documents]
-        counts = modality_counts(kinds)
-        routes = self.catalog.route(job.model, counts)  # before any image is fetched: a wrong name costs nothing
+        modalities = [modality_of(job.query.image is not None, d.image is not None) for d in job.documents]
+        counts = modality_counts(modalities)
+        routes = self.catalog.route(job.model, counts)
         query, documents = await load_contents(job, self.settings, self.http)
         pairs = [Pair(query, d, job.instruction, job.max_tokens_per_doc) for d in documents]
-        priority = job.priority or self.settings.default_priority
-        split_long = job.split_long_documents and job.truncate and self.settings.long_documents == "windows"
-        stride = self.settings.window_stride_tokens if split_long else None
         by_model: dict[str, list[int]] = {}
-        for i, kind in enumerate(kinds):
-            by_model.setdefault(routes[kind].name, []).append(i)
-        served = {name: self.catalog.find(name) for name in by_model}
-        handles = {name: self._handle(served[name], priority) for name in by_model}
-        calls = []
-        split_here, tokenize_s = 0, 0.0
-        admit_by = self._admit_by(deadline)
-        for name, indices in by_model.items():
-            key = served[name].key
-            items: list[Pair] | list[EncodedPair] = [pairs[i] for i in indices]
-            owners, call_stride = indices, stride
-            encoder = await self._encoder(served[name])
-            if encoder is not None:
-                # Tokenized here, long documents cut into windows here: the windows spread over the pool's calls.
-                start = time.perf_counter()
-                windows, items = await asyncio.to_thread(encode_call, encoder, items, job.truncate, stride)
-                tokenize_s += time.perf_counter() - start
-                owners, call_stride, split_here = [indices[k] for k in windows.owner], None, split_here + windows.split
-            self.pairs_sent[key] = self.pairs_sent.get(key, 0) + len(items)
-            step = await self._call_size(served[name], handles[name], len(items))
-            for start in range(0, len(items), step):
-                chunk = owners[start : start + step]
-                call = self._score_call(
-                    served[name], handles[name], items[start : start + step], job.truncate, call_stride, admit_by
-                )
-                calls.append((chunk, asyncio.ensure_future(call)))
-        # Every model's chunks are in flight at once; merge them back into document order.
+        for i, modality in enumerate(modalities):
+            by_model.setdefault(routes[modality].name, []).append(i)
+        sent = Sent()
         try:
-            results = await asyncio.gather(*(response for _, response in calls))
+            admit_by = self._admit_by(deadline)
+            for name, indices in by_model.items():
+                await self._send(job, self.catalog.find(name), [pairs[i] for i in indices], indices, admit_by, sent)
+            results = await asyncio.gather(*(response for _, response in sent.calls))
         except BaseException:
-            # Cancelled (deadline, client gone) or one pool failed: the other calls' pairs are not needed.
-            for _, response in calls:
+            # Cancelled (deadline, client gone), or a pool or a pair failed: the other calls' pairs are not needed.
+            for _, response in sent.calls:
                 response.cancel()
             raise
-        # A document cut into windows (here) has several scores: its best window's is its score.
-        owner = [i for chunk, _ in calls for i in chunk]
+        owner = [i for chunk, _ in sent.calls for i in chunk]
         best = best_windows(owner, [score for result in results for score in result.scores], len(pairs))
-        scores = [score or Score(0.0, 0.0) for score in best]
         return Ranked(
-            scored=rank(scores, job.threshold, job.top_n),
-            per_kind={kind: count for kind, count in counts.items() if count},
+            scored=rank([score or Score(0.0, 0.0) for score in best], job.threshold, job.top_n),
+            per_kind={modality: count for modality, count in counts.items() if count},
             per_model={name: len(i) for name, i in by_model.items()},
             calls=results,
-            split_here=split_here,
-            tokenize_ms=tokenize_s * 1000,
+            split_here=sent.split_here,
+            tokenize_ms=sent.tokenize_s * 1000,
         )
+
+    async def _send(
+        self, job: RerankJob, served: Served, items: list[Pair], owners: list[int], admit_by: float | None, sent: Sent
+    ) -> None:
+        """One model's pairs as pool calls, each sent at once (in `sent`, with the documents its pairs belong to).
+        Where the ingress tokenizes for the model, long documents are cut into windows here, and the windows spread
+        over the calls; otherwise the replica cuts them."""
+        handle = self._handle(served, job.priority or self.settings.default_priority)
+        split_long = job.split_long_documents and job.truncate and self.settings.long_documents == "windows"
+        stride = self.settings.window_stride_tokens if split_long else None
+        encoder = await self._encoder(served)
+        if encoder is not None:
+            start = time.perf_counter()
+            windows, items = await asyncio.to_thread(encode_call, encoder, items, job.truncate, stride)
+            sent.tokenize_s += time.perf_counter() - start
+            owners, stride = [owners[k] for k in windows.owner], None
+            sent.split_here += windows.split
+        self.pairs_sent[served.key] = self.pairs_sent.get(served.key, 0) + len(items)
+        step = await self._call_size(served, handle, len(items))
+        for start in range(0, len(items), step):
+            call = self._score_call(served, handle, items[start : start + step], job.truncate, stride, admit_by)
+            sent.calls.append((owners[start : start + step], asyncio.ensure_future(call)))
 
     async def _call_size(self, served: Served, handle: DeploymentHandle, pairs: int) -> int:
         """Pairs per pool call: spread over the pool's running replicas (ceil(pairs / replicas)), within
