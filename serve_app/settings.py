@@ -66,19 +66,10 @@ MODEL_NAME_PATTERN = r"^[^\s\x00-\x1f\x7f]{1,200}$"
 ModelName = Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]
 
 
-class PoolSettings(BaseModel):
-    """One pool of scoring replicas: its model, its resources and its batch cap."""
+class ReplicaSettings(BaseModel):
+    """What every pool's deployment has: replicas (fixed or autoscaled), the resources of each, its queues and torch
+    threads. A pool of its own and the shared pool both take these."""
 
-    enabled: bool = Field(default=True, description="false: the pool is not deployed; requests needing it get 503.")
-    model: str = Field(description=MODEL_DESCRIPTION)
-    name: ModelName | None = Field(
-        default=None, description="The name a request's `model` field picks this model by. Unset: the `model` setting."
-    )
-    aliases: list[ModelName] = Field(
-        default_factory=list,
-        description="More names that pick this model, e.g. a vendor's model name a client hard-codes "
-        "(rerank-v3.5, jina-reranker-m0).",
-    )
     max_ongoing_requests: int = Field(
         default=64,
         ge=1,
@@ -93,7 +84,8 @@ class PoolSettings(BaseModel):
     )
     autoscaling: Autoscaling | None = Field(
         default=None,
-        description="Serve's autoscaling of this pool (the Autoscaling table). Unset: num_replicas, fixed.",
+        description="Serve's autoscaling of this pool (the Autoscaling table; the shared pool's router prefers the "
+        "replicas holding a call's model). Unset: num_replicas, fixed.",
     )
     num_replicas: int = Field(default=1, ge=1, description="Replicas of the pool, when it does not autoscale.")
     num_cpus: float = Field(default=1.0, ge=0, description=NUM_CPUS_DESCRIPTION)
@@ -104,6 +96,44 @@ class PoolSettings(BaseModel):
         default=None,
         description="Pins replicas to nodes with Ray's accelerator_type:<NAME> resource, e.g. A10G or L4; the batch "
         "profile row of that card sizes the batches.",
+    )
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="Torch CPU threads per replica. Unset: Ray's OMP_NUM_THREADS, i.e. the replica's num_cpus. "
+        "A lone CPU replica on a machine gets all cores' speed with this set to the core count.",
+        json_schema_extra=ADVANCED,
+    )
+
+    def deployment_options(self, name: str) -> dict:
+        """Serve deployment options: replicas, queues, each replica's resources."""
+        return {
+            "name": name,
+            **replica_options(self.num_replicas, self.autoscaling),
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "ray_actor_options": self.ray_actor_options(),
+        }
+
+    def ray_actor_options(self) -> dict:
+        options: dict = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.accelerator_type:
+            options["accelerator_type"] = self.accelerator_type
+        return options
+
+
+class PoolSettings(ReplicaSettings):
+    """One pool of scoring replicas: its model, its resources and its batch cap."""
+
+    enabled: bool = Field(default=True, description="false: the pool is not deployed; requests needing it get 503.")
+    model: str = Field(description=MODEL_DESCRIPTION)
+    name: ModelName | None = Field(
+        default=None, description="The name a request's `model` field picks this model by. Unset: the `model` setting."
+    )
+    aliases: list[ModelName] = Field(
+        default_factory=list,
+        description="More names that pick this model, e.g. a vendor's model name a client hard-codes "
+        "(rerank-v3.5, jina-reranker-m0).",
     )
     max_batch_size: int | None = Field(
         default=None,
@@ -153,13 +183,6 @@ class PoolSettings(BaseModel):
         description="What one more forward pass costs, in padded tokens; a sorted batch is cut where a cut saves "
         "more padding than this. Unset: measured at start-up and three times more when idle after the first "
         "call, the median kept (text pools); 0 otherwise.",
-        json_schema_extra=ADVANCED,
-    )
-    torch_threads: int | None = Field(
-        default=None,
-        ge=1,
-        description="Torch CPU threads per replica. Unset: Ray's OMP_NUM_THREADS, i.e. the replica's num_cpus. "
-        "A lone CPU replica on a machine gets all cores' speed with this set to the core count.",
         json_schema_extra=ADVANCED,
     )
     calibration: Calibration | None = Field(
@@ -218,11 +241,7 @@ class PoolSettings(BaseModel):
     def deployment_options(self, name: str) -> dict:
         """Serve deployment options for this pool."""
         return {
-            "name": name,
-            **replica_options(self.num_replicas, self.autoscaling),
-            "max_ongoing_requests": self.max_ongoing_requests,
-            "max_queued_requests": self.max_queued_requests,
-            "ray_actor_options": self.ray_actor_options(),
+            **super().deployment_options(name),
             "health_check_period_s": self.health_check_period_s,
             "user_config": {"max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s},
         }
@@ -231,12 +250,6 @@ class PoolSettings(BaseModel):
         options = self.deployment_options(name)
         options.pop("autoscaling_config", None)
         return {**options, "num_replicas": self.realtime_replicas}
-
-    def ray_actor_options(self) -> dict:
-        options: dict = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
-        if self.accelerator_type:
-            options["accelerator_type"] = self.accelerator_type
-        return options
 
 
 class TextPoolSettings(PoolSettings):
@@ -250,10 +263,19 @@ class ImageTextPoolSettings(PoolSettings):
     num_cpus: float = Field(default=0.5, ge=0, description=NUM_CPUS_DESCRIPTION)
 
 
+# What a model placed in the shared pool cannot set: the shared pool's replicas serve it (shared_pool sets these).
+SHARED_IGNORES = frozenset(ReplicaSettings.model_fields) | {
+    "realtime_replicas",
+    "health_check_period_s",
+    "load_retry_s",
+}
+
+
 class ModelSettings(PoolSettings):
     """One more served model, picked by name: a pool of its own (its own replicas, autoscaling and GPU pinning),
     or a place in the shared pool (loaded on demand, least recently used evicted). A shared model's replica
-    settings (replicas, autoscaling, CPUs, GPUs, accelerator, queues) are the shared pool's; its own are unused."""
+    settings (replicas, autoscaling, CPUs, GPUs, accelerator, queues) are the shared pool's: setting them on the
+    model is refused."""
 
     name: ModelName = Field(description="The name a request's `model` field picks this model by.")
     modality: Literal["text", "image_text"] = Field(
@@ -265,42 +287,31 @@ class ModelSettings(PoolSettings):
         default="own", description="own: a pool (deployment) of its own; shared: the multiplexed shared pool."
     )
 
+    @model_validator(mode="after")
+    def _shared_takes_no_replica_settings(self) -> ModelSettings:
+        """A shared model runs on the shared pool's replicas: its own replica settings would be silently ignored."""
+        ignored = sorted(SHARED_IGNORES & self.model_fields_set) if self.placement == "shared" else []
+        if ignored:
+            raise ValueError(
+                f"models[name={self.name}] is placed in the shared pool, whose replicas serve it: {', '.join(ignored)} "
+                "would be ignored; set them under shared_pool, or give the model placement: own"
+            )
+        return self
 
-class SharedPoolSettings(BaseModel):
+
+class SharedPoolSettings(ReplicaSettings):
     """The multiplexed pool: its replicas load the `placement: shared` models on first use, at most
     max_models_per_replica each, evicting the least recently used; a batch never mixes models."""
 
     max_models_per_replica: int = Field(
         default=2, ge=1, description="Models one shared replica holds loaded; past it the least recently used goes."
     )
-    num_replicas: int = Field(default=1, ge=1, description="Shared replicas, when the pool does not autoscale.")
-    autoscaling: Autoscaling | None = Field(
-        default=None, description="As for a pool; the router prefers the replicas holding a call's model."
-    )
-    num_cpus: float = Field(default=1.0, ge=0, description="CPUs Ray reserves for each shared replica.")
-    num_gpus: float = Field(default=0.0, ge=0, description="GPUs per shared replica.")
-    accelerator_type: str | None = Field(default=None, description="As for a pool: pins replicas to a kind of card.")
-    max_ongoing_requests: int = Field(default=64, ge=1, description="As for a pool.", json_schema_extra=ADVANCED)
-    max_queued_requests: int = Field(default=256, ge=-1, description="As for a pool.", json_schema_extra=ADVANCED)
     max_batch_size: int | None = Field(
         default=None,
         ge=1,
         description="Most pairs one gathered batch holds, all models together (each model's own cap still cuts its "
         "forward passes). Unset: the largest of the models' caps (their max_batch_size, else their profile row).",
     )
-    torch_threads: int | None = Field(default=None, ge=1, description="As for a pool.", json_schema_extra=ADVANCED)
-
-    def deployment_options(self, name: str) -> dict:
-        actor: dict = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
-        if self.accelerator_type:
-            actor["accelerator_type"] = self.accelerator_type
-        return {
-            "name": name,
-            **replica_options(self.num_replicas, self.autoscaling),
-            "max_ongoing_requests": self.max_ongoing_requests,
-            "max_queued_requests": self.max_queued_requests,
-            "ray_actor_options": actor,
-        }
 
 
 def score_map_path(name: str) -> Path:
@@ -594,6 +605,7 @@ def env_name(*path: str) -> str:
 
 # docs/settings.md is written from the fields above: each field's description is its documentation.
 SETTINGS_PAGE = "docs/settings.md"
+FIRST_FIELDS = ("enabled", "model", "name", "aliases", "max_models_per_replica")  # what a pool is, before its replicas
 START_HERE = ("text.model", "image_text.model", "models", "api_key", "host", "text.num_gpus", "text.accelerator_type")
 SETTINGS_INTRO = """# Settings
 
@@ -633,7 +645,9 @@ def _one_line(text: str | None) -> str:
 def _rows(model: type[BaseModel], skip: tuple[str, ...] = (), beside: type[BaseModel] | None = None) -> list[list]:
     """(advanced, cells) per field of `model`: name, default (and `beside`'s default), description."""
     rows = []
-    for name, field in model.model_fields.items():
+    # What a model is first, then what it runs on (a base class's fields come first in model_fields).
+    fields = sorted(model.model_fields.items(), key=lambda item: item[0] not in FIRST_FIELDS)
+    for name, field in fields:
         if name in skip:
             continue
         defaults = [_default(field)]

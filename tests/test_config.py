@@ -53,3 +53,18 @@ def test_a_pools_health_check_period_reaches_serve_and_its_realtime_variant():
     assert pool.deployment_options("text_pool")["health_check_period_s"] == 2
     assert pool.realtime_options("text_realtime_pool")["health_check_period_s"] == 2
     assert Settings().text.deployment_options("text_pool")["health_check_period_s"] == 10  # Serve's own default
+
+
+def test_a_shared_model_with_replica_settings_of_its_own_is_refused_not_ignored():
+    import pytest
+    from pydantic import ValidationError
+
+    shared = {"name": "tail", "model": "/models/tail", "placement": "shared"}
+    assert Settings(models=[shared]).models[0].placement == "shared"
+    for field, value in (("num_gpus", 1), ("autoscaling", {"max_replicas": 2}), ("realtime_replicas", 1)):
+        with pytest.raises(ValidationError, match=f"shared pool.*{field}.*set them under shared_pool"):
+            Settings(models=[{**shared, field: value}])
+    own = Settings(models=[{**shared, "placement": "own", "num_gpus": 1}]).models[0]  # its own pool: taken
+    assert own.ray_actor_options()["num_gpus"] == 1
+    options = Settings(shared_pool={"num_gpus": 0.5, "max_queued_requests": 9}).shared_pool.deployment_options("s")
+    assert options["ray_actor_options"]["num_gpus"] == 0.5 and options["max_queued_requests"] == 9
