@@ -571,7 +571,7 @@ def gpu_plan() -> Plan:
         layout_pool_options={"num_gpus": 0.2, "cuda_graphs": True},
         layout_system="http_cuda_graphs",
         image_pool_options={"num_gpus": 0.05},
-        ingress_options={**BENCH_INGRESS, "ingress_replicas": 4, "max_pairs_per_call": 256},
+        ingress_options={**BENCH_INGRESS, "ingress": {"replicas": 4}, "max_pairs_per_call": 256},
         concurrency=(1, 8, 32, 128),  # 128: enough requests in flight to keep the card's batches full
         text_models=("cross_encoder", "cross_encoder_base", "embedding"),
         forward_only=True,

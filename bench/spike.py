@@ -59,7 +59,7 @@ def spike_args(model: str) -> dict:
             "max_batch_size": 8,
         },
         "image_text": {"enabled": False},
-        "ingress_max_ongoing_requests": 64,
+        "ingress": {"max_ongoing_requests": 64},
     }
 
 

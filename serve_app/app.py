@@ -11,7 +11,7 @@ from serve_app.hardware import load_profile_rows
 from serve_app.ingress import Ingress
 from serve_app.replica import PoolReplica
 from serve_app.routing import SpreadRouter
-from serve_app.settings import MODALITIES, Settings, replica_options
+from serve_app.settings import MODALITIES, Settings
 from serve_app.shared_replica import SharedReplica
 
 
@@ -67,12 +67,9 @@ def build_app(args: dict | None = None) -> Application:
     """The application builder for `serve run`/`serve deploy`: args are Settings fields (env fills the rest)."""
     settings = Settings(**(args or {}))
     return Ingress.options(
-        **replica_options(settings.ingress_replicas, settings.ingress_autoscaling),
-        max_ongoing_requests=settings.ingress_max_ongoing_requests,
-        max_queued_requests=settings.ingress_max_queued_requests,
+        **settings.ingress.deployment_options(),
         # The proxy's own refusals (ingress queue full) carry Retry-After too.
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=settings.retry_after_s),
-        ray_actor_options={"num_cpus": settings.ingress_num_cpus},
         logging_config={"log_level": settings.log_level},
     ).bind(
         bind_pools(settings, realtime=False),

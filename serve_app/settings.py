@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+log = logging.getLogger("serve_app.settings")
 
 ENV_PREFIX = "RERANK_"
 DEPLOY_DIR = Path(__file__).resolve().parent.parent / "deploy"
@@ -21,6 +24,8 @@ MIN_API_KEY_CHARS = 16
 
 # A tuning knob: docs/settings.md lists it under "Advanced", after the settings a newcomer needs.
 ADVANCED = {"advanced": True}
+# A field read under an old name for one release: docs/settings.md says so instead of listing it.
+OLD_NAME = {"json_schema_extra": {"old_name": True}}
 
 # The modalities: text-only pairs, and pairs with an image on either side. Each has a default model, the Settings
 # field of that name (whose pool is deployed under that name too).
@@ -314,6 +319,37 @@ class SharedPoolSettings(ReplicaSettings):
     )
 
 
+class IngressSettings(BaseModel):
+    """The ingress deployment: HTTP in, pool calls out, on CPUs."""
+
+    replicas: int = Field(default=1, ge=1, description="Ingress replicas, when it does not autoscale.")
+    num_cpus: float = Field(
+        default=0.5,
+        ge=0,
+        description="CPUs Ray reserves per ingress replica (ingress 0.5 + text 1 + image-text 0.5 fit 2 cores).",
+    )
+    autoscaling: Autoscaling | None = Field(
+        default=None, description="Serve's autoscaling of the ingress (the Autoscaling table). Unset: replicas, fixed."
+    )
+    max_ongoing_requests: int = Field(
+        default=100, ge=1, description="HTTP requests one ingress replica takes at once.", json_schema_extra=ADVANCED
+    )
+    max_queued_requests: int = Field(
+        default=200,
+        ge=-1,
+        description="HTTP requests waiting for an ingress replica; beyond it: 503 + Retry-After.",
+        json_schema_extra=ADVANCED,
+    )
+
+    def deployment_options(self) -> dict:
+        return {
+            **replica_options(self.replicas, self.autoscaling),
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "ray_actor_options": {"num_cpus": self.num_cpus},
+        }
+
+
 def score_map_path(name: str) -> Path:
     """Where calibrate_scores writes a served model's fitted map, and where its pool looks for one by default."""
     return SCORE_MAPS_DIR / (re.sub(r"[^A-Za-z0-9_.-]", "_", name) + ".json")
@@ -353,24 +389,20 @@ class Settings(BaseSettings):
     shared_pool: SharedPoolSettings = Field(
         default=SharedPoolSettings(), description="Replicas of the models placed `shared`; deployed only if any is."
     )
-    ingress_replicas: int = Field(default=1, ge=1, description="Ingress replicas, when it does not autoscale.")
-    ingress_num_cpus: float = Field(
-        default=0.5,
-        ge=0,
-        description="CPUs Ray reserves per ingress replica (ingress 0.5 + text 1 + image-text 0.5 fit 2 cores).",
+    ingress: IngressSettings = Field(
+        default=IngressSettings(), description="The ingress deployment: its replicas, CPUs and queues."
     )
-    ingress_max_ongoing_requests: int = Field(
-        default=100, ge=1, description="HTTP requests one ingress replica takes at once.", json_schema_extra=ADVANCED
+    # The ingress group's fields under their old flat names (ingress_replicas ...), still read for one release.
+    ingress_replicas: int | None = Field(default=None, ge=1, description="Old name of ingress.replicas.", **OLD_NAME)
+    ingress_num_cpus: float | None = Field(default=None, ge=0, description="Old name of ingress.num_cpus.", **OLD_NAME)
+    ingress_max_ongoing_requests: int | None = Field(
+        default=None, ge=1, description="Old name of ingress.max_ongoing_requests.", **OLD_NAME
     )
-    ingress_max_queued_requests: int = Field(
-        default=200,
-        ge=-1,
-        description="HTTP requests waiting for an ingress replica; beyond it: 503 + Retry-After.",
-        json_schema_extra=ADVANCED,
+    ingress_max_queued_requests: int | None = Field(
+        default=None, ge=-1, description="Old name of ingress.max_queued_requests.", **OLD_NAME
     )
     ingress_autoscaling: Autoscaling | None = Field(
-        default=None,
-        description="Serve's autoscaling of the ingress (the Autoscaling table). Unset: ingress_replicas, fixed.",
+        default=None, description="Old name of ingress.autoscaling.", **OLD_NAME
     )
     request_timeout_s: float = Field(
         default=30.0,
@@ -548,6 +580,25 @@ class Settings(BaseSettings):
                 keys[key] = model.name
         return self
 
+    @model_validator(mode="after")
+    def _old_ingress_names(self) -> Settings:
+        """ingress_replicas, ingress_num_cpus ...: read into the ingress group for one release; given beside the
+        group's own field of the same setting, they are refused (which one would win is not obvious)."""
+        old = {name: getattr(self, f"ingress_{name}") for name in IngressSettings.model_fields}
+        old = {name: value for name, value in old.items() if value is not None}
+        if not old:
+            return self
+        both = sorted(set(old) & self.ingress.model_fields_set)
+        if both:
+            raise ValueError(
+                f"ingress.{both[0]} and its old name ingress_{both[0]} are both set: keep ingress.{both[0]}"
+            )
+        log.warning(
+            "settings ingress_%s: old names, read for one release; set ingress.%s", "/".join(old), "/".join(old)
+        )
+        self.ingress = IngressSettings(**{**self.ingress.model_dump(exclude_unset=True), **old})
+        return self
+
     @field_validator("api_key")
     @classmethod
     def _strong_keys(cls, value: SecretStr | None) -> SecretStr | None:
@@ -648,7 +699,7 @@ def _rows(model: type[BaseModel], skip: tuple[str, ...] = (), beside: type[BaseM
     # What a model is first, then what it runs on (a base class's fields come first in model_fields).
     fields = sorted(model.model_fields.items(), key=lambda item: item[0] not in FIRST_FIELDS)
     for name, field in fields:
-        if name in skip:
+        if name in skip or (field.json_schema_extra or {}).get("old_name"):
             continue
         defaults = [_default(field)]
         if beside is not None:
@@ -683,9 +734,16 @@ def markdown() -> str:
         group, _, name = path.rpartition(".")
         field = groups["PoolSettings" if group else "Settings"].model_fields[name]
         start.append(f"- `{path}` (`{env_name(*path.split('.'))}`): {_one_line(field.description)}")
-    pool = ("text", "image_text", "models", "shared_pool")
+    pool = ("text", "image_text", "models", "shared_pool", "ingress")
     out = [SETTINGS_INTRO, "", "## Start here", "", *start, ""]
     out += _tables("The service", ["setting", "default", "what"], _rows(Settings, skip=pool))
+    out += _tables(
+        "The ingress: `ingress`",
+        ["setting", "default", "what"],
+        _rows(IngressSettings),
+        "The old flat names (`ingress_replicas`, `ingress_num_cpus`, `ingress_autoscaling`, "
+        "`ingress_max_ongoing_requests`, `ingress_max_queued_requests`) are still read, for one release.",
+    )
     out += _tables(
         "A pool: `text`, `image_text`, and each entry of `models`",
         ["setting", "text", "image_text", "what"],
@@ -704,7 +762,7 @@ def markdown() -> str:
         _one_line(SharedPoolSettings.__doc__),
     )
     out += _tables(
-        "Autoscaling: a pool's `autoscaling`, `shared_pool.autoscaling`, `ingress_autoscaling`",
+        "Autoscaling: a pool's `autoscaling`, `shared_pool.autoscaling`, `ingress.autoscaling`",
         ["setting", "default", "what"],
         _rows(Autoscaling),
     )

@@ -188,8 +188,7 @@ def apps(serve_url, model_dirs, tmp_path_factory) -> dict[str, str]:
                 "max_queued_requests": 1,
             },
             "image_text": {"enabled": False},
-            "ingress_max_ongoing_requests": 4,
-            "ingress_max_queued_requests": 2,
+            "ingress": {"max_ongoing_requests": 4, "max_queued_requests": 2},
             # Twice the 503s' bound in test_overload: a refusal at once stays apart from a wait for the deadline
             # even on a loaded machine (at 3 s with a 2.5 s bound, one CI run's 503 took 2.502 s).
             "request_timeout_s": 6,

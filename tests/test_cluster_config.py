@@ -85,7 +85,7 @@ def test_head_is_cpu_only_and_each_pool_has_a_gpu_worker_type_it_fits(cluster, g
     types = cluster["available_node_types"]
     head = types[cluster["head_node_type"]]
     assert head["resources"].get("GPU", 0) == 0 and not accelerator_types(head["resources"])
-    assert head["resources"]["CPU"] >= gpu_settings.ingress_num_cpus * gpu_settings.ingress_replicas
+    assert head["resources"]["CPU"] >= gpu_settings.ingress.num_cpus * gpu_settings.ingress.replicas
 
     workers = {name: spec for name, spec in types.items() if name != cluster["head_node_type"]}
     for pool_name in MODALITIES:
@@ -99,7 +99,7 @@ def test_head_is_cpu_only_and_each_pool_has_a_gpu_worker_type_it_fits(cluster, g
         assert 0 <= workers[name]["min_workers"] <= workers[name]["max_workers"]
         assert workers[name]["max_workers"] >= pool.num_replicas + 1
         # A pool replica fills the node's CPUs, so the ingress lands on the head.
-        assert resources["CPU"] - pool.num_cpus < gpu_settings.ingress_num_cpus
+        assert resources["CPU"] - pool.num_cpus < gpu_settings.ingress.num_cpus
 
     assert cluster["max_workers"] >= sum(spec["max_workers"] for spec in workers.values())
     # Every GPU worker type serves some pool.

@@ -68,3 +68,19 @@ def test_a_shared_model_with_replica_settings_of_its_own_is_refused_not_ignored(
     assert own.ray_actor_options()["num_gpus"] == 1
     options = Settings(shared_pool={"num_gpus": 0.5, "max_queued_requests": 9}).shared_pool.deployment_options("s")
     assert options["ray_actor_options"]["num_gpus"] == 0.5 and options["max_queued_requests"] == 9
+
+
+def test_the_ingress_group_and_its_old_flat_names_for_one_release(monkeypatch):
+    import pytest
+    from pydantic import ValidationError
+
+    grouped = Settings(ingress={"replicas": 2, "max_queued_requests": 7})
+    assert (grouped.ingress.replicas, grouped.ingress.max_queued_requests, grouped.ingress.num_cpus) == (2, 7, 0.5)
+    old = Settings(ingress_replicas=3, ingress_autoscaling={"max_replicas": 5})  # as a Serve config's args
+    assert old.ingress.replicas == 3 and old.ingress.autoscaling.max_replicas == 5
+    assert old.ingress.deployment_options()["num_replicas"] == "auto"
+    monkeypatch.setenv("RERANK_INGRESS_NUM_CPUS", "0.25")  # an old env name
+    assert Settings().ingress.num_cpus == 0.25
+    monkeypatch.setenv("RERANK_INGRESS__NUM_CPUS", "0.75")  # and the new one beside it: which wins is not obvious
+    with pytest.raises(ValidationError, match="ingress.num_cpus and its old name ingress_num_cpus are both set"):
+        Settings()
