@@ -7,10 +7,14 @@ twice the pairs while the other idles (measured: 8 of 20 two-call requests on a 
 keeps, per caller (each ingress replica has its own), the calls it has sent and not yet seen finish, plus the
 choices it has made and not yet sent, and sends a call to the replica with the fewest of them; ties go to the
 shorter queue as Serve last saw it (every caller's load, from its probes), then to chance. That replica is
-offered alone, the runner-up only if it cannot take the call: offered both, Serve's probe picks the shorter
-real queue, and two calls routed at once both see empty queues (in one CI run, one request of six put all 16
-of its pairs on one replica; with probes forced, `RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S=0`, it happens within
-a few requests). With several ingress replicas each spreads its own calls, so their sum stays spread.
+offered alone: offered both, Serve's probe picks the shorter real queue, and two calls routed at once both see
+empty queues (in one CI run, one request of six put all 16 of its pairs on one replica). Its queue-length probe
+may miss its deadline on a loaded machine: offering the runner-up then put both calls on the replica whose queue
+length was cached, so the choice is offered alone for ALONE_TRIES tries (Serve doubles the deadline each time),
+the runner-up only after them or when the choice is known full. A choice counts until its call is sent, and where
+Serve gave the call another task's replica, it counts there (seen: with `RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S=0`
+and a busy machine, choices left behind by such calls piled up and sent a request's two calls to one replica).
+With several ingress replicas each spreads its own calls, so their sum stays spread.
 
 A multiplexed call (the shared pool) is offered the replicas Serve's multiplex routing picks (those holding
 the model, else the fewest models), then ranked the same way. No torch here: the ingress imports this.
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import dataclass
 
 from ray.serve.request_router import (
     FIFOMixin,
@@ -32,6 +37,29 @@ from ray.serve.request_router import (
 )
 
 RESERVED_S = 2.0  # a choice not followed by a send (cancelled, refused) stops counting after this
+# Tries a call's choice gets alone before the runner-up is offered too. A try fails when the replica's queue-length
+# probe misses its deadline (0.1 s, doubled at each try): on a loaded machine the first often does, and offering the
+# runner-up at once then sent both calls of a request to the one replica whose queue length was cached.
+ALONE_TRIES = 4
+
+
+@dataclass
+class Reservation:
+    """A call this caller has routed and not yet seen sent: the replica chosen for it, when, and how many times it
+    was chosen (a try fails when its replica's queue-length probe misses the deadline, or the replica is full)."""
+
+    request: PendingRequest
+    chosen: ReplicaID
+    at: float
+    tries: int = 0
+
+    def replica(self) -> ReplicaID:
+        """Where the call is going: the replica Serve gave it, once it has one (Serve may fulfil a request with
+        another routing task's replica), else the one chosen for it."""
+        future = self.request.future
+        if future.done() and not future.cancelled() and future.exception() is None:
+            return future.result().replica_id
+        return self.chosen
 
 
 class SpreadRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
@@ -40,12 +68,11 @@ class SpreadRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.outstanding: dict[ReplicaID, int] = {}
-        # id(pending request) -> (replica, when): chosen, not yet sent. A request chosen again (its replica was
-        # full) replaces its earlier choice.
-        self.reserved: dict[int, tuple[ReplicaID, float]] = {}
+        # id(pending request) -> its reservation, until its call is sent. A request chosen again replaces its own.
+        self.reserved: dict[int, Reservation] = {}
 
-    def load(self, replica_id: ReplicaID, now: float) -> int:
-        held = sum(1 for rid, when in self.reserved.values() if rid == replica_id and now - when < RESERVED_S)
+    def load(self, replica_id: ReplicaID) -> int:
+        held = sum(1 for reservation in self.reserved.values() if reservation.replica() == replica_id)
         return self.outstanding.get(replica_id, 0) + held
 
     async def choose_replicas(
@@ -59,26 +86,40 @@ class SpreadRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
         if not ids:
             return []
         now = time.monotonic()
-        self.reserved = {key: held for key, held in self.reserved.items() if now - held[1] < RESERVED_S}
-        if pending_request is not None:
-            self.reserved.pop(id(pending_request), None)
+        # A reservation whose call was cancelled, or never sent in RESERVED_S, no longer counts.
+        self.reserved = {
+            key: held
+            for key, held in self.reserved.items()
+            if now - held.at < RESERVED_S and not held.request.future.cancelled()
+        }
+        earlier = self.reserved.pop(id(pending_request), None) if pending_request is not None else None
         queued = self.replica_queue_len_cache  # every caller's load, as the last probe or send saw it
-        ranked = sorted(ids, key=lambda rid: (self.load(rid, now), queued.get(rid) or 0, random.random()))[:2]
+
+        def known_full(rid: ReplicaID) -> bool:
+            return (queued.get(rid) or 0) >= self.curr_replicas[rid].max_ongoing_requests
+
+        ranked = sorted(ids, key=lambda rid: (known_full(rid), self.load(rid), queued.get(rid) or 0, random.random()))
+        ranked = ranked[:2]
+        tries = earlier.tries + 1 if earlier else 0
         if pending_request is not None:
             # Held from now, before the probe's await: a call routed meanwhile sees this replica as busier.
-            self.reserved[id(pending_request)] = (ranked[0], now)
-        # The choice is offered alone, the runner-up only if it cannot take the call (its queue full). Offered
-        # both, Serve's probe would pick the shorter real queue, and two calls routed at once see two empty
-        # queues: it took either, and the reservation pointed elsewhere.
+            self.reserved[id(pending_request)] = Reservation(pending_request, ranked[0], now, tries)
+        # The choice is offered alone: offered both, Serve's probe would pick the shorter real queue, and two calls
+        # routed at once see two empty queues. Its probe may miss the deadline on a loaded machine: Serve then asks
+        # again, with a longer deadline, and gets the same choice. The runner-up is offered too only after
+        # ALONE_TRIES tries, or when the choice is known to be full.
+        if tries < ALONE_TRIES and not known_full(ranked[0]):
+            ranked = ranked[:1]
         return [[self.curr_replicas[rid]] for rid in ranked]
 
     def on_send_request(self, replica_id: ReplicaID) -> None:
         super().on_send_request(replica_id)
         self.outstanding[replica_id] = self.outstanding.get(replica_id, 0) + 1
-        # The choice this send fulfils: one held for this replica, else the oldest (the probe took the other one).
-        held = [key for key, (rid, _) in self.reserved.items() if rid == replica_id] or list(self.reserved)
-        if held:
-            self.reserved.pop(held[0])
+        # The reservation this send fulfils: a request Serve gave this replica (its future holds it).
+        for key, reservation in self.reserved.items():
+            if reservation.request.future.done() and reservation.replica() == replica_id:
+                del self.reserved[key]
+                break
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         super().on_request_completed(replica_id, internal_request_id)

@@ -18,6 +18,10 @@ from PIL import Image
 # Before transformers is imported (it reads these once): no hub here, so fail fast instead of retrying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Serve's controller gives a new proxy 3 readiness checks of 5 s, then kills it: seen beside one busy process, the
+# session's proxy not started after 17 s (its worker process still starting), killed, and serve.start failing with
+# ActorDiedError. The controller (started by this process's cluster) reads this from the environment.
+os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "20")
 
 from serve_app.ports import free_port  # noqa: E402
 from tests import tiny_models  # noqa: E402
