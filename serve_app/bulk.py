@@ -11,7 +11,6 @@ that are not committed yet.
 from __future__ import annotations
 
 import argparse
-import base64
 import fcntl
 import json
 import logging
@@ -30,10 +29,11 @@ from serve_app import hardware
 from serve_app.catalog import Catalog, Served, modality_counts, modality_of
 from serve_app.errors import RerankError
 from serve_app.hardware import Device
-from serve_app.media import decode_base64, is_url, open_image
+from serve_app.media import content_from, decode_base64, is_url, open_image
 from serve_app.ranking import STRATEGIES, Threshold, rank
 from serve_app.schemas import BulkRow, ContentSpec, RerankJob, check_limits, describe_errors
-from serve_app.scoring.types import Content, ModelLoadError, Pair, Score, ScoringError, Windows
+from serve_app.scoring.call import score_call
+from serve_app.scoring.types import ModelLoadError, Pair, Score, ScoringError
 from serve_app.settings import MODALITIES, PoolSettings, Settings, score_map_path
 
 log = logging.getLogger("serve_app.bulk")
@@ -48,6 +48,33 @@ RESULT_TYPE = pa.list_(
     pa.struct([("index", pa.int32()), ("relevance_score", pa.float64()), ("raw_score", pa.float64())])
 )
 OUTPUT_SCHEMA = pa.schema([("id", pa.string()), ("results", RESULT_TYPE)])
+# What flows through the job's dataset, one record per input row ("row": its id, pair count and ranking, or
+# why it cannot be scored) and per pair ("pair": what its model scores, then its scores or why it failed).
+# A field a record does not have is null; images travel as their bytes.
+RECORD_SCHEMA = pa.schema(
+    [
+        ("shard", pa.int32()),
+        ("row", pa.int32()),
+        ("kind", pa.string()),  # "row" | "pair"
+        ("id", pa.string()),
+        ("doc", pa.int32()),  # pair: the document's index in its row
+        ("n_pairs", pa.int32()),  # row: how many pairs it has
+        ("top_n", pa.int32()),  # row: its ranking
+        ("threshold", pa.float64()),
+        ("threshold_inclusive", pa.bool_()),
+        ("query_text", pa.string()),  # pair: what is scored
+        ("query_image", pa.binary()),
+        ("document_text", pa.string()),
+        ("document_image", pa.binary()),
+        ("instruction", pa.string()),
+        ("max_tokens_per_doc", pa.int32()),
+        ("error", pa.string()),  # why the row or the pair failed
+        ("raw", pa.float64()),  # pair: its scores
+        ("score", pa.float64()),
+    ]
+)
+# What a scored pair no longer needs to carry back to the driver.
+PAIR_INPUTS = ("query_text", "query_image", "document_text", "document_image", "instruction", "max_tokens_per_doc")
 
 
 # ---- input: shards, rows, pairs ------------------------------------------------------------------
@@ -134,33 +161,40 @@ def image_bytes(value: str, settings: Settings, field: str) -> bytes:
     return decode_base64(value, settings, field)
 
 
-def content_of(spec: ContentSpec, settings: Settings, field: str, check_images: bool) -> dict:
-    """A query or document as {"text", "image" (base64)}; an image path is read, and decoded when checked."""
+@dataclass(frozen=True)
+class Side:
+    """A query or document as a record carries it: its text and its image's bytes (read from base64 or a file)."""
+
+    text: str | None
+    image: bytes | None
+
+
+def side_of(spec: ContentSpec, settings: Settings, field: str, check_images: bool) -> Side:
+    """A query or document's record fields; an image path is read, and decoded when checked."""
     image = None
     if spec.image is not None:
-        data = image_bytes(spec.image, settings, f"{field}.image")
+        image = image_bytes(spec.image, settings, f"{field}.image")
         if check_images:
-            open_image(data, settings, f"{field}.image")
-        image = base64.b64encode(data).decode()
-    return {"text": spec.text, "image": image}
+            open_image(image, settings, f"{field}.image")
+    return Side(spec.text, image)
 
 
-def pool_of(query: dict, document: dict, pool: str) -> str:
+def pool_of(query: Side, document: Side, pool: str) -> str:
     if pool != "auto":
         return pool
-    return modality_of(bool(query["image"]), bool(document["image"]))
+    return modality_of(query.image is not None, document.image is not None)
 
 
 @dataclass(frozen=True)
 class ParsedRow:
     id: str
     job: RerankJob
-    query: dict
-    documents: list[dict]
+    query: Side
+    documents: list[Side]
     models: list[str]  # the served model that scores each document's pair
 
 
-def route_row(query: dict, documents: list[dict], model: str | None, options: Options, catalog: Catalog) -> list[str]:
+def route_row(query: Side, documents: list[Side], model: str | None, options: Options, catalog: Catalog) -> list[str]:
     """Each document's model, as the service picks it: the row's `model`, else --model, else the default of its
     kind of pair (or of --pool's)."""
     kinds = [pool_of(query, d, options.pool) for d in documents]
@@ -195,9 +229,9 @@ def parse_row(
         raise RowError(describe_errors(exc.errors())[0]) from None
     job = request.to_job(templates)
     check_limits(job, settings)
-    query = content_of(job.query, settings, "query", check_images)
-    documents = [content_of(d, settings, f"documents[{i}]", check_images) for i, d in enumerate(job.documents)]
-    if options.pool == "text" and (query["image"] or any(d["image"] for d in documents)):
+    query = side_of(job.query, settings, "query", check_images)
+    documents = [side_of(d, settings, f"documents[{i}]", check_images) for i, d in enumerate(job.documents)]
+    if options.pool == "text" and (query.image is not None or any(d.image is not None for d in documents)):
         raise RowError("row has images but --pool text was asked for; use --pool auto or image_text")
     models = route_row(query, documents, request.model, options, Catalog(settings))
     return ParsedRow(str(request.id), job, query, documents, models)
@@ -212,36 +246,56 @@ def row_id(row: object) -> str:
 def expand(
     shard_item: dict, branch: str, options: Options, settings: Settings, templates: dict[str, str]
 ) -> list[dict]:
-    """Records of one shard. Branch "rows": one record per row (its id, pair count and ranking options, or
-    why it cannot be scored); any other branch is a served model's name: the pairs that model scores."""
+    """Records of one shard (RECORD_SCHEMA). Branch "rows": one record per row (its id, pair count and ranking
+    options, or why it cannot be scored); any other branch is a served model's name: the pairs that model
+    scores."""
     shard = Shard(**shard_item)
     records = []
     for row_index, row in enumerate(read_shard(shard)):
-        base = {"shard": shard.index, "row": row_index, "doc": -1, "kind": "row", "id": "", "n_pairs": 0,
-                "ranking": "", "payload": "", "error": "", "raw": 0.0, "score": 0.0}  # fmt: skip
+        base = {"shard": shard.index, "row": row_index}
         try:
             parsed = parse_row(row, options, settings, templates, check_images=branch == "rows")
         except Exception as exc:  # noqa: BLE001 - a row nobody foresaw fails itself, never its shard or the job
             if branch == "rows":
                 reason = str(exc) if isinstance(exc, (RowError, RerankError)) else f"{type(exc).__name__}: {exc}"
-                records.append({**base, "id": row_id(row), "error": reason[:1000]})
+                records.append({**base, "kind": "row", "id": row_id(row), "error": reason[:1000]})
             continue
         base["id"] = parsed.id
         if branch == "rows":
             threshold = parsed.job.threshold
-            ranking = {"top_n": parsed.job.top_n, "threshold": asdict(threshold) if threshold else None}
-            records.append({**base, "n_pairs": len(parsed.documents), "ranking": json.dumps(ranking)})
+            records.append(
+                {
+                    **base,
+                    "kind": "row",
+                    "n_pairs": len(parsed.documents),
+                    "top_n": parsed.job.top_n,
+                    "threshold": threshold.value if threshold else None,
+                    "threshold_inclusive": threshold.inclusive if threshold else None,
+                }
+            )
             continue
         for doc_index, (document, model) in enumerate(zip(parsed.documents, parsed.models)):
             if model == branch:
-                payload = {
-                    "query": parsed.query,
-                    "document": document,
-                    "instruction": parsed.job.instruction,
-                    "max_tokens_per_doc": parsed.job.max_tokens_per_doc,
-                }
-                records.append({**base, "doc": doc_index, "kind": "pair", "payload": json.dumps(payload)})
+                records.append(
+                    {
+                        **base,
+                        "kind": "pair",
+                        "doc": doc_index,
+                        "query_text": parsed.query.text,
+                        "query_image": parsed.query.image,
+                        "document_text": document.text,
+                        "document_image": document.image,
+                        "instruction": parsed.job.instruction,
+                        "max_tokens_per_doc": parsed.job.max_tokens_per_doc,
+                    }
+                )
     return records
+
+
+def expand_shards(shards: pa.Table, branch: str, **kwargs) -> pa.Table:
+    """`expand` over a batch of shards, as a typed table."""
+    records = [record for item in shards.to_pylist() for record in expand(item, branch, **kwargs)]
+    return pa.Table.from_pylist(records, schema=RECORD_SCHEMA)
 
 
 # ---- scoring actors -------------------------------------------------------------------------------
@@ -271,40 +325,34 @@ class PairScorer:
             # As in the service: the job goes on; this model's pairs fail their rows, with the reason.
             self.load_error = f"the model {served.name} is unavailable: {exc}"
 
-    def _pair(self, payload: str) -> Pair:
-        fields = json.loads(payload)
-
-        def side(spec: dict, field: str) -> Content:
-            image = None
-            if spec["image"]:
-                image = open_image(base64.b64decode(spec["image"]), self.settings, field)
-            return Content(text=spec["text"], image=image)
-
+    def _pair(self, record: dict) -> Pair:
         return Pair(
-            side(fields["query"], "query"),
-            side(fields["document"], "document"),
-            fields["instruction"],
-            fields["max_tokens_per_doc"],
+            content_from(record["query_text"], record["query_image"], self.settings, "query"),
+            content_from(record["document_text"], record["document_image"], self.settings, "document"),
+            record["instruction"],
+            record["max_tokens_per_doc"],
         )
 
-    def __call__(self, batch):
-        pairs, at = [], []
-        errors = list(batch["error"])
-        if self.load_error:
-            batch["error"] = [self.load_error] * len(errors)
-            return batch
-        for i, payload in enumerate(batch["payload"]):
-            try:
-                pairs.append(self._pair(payload))
-                at.append(i)
-            except (RerankError, ValueError) as exc:
-                errors[i] = str(exc)
-        raw_scores, scores = list(batch["raw"]), list(batch["score"])
-        for index_list, scored in self._score(pairs, at, errors):
-            for i, score in zip(index_list, scored):
-                raw_scores[i], scores[i] = score.raw, score.relevance
-        batch["raw"], batch["score"], batch["error"] = raw_scores, scores, errors
-        return batch
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """The batch's pair records with their scores or errors (and without what was scored)."""
+        records = batch.to_pylist()
+        errors = [self.load_error] * len(records)
+        raw_scores: list[float | None] = [None] * len(records)
+        scores: list[float | None] = [None] * len(records)
+        if not self.load_error:
+            pairs, at = [], []
+            for i, record in enumerate(records):
+                try:
+                    pairs.append(self._pair(record))
+                    at.append(i)
+                except (RerankError, ValueError) as exc:
+                    errors[i] = str(exc)
+            for index_list, scored in self._score(pairs, at, errors):
+                for i, score in zip(index_list, scored):
+                    raw_scores[i], scores[i] = score.raw, score.relevance
+        for record, error, raw, score in zip(records, errors, raw_scores, scores):
+            record.update(dict.fromkeys(PAIR_INPUTS), error=error, raw=raw, score=score)
+        return pa.Table.from_pylist(records, schema=RECORD_SCHEMA)
 
     def _score(self, pairs: list[Pair], at: list[int], errors: list[str]) -> list[tuple[list[int], list[Score]]]:
         """Score the batch at once; if one pair cannot be scored, find it and score the rest."""
@@ -325,18 +373,9 @@ class PairScorer:
             return out
 
     def _score_windows(self, pairs: list[Pair]) -> list[Score]:
-        """As a replica scores a call: a long document as windows (setting long_documents), its best window's
-        score; forwards of at most the batch cap."""
-        windows = (
-            self.scorer.expand_windows(pairs, self.settings.window_stride_tokens)
-            if self.settings.long_documents == "windows"
-            else Windows.whole(pairs)
-        )
-        self.scorer.check(windows.pairs, truncate=True)
-        raw = []
-        for start in range(0, len(windows.pairs), self.cap):
-            raw.extend(self.scorer.score(windows.pairs[start : start + self.cap]))
-        return windows.merge(self.scorer.calibrate(raw))
+        """As a replica scores a call (scoring.call): long documents as the service cuts them, forwards of at most
+        the batch cap."""
+        return score_call(self.scorer, pairs, self.cap, self.settings.window_stride())
 
 
 # ---- output: shards committed atomically -------------------------------------------------------
@@ -361,7 +400,7 @@ class ShardResult:
     def complete(self) -> bool:
         if len(self.headers) < self.rows:
             return False
-        return all(h["error"] or self.arrived[row] >= h["n_pairs"] for row, h in self.headers.items())
+        return all(h["error"] is not None or self.arrived[row] >= h["n_pairs"] for row, h in self.headers.items())
 
 
 class Output:
@@ -635,7 +674,9 @@ def scoring_dataset(
     def records(branch: str):
         kwargs = {"branch": branch, "options": options, "settings": settings, "templates": templates}
         compute = ray.data.TaskPoolStrategy(size=EXPAND_TASKS)
-        return items.flat_map(expand, fn_kwargs=kwargs, num_cpus=EXPAND_CPUS, compute=compute)
+        return items.map_batches(
+            expand_shards, batch_size=1, batch_format="pyarrow", fn_kwargs=kwargs, num_cpus=EXPAND_CPUS, compute=compute
+        )
 
     datasets = [records("rows")]
     has_gpus = bool(ray.cluster_resources().get("GPU", 0))
@@ -648,7 +689,7 @@ def scoring_dataset(
                 PairScorer,
                 fn_constructor_kwargs={"model": served.name, "settings": settings},
                 batch_size=batch_size_for(served.modality, pool_settings, settings),
-                batch_format="pandas",
+                batch_format="pyarrow",
                 compute=ray.data.ActorPoolStrategy(size=actors[served.modality]),
                 num_cpus=pool_settings.num_cpus,
                 num_gpus=pool_settings.num_gpus if has_gpus else 0,
@@ -672,8 +713,8 @@ def score_shards(
     pending = {s.index: ShardResult(s.rows) for s in todo}
     seen_ids = out.committed_ids()
     pairs_scored, last_log, started = 0, time.monotonic(), time.monotonic()
-    for batch in dataset.iter_batches(batch_size=None, batch_format="pandas"):
-        for record in batch.to_dict("records"):
+    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for record in batch.to_pylist():
             result = pending.get(record["shard"])
             if result is None:
                 continue  # its shard is already committed (a retried task's duplicate)
@@ -681,7 +722,8 @@ def score_shards(
                 result.headers[record["row"]] = record
                 continue
             key = (record["row"], record["doc"])
-            pairs_scored += result.add(key, record["error"] or Score(record["raw"], record["score"]))
+            error = record["error"]
+            pairs_scored += result.add(key, error if error is not None else Score(record["raw"], record["score"]))
         for shard_index in [i for i, r in pending.items() if r.complete()]:
             rows_done += commit_shard(out, shard_index, pending.pop(shard_index), seen_ids)
         if time.monotonic() - last_log > PROGRESS_EVERY_S:
@@ -701,7 +743,7 @@ def commit_shard(out: Output, shard: int, result: ShardResult, seen_ids: set[str
     rows, errors = [], []
     for row in sorted(result.headers):
         header = result.headers[row]
-        scores = [result.pairs[(row, doc)] for doc in range(header["n_pairs"])] if not header["error"] else []
+        scores = [result.pairs[(row, doc)] for doc in range(header["n_pairs"])] if header["error"] is None else []
         error = header["error"] or next(
             (f"documents[{doc}]: {s}" for doc, s in enumerate(scores) if isinstance(s, str)), ""
         )
@@ -712,9 +754,10 @@ def commit_shard(out: Output, shard: int, result: ShardResult, seen_ids: set[str
         if error:
             errors.append({"id": header["id"], "row": row, "shard": shard, "error": error})
             continue
-        ranking = json.loads(header["ranking"])
-        threshold = Threshold(**ranking["threshold"]) if ranking["threshold"] else None
-        ranked = rank(scores, threshold, ranking["top_n"])
+        threshold = header["threshold"]
+        ranked = rank(
+            scores, None if threshold is None else Threshold(threshold, header["threshold_inclusive"]), header["top_n"]
+        )
         rows.append(
             {
                 "id": header["id"],

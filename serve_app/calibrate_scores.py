@@ -82,16 +82,16 @@ def choose_model(rows: list[dict], name: str | None, catalog: Catalog) -> Served
 
 
 def raw_in_process(rows: list[dict], served: Served, settings: Settings) -> tuple[list[float], object, str]:
-    """Raw scores through the replica's scorer path; the family's own map; the family."""
+    """Raw scores through the path a replica scores a call by (long documents as the service cuts them); the
+    family's own map; the family."""
     from serve_app import hardware, pools
-    from serve_app.media import decode_base64, open_image
-    from serve_app.scoring.types import Content, Pair
+    from serve_app.media import content_from, decode_base64
+    from serve_app.scoring.call import score_call
+    from serve_app.scoring.types import Pair
 
-    def content(side: dict, field: str) -> Content:
-        image = None
-        if side["image"]:
-            image = open_image(decode_base64(side["image"], settings, field), settings, field)
-        return Content(text=side["text"], image=image)
+    def content(side: dict, field: str):
+        image = decode_base64(side["image"], settings, f"{field}.image") if side["image"] else None
+        return content_from(side["text"], image, settings, field)
 
     profiles = hardware.load_profile_rows(settings.batch_profiles_path)
     # The fitted map off: "before" is the family's own map (or the pool's `calibration` setting), not a map fitted
@@ -99,15 +99,15 @@ def raw_in_process(rows: list[dict], served: Served, settings: Settings) -> tupl
     loaded = pools.load_pool(
         served.modality, served.settings, profiles, settings.model_cache_dir, warm_up=False, fitted_map=False
     )
-    scorer, cap = loaded.scorer, loaded.profile.max_batch_size
+    scorer = loaded.scorer
     pairs = [Pair(content(r["query"], f"row {i} query"), content(r["document"], f"row {i} document"))
              for i, r in enumerate(rows)]  # fmt: skip
-    scorer.check(pairs, truncate=True)
-    raw = []
-    for start in range(0, len(pairs), cap):
-        raw.extend(scorer.score(pairs[start : start + cap]))
-        log.info("scored %d/%d pairs", min(start + cap, len(pairs)), len(pairs))
-    return raw, scorer.calibrator, scorer.info.family
+
+    def progress(done: int, total: int) -> None:
+        log.info("scored %d/%d pairs", done, total)
+
+    scores = score_call(scorer, pairs, loaded.profile.max_batch_size, settings.window_stride(), progress=progress)
+    return [score.raw for score in scores], scorer.calibrator, scorer.info.family
 
 
 def raw_over_http(rows: list[dict], served: Served, url: str, api_key: str | None) -> tuple[list[float], object, str]:

@@ -275,8 +275,7 @@ class Ingress:
         Where the ingress tokenizes for the model, long documents are cut into windows here, and the windows spread
         over the calls; otherwise the replica cuts them."""
         handle = self._handle(served, job.priority or self.settings.default_priority)
-        split_long = job.split_long_documents and job.truncate and self.settings.long_documents == "windows"
-        stride = self.settings.window_stride_tokens if split_long else None
+        stride = self.settings.window_stride() if job.split_long_documents and job.truncate else None
         encoder = await self._encoder(served)
         if encoder is not None:
             start = time.perf_counter()

@@ -199,6 +199,14 @@ async def load_image(
     return await asyncio.to_thread(open_image, data, settings, field, budget)
 
 
+def content_from(text: str | None, image: bytes | None, settings: Settings, field: str) -> Content:
+    """A query or document from a record's fields (a bulk job's pair record, a label row): its image's bytes
+    decoded and checked as a request's are (`open_image`). The bytes' own size was checked where they were read."""
+    if image is None:
+        return Content(text=text)
+    return Content(text=text, image=open_image(image, settings, f"{field}.image"))
+
+
 async def load_contents(job: RerankJob, settings: Settings, http: httpx.AsyncClient) -> tuple[Content, list[Content]]:
     """The job's query and documents as Content: every image fetched and decoded at once, within one budget for
     the request; each document keeps its text."""

@@ -18,6 +18,7 @@ from ray import serve
 from serve_app import hardware, pools
 from serve_app.errors import InvalidInput, Overloaded, as_request_errors
 from serve_app.resident import Part, PoolMetrics, Resident, pairs_in
+from serve_app.scoring.call import call_windows
 from serve_app.scoring.types import CallResult, EncodedPair, Pair, TokenCount, Windows
 from serve_app.settings import PoolSettings
 from serve_app.stats import Throughput
@@ -159,17 +160,10 @@ class ScoringReplica:
             return Windows.whole(pairs)
         resident.tokenized_pairs += len(pairs) if counted else 0
         with as_request_errors():
-            if window_stride is not None:
-                windows = await asyncio.get_running_loop().run_in_executor(
-                    self.prepare_thread, scorer.expand_windows, pairs, window_stride
-                )
-            else:
-                windows = Windows.whole(pairs)
-            if truncate:
-                scorer.check(windows.pairs, truncate)
-            else:
-                await asyncio.to_thread(scorer.check, windows.pairs, truncate)
-        return windows
+            # Cutting and checking tokenize (a check without truncation tokenizes every pair): off the event loop.
+            return await asyncio.get_running_loop().run_in_executor(
+                self.prepare_thread, call_windows, scorer, pairs, window_stride, truncate
+            )
 
     async def _in_batches(self, profile, scored: list[Pair]) -> list[Part]:
         """The pairs scored through the batcher (or, on a realtime replica, each piece as its own batch), in pieces

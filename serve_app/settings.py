@@ -640,6 +640,11 @@ class Settings(BaseSettings):
             raise ValueError(f"image_formats: {unknown or 'none given'}; Pillow here opens {sorted(Image.OPEN)}")
         return formats
 
+    def window_stride(self) -> int | None:
+        """The stride a call's long documents are cut into windows with (setting long_documents); None: cut to the
+        window instead."""
+        return self.window_stride_tokens if self.long_documents == "windows" else None
+
     def instruction_templates(self) -> dict[str, str]:
         with open(self.instruction_templates_path, encoding="utf-8") as f:
             templates = json.load(f)

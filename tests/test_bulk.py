@@ -271,3 +271,38 @@ def test_a_job_starts_actors_only_for_the_models_its_rows_go_to(tmp_path):
     assert used(text) == ["text-model"]  # a text-only file starts no image-text actor
     assert used(text, image) == ["text-model", "image-model"]
     assert used({"id": "e", "query": "", "documents": ["a"]}, "not a row") == []  # error rows start none
+
+
+def test_records_are_typed_with_image_bytes_and_no_sentinels(tmp_path, monkeypatch):
+    """What flows through the job's dataset: one typed schema, a field a record lacks is null (no -1 or ""), an
+    image is its bytes (a file's as read, base64's decoded), the ranking is columns (no JSON inside a column)."""
+    import base64
+
+    import pyarrow as pa
+
+    from serve_app.bulk import RECORD_SCHEMA, expand_shards, input_files, plan_shards
+
+    monkeypatch.chdir(tmp_path)
+    encoded = b64(noise_image((8, 8), 2))
+    png = base64.b64decode(encoded)
+    (tmp_path / "doc.png").write_bytes(png)
+    rows = [
+        {"id": "a", "query": "q", "documents": [{"image": "doc.png"}, {"text": "t", "image": encoded}], "top_n": 1},
+        {"id": "bad", "query": "", "documents": ["x"]},
+    ]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shards = pa.Table.from_pylist([vars(s) for s in plan_shards(input_files(tmp_path / "in.jsonl"), 256)])
+    settings = Settings(text={"model": "text-model"}, image_text={"model": "image-model"})
+    kwargs = {"options": Options(input="in", output="out", strategy="strict"), "settings": settings, "templates": {}}
+
+    headers = expand_shards(shards, "rows", **kwargs)
+    pairs = expand_shards(shards, "image-model", **kwargs)
+    assert headers.schema == pairs.schema == RECORD_SCHEMA
+    ok, bad = headers.to_pylist()
+    assert (ok["n_pairs"], ok["top_n"], ok["threshold"], ok["threshold_inclusive"]) == (2, 1, 0.75, False)
+    assert ok["error"] is None and ok["doc"] is None and ok["query_image"] is None
+    assert bad["id"] == "bad" and "query is empty" in bad["error"] and bad["n_pairs"] is None
+    first, second = pairs.to_pylist()
+    assert (first["doc"], second["doc"]) == (0, 1) and first["document_image"] == second["document_image"] == png
+    assert (first["document_text"], second["document_text"], first["query_text"]) == (None, "t", "q")
+    assert first["error"] is None and first["raw"] is None

@@ -147,3 +147,22 @@ def test_labels_mixing_text_and_image_pairs_need_a_model_taking_both():
             {"query": {"text": "q", "image": None}, "document": {"text": "d", "image": None}}]  # fmt: skip
     with pytest.raises(calibrate_scores.LabelError, match="give --model"):
         calibrate_scores.choose_model(rows, None, Catalog(Settings()))
+
+
+def test_labels_are_scored_as_the_service_scores_a_call_long_documents_as_their_best_window(model_dirs):
+    """calibrate_scores runs the replica's steps (scoring.call): a document longer than the model's window gets
+    its best window's raw score, so the map is fitted on the scores it will be applied to."""
+    from serve_app.catalog import Catalog
+    from serve_app.scoring.loading import load_scorer
+    from serve_app.scoring.types import Content, Pair
+    from tests import direct
+
+    query, document = "what is the capital of france", " ".join(f"word{i} paris city" for i in range(100))
+    rows = [{"query": {"text": query, "image": None}, "document": {"text": document, "image": None}, "label": 1}]
+    settings = Settings(text={"model": str(model_dirs["cross_encoder"])})
+    (raw,), _, _ = calibrate_scores.raw_in_process(rows, Catalog(settings).defaults["text"], settings)
+    scorer = load_scorer(str(model_dirs["cross_encoder"]))
+    windows = scorer.windows(Pair(Content(text=query), Content(text=document)), settings.window_stride_tokens)
+    assert len(windows) > 3  # the tiny model's window is 64 tokens
+    expected = direct.cross_encoder(model_dirs["cross_encoder"], query, windows)
+    assert raw == pytest.approx(max(expected), abs=1e-4)

@@ -81,7 +81,7 @@ LAYERS = [
     ["scoring.loading"],
     ["scoring.cross_encoder", "scoring.embedding", "scoring.dual_encoder", "scoring.blip_itm", "scoring.yes_no"],
     ["scoring.family", "hardware", "score_fit"],
-    ["scoring.batching", "scoring.graphs", "schemas", "media", "catalog"],
+    ["scoring.batching", "scoring.call", "scoring.graphs", "schemas", "media", "catalog"],
     ["scoring.text", "errors", "ranking"],
     ["scoring.types", "settings", "stats", "ports", "scoring", "local_ray", "routing"],
     ["pages"],

@@ -11,6 +11,7 @@ import time
 import httpx
 import pytest
 
+from serve_app.scoring.call import call_windows, score_call
 from serve_app.scoring.family import LoadOptions
 from serve_app.scoring.loading import load_scorer
 from serve_app.scoring.text import ENCODE_CHUNK, TextEncoder, unpack
@@ -97,15 +98,13 @@ def test_a_call_larger_than_a_tokenizer_chunk_keeps_its_order_at_four_bytes_a_to
 def test_scores_are_identical_with_tokenizing_in_the_ingress_and_in_the_replica(scorers, name, stride):
     scorer = scorers[name]
     given = pairs(max_tokens_per_doc=None)
-    # The replica's own path: its windows (when asked), its tokenizing, its forward; the best window's score.
-    replica_windows = scorer.expand_windows(given, stride) if stride is not None else None
-    if replica_windows is None:
-        in_replica = scorer.score(given)
-    else:
-        in_replica = [s.raw for s in replica_windows.merge(scorer.calibrate(scorer.score(replica_windows.pairs)))]
+    # The replica's own path (scoring.call): its windows (when asked), its tokenizing, its forward; the best
+    # window's score.
+    replica_windows = call_windows(scorer, given, stride, truncate=True)
+    in_replica = [s.raw for s in score_call(scorer, given, len(replica_windows.pairs), stride)]
     windows, encoded = encoder_of(scorer).prepare(given, truncate=True, stride=stride)
-    if replica_windows is not None:
-        assert windows.owner == replica_windows.owner and windows.split == replica_windows.split
+    assert windows.owner == replica_windows.owner and windows.split == replica_windows.split
+    if stride is not None:
         assert windows.split > 0 or scorer.max_length >= 256  # the tiny models' 64 tokens cut LONG
     in_ingress = [s.raw for s in windows.merge(scorer.calibrate(scorer.score(encoded)))]
     assert in_ingress == pytest.approx(in_replica, abs=1e-6)
