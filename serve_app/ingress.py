@@ -25,6 +25,7 @@ from serve_app.errors import (
     ReplicaLost,
 )
 from serve_app.media import load_contents
+from serve_app.pool_call import CallResult
 from serve_app.ranking import ScoredDocument, rank
 from serve_app.schemas import (
     HealthResponse,
@@ -40,7 +41,7 @@ from serve_app.schemas import (
     check_limits,
 )
 from serve_app.scoring.text import TextEncoder
-from serve_app.scoring.types import CallResult, EncodedPair, Pair, Score, best_windows
+from serve_app.scoring.types import EncodedPair, Pair, Score, best_windows
 from serve_app.settings import Settings
 from serve_app.status import RunningReplicas, ServiceStatus
 

@@ -17,9 +17,10 @@ from ray import serve
 
 from serve_app import hardware, pools
 from serve_app.errors import InvalidInput, Overloaded, as_request_errors
+from serve_app.pool_call import CallResult
 from serve_app.resident import Part, PoolMetrics, Resident, pairs_in
 from serve_app.scoring.call import call_windows
-from serve_app.scoring.types import CallResult, EncodedPair, Pair, TokenCount, Windows
+from serve_app.scoring.types import EncodedPair, Pair, TokenCount, Windows
 from serve_app.settings import PoolSettings
 from serve_app.stats import Throughput
 

@@ -82,7 +82,7 @@ LAYERS = [
     ["scoring.cross_encoder", "scoring.embedding", "scoring.dual_encoder", "scoring.blip_itm", "scoring.yes_no"],
     ["scoring.family", "hardware", "score_fit"],
     ["scoring.batching", "scoring.call", "scoring.graphs", "schemas", "media", "catalog"],
-    ["scoring.text", "errors", "ranking"],
+    ["scoring.text", "errors", "ranking", "pool_call"],
     ["scoring.types", "settings", "stats", "ports", "scoring", "local_ray", "routing"],
     ["pages"],
 ]
