@@ -426,7 +426,13 @@ class Settings(BaseSettings):
         json_schema_extra=ADVANCED,
     )
 
-    max_documents_per_request: int = Field(default=1000, ge=1, description="Documents per request; more is 413.")
+    max_documents_per_request: int = Field(
+        default=1000,
+        ge=1,
+        description="Documents per request; more is 413. Every list in a request body is held to it (a list inside "
+        "a document, such as its content parts, to at least 16), counted on the parsed JSON before any item is "
+        "converted.",
+    )
     max_text_chars: int = Field(
         default=100_000,
         ge=1,

@@ -130,7 +130,9 @@ def test_the_schema_carries_the_limits_this_service_enforces(guarded):
     assert over.status_code == 413 and over.json()["error"]["field"] == "documents"
 
 
-def raw_request(base_url: str, path: str, headers: dict[str, str], body: bytes, wait_s: float) -> tuple[int, float]:
+def raw_request(
+    base_url: str, path: str, headers: dict[str, str], body: bytes, wait_s: float, method: str = "POST"
+) -> tuple[int, float]:
     """Send the headers and `body` (a part of what Content-Length promises, or all), then wait for the status
     line: (status, seconds from the last byte sent to the answer)."""
     import socket
@@ -138,7 +140,7 @@ def raw_request(base_url: str, path: str, headers: dict[str, str], body: bytes, 
     from urllib.parse import urlsplit
 
     url = urlsplit(base_url)
-    lines = [f"POST {url.path}{path} HTTP/1.1", f"Host: {url.hostname}", *(f"{k}: {v}" for k, v in headers.items())]
+    lines = [f"{method} {url.path}{path} HTTP/1.1", f"Host: {url.hostname}", *(f"{k}: {v}" for k, v in headers.items())]
     with socket.create_connection((url.hostname, url.port), timeout=wait_s) as conn:
         conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
         sent = time.monotonic()
@@ -158,3 +160,12 @@ def test_a_body_that_never_finishes_arriving_gets_408(apps):
     headers = {"Content-Type": "application/json", "Content-Length": "1000", "X-API-Key": GUARDED_KEYS[0]}
     status, waited = raw_request(apps["guarded"], "/v2/rerank", headers, b'{"query": "q", ', 10)
     assert status == 408 and waited < 6  # request_read_timeout_s is 2 here
+
+
+@pytest.mark.parametrize(("method", "path"), [("POST", "/health"), ("POST", "/health/live"), ("GET", "/playground")])
+def test_an_open_path_or_a_get_refuses_a_body_before_reading_it(apps, method, path):
+    """No key is asked there, so nothing may be read: a promised body that never comes would hold the
+    connection until the read timeout (it did: 408 after request_read_timeout_s), a large one would be read."""
+    status, waited = raw_request(apps["guarded"], path, {"Content-Length": "1000"}, b"", 10, method)
+    assert status == 413 and waited < 1.5  # request_read_timeout_s is 2 here
+    assert httpx.get(f"{apps['guarded']}/health/live", timeout=30).status_code == 200  # without a body: as before

@@ -301,3 +301,40 @@ def test_batches_count_pairs_across_concurrent_callers(beta):
     big = {"query": QUERY, "documents": DOCUMENTS * 5}  # 25 pairs: cut to the cap inside the replica
     assert len(rerank(beta, big)["results"]) == 25
     assert beta.get("/v1/models").json()["pools"]["text"]["counters"]["largest_batch"] == cap
+
+
+def test_a_list_over_the_limit_is_refused_before_conversion_and_liveness_keeps_answering(alpha):
+    """Two million one-letter documents (10 MB, within max_request_bytes): refused from the parsed JSON's list
+    lengths, before the request model converts an item (that took ~20 s of the event loop, and /health/live
+    stalled meanwhile)."""
+    import threading
+    import time
+
+    import httpx
+
+    body = json.dumps({"query": "q", "documents": ["a"] * 2_000_000}).encode()
+    done, slowest = threading.Event(), []
+
+    def probe() -> None:
+        with httpx.Client(base_url=str(alpha.base_url), timeout=30) as client:
+            while not done.is_set():
+                start = time.monotonic()
+                assert client.get("/health/live").status_code == 200
+                slowest.append(time.monotonic() - start)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        start = time.monotonic()
+        answer = alpha.post("/v2/rerank", content=body, headers={"Content-Type": "application/json"})
+        took = time.monotonic() - start
+    finally:
+        done.set()
+        prober.join()
+    print(f"413 after {took:.2f} s; /health/live at most {max(slowest):.2f} s over {len(slowest)} probes")
+    assert answer.status_code == 413, answer.text
+    error = answer.json()["error"]
+    assert error["field"] == "documents" and "max_documents_per_request" in error["message"]
+    assert "2000000" in error["message"]
+    # Generous for a loaded 2-core machine; before the fix the answer took ~20 s and liveness stalled with it.
+    assert took < 10 and max(slowest) < 3
