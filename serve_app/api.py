@@ -147,28 +147,9 @@ class RequestGate:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             await self._refuse_size(send)
             return
-        chunks, size = [], 0
-        deadline = time.monotonic() + self.read_timeout_s
-        while True:
-            try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                message = (
-                    f"the request body did not arrive within {self.read_timeout_s} s (setting "
-                    "request_read_timeout_s); send it at once"
-                )
-                await self._refuse(send, 408, "timeout", message, "body")
-                return
-            if message["type"] != "http.request":  # the client went away
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.limit:
-                await self._refuse_size(send)
-                return
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
+        body = await self._read_body(receive, send)
+        if body is None:
+            return
         too_long = longest_list(body, self.max_items)
         if too_long is not None:
             field, items = too_long
@@ -188,6 +169,30 @@ class RequestGate:
             return {"type": "http.request", "body": body, "more_body": False}
 
         await self.inner(scope, replay, send)
+
+    async def _read_body(self, receive, send) -> bytes | None:
+        """The whole body, or None once refused (too large, too slow) or the client went away."""
+        chunks, size = [], 0
+        deadline = time.monotonic() + self.read_timeout_s
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                message = (
+                    f"the request body did not arrive within {self.read_timeout_s} s (setting "
+                    "request_read_timeout_s); send it at once"
+                )
+                await self._refuse(send, 408, "timeout", message, "body")
+                return None
+            if message["type"] != "http.request":  # the client went away
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                await self._refuse_size(send)
+                return None
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
     async def _refuse_size(self, send) -> None:
         message = f"request body is larger than {self.limit} bytes (setting max_request_bytes)"

@@ -32,7 +32,7 @@ from serve_app.hardware import Device
 from serve_app.media import content_from, decode_base64, is_url, open_image
 from serve_app.ranking import STRATEGIES, Threshold, rank
 from serve_app.schemas import BulkRow, ContentSpec, RerankJob, check_limits, describe_errors
-from serve_app.scoring.call import score_call
+from serve_app.scoring.call import score_call, window_rule
 from serve_app.scoring.types import ModelLoadError, Pair, Score, ScoringError
 from serve_app.settings import MODALITIES, PoolSettings, Settings, score_map_path
 
@@ -375,7 +375,7 @@ class PairScorer:
     def _score_windows(self, pairs: list[Pair]) -> list[Score]:
         """As a replica scores a call (scoring.call): long documents as the service cuts them, forwards of at most
         the batch cap."""
-        return score_call(self.scorer, pairs, self.cap, self.settings.window_stride())
+        return score_call(self.scorer, pairs, self.cap, window_rule(self.settings))
 
 
 # ---- output: shards committed atomically -------------------------------------------------------
@@ -573,7 +573,11 @@ def check_job_file(root: Path, options: Options, shards: list[Shard], settings: 
         for m in Catalog(settings).models
     }
     # How long documents are scored changes their scores too.
-    models["long_documents"] = {"mode": settings.long_documents, "stride": settings.window_stride_tokens}
+    models["long_documents"] = {
+        "mode": settings.long_documents,
+        "stride": settings.window_stride_tokens,
+        "per_document": settings.max_windows_per_document,
+    }
     job = {"options": asdict(options), "shards": [asdict(s) for s in shards], "models": models}
     path = root / "_job.json"
     if path.exists():

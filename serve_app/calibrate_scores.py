@@ -86,7 +86,7 @@ def raw_in_process(rows: list[dict], served: Served, settings: Settings) -> tupl
     family's own map; the family."""
     from serve_app import hardware, pools
     from serve_app.media import content_from, decode_base64
-    from serve_app.scoring.call import score_call
+    from serve_app.scoring.call import score_call, window_rule
     from serve_app.scoring.types import Pair
 
     def content(side: dict, field: str):
@@ -106,7 +106,7 @@ def raw_in_process(rows: list[dict], served: Served, settings: Settings) -> tupl
     def progress(done: int, total: int) -> None:
         log.info("scored %d/%d pairs", done, total)
 
-    scores = score_call(scorer, pairs, loaded.profile.max_batch_size, settings.window_stride(), progress=progress)
+    scores = score_call(scorer, pairs, loaded.profile.max_batch_size, window_rule(settings), progress=progress)
     return [score.raw for score in scores], scorer.calibrator, scorer.info.family
 
 

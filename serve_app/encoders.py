@@ -10,7 +10,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.errors import as_request_errors
 from serve_app.scoring.text import TextEncoder
-from serve_app.scoring.types import Pair
+from serve_app.scoring.types import Pair, WindowRule
 
 log = logging.getLogger("ray.serve")
 
@@ -48,7 +48,7 @@ class Encoders:
         return encoder
 
 
-def encode_call(encoder: TextEncoder, pairs: list[Pair], truncate: bool, stride: int | None):
+def encode_call(encoder: TextEncoder, pairs: list[Pair], truncate: bool, rule: WindowRule | None):
     """A model's pairs as token ids (windows cut, lengths checked), the way its pool would tokenize them."""
     with as_request_errors():
-        return encoder.prepare(pairs, truncate, stride)
+        return encoder.prepare(pairs, truncate, rule)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from serve_app.scoring.types import PairTooLong, ScoringError
+from serve_app.scoring.types import PairTooLong, ScoringError, TooManyWindows
 
 
 class RerankError(Exception):
@@ -98,7 +98,7 @@ def as_request_errors(field: str = "documents") -> Iterator[None]:
     checking a call): a pair too long for the model is a 413, any other pair the model cannot take a 422."""
     try:
         yield
-    except PairTooLong as exc:
+    except (PairTooLong, TooManyWindows) as exc:
         raise InputTooLarge(str(exc), field) from None
     except ScoringError as exc:
         raise InvalidInput(str(exc), field) from None

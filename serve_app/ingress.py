@@ -40,8 +40,9 @@ from serve_app.schemas import (
     TeiRerankRequest,
     check_limits,
 )
+from serve_app.scoring.call import window_rule, window_share
 from serve_app.scoring.text import TextEncoder
-from serve_app.scoring.types import EncodedPair, Pair, Score, best_windows
+from serve_app.scoring.types import EncodedPair, Pair, Score, WindowRule, best_windows
 from serve_app.settings import Settings
 from serve_app.status import RunningReplicas, ServiceStatus
 
@@ -276,18 +277,21 @@ class Ingress:
         Where the ingress tokenizes for the model, long documents are cut into windows here, and the windows spread
         over the calls; otherwise the replica cuts them."""
         handle = self._handle(served, job.priority or self.settings.default_priority)
-        stride = self.settings.window_stride() if job.split_long_documents and job.truncate else None
+        rule = window_rule(self.settings) if job.split_long_documents and job.truncate else None
         encoder = await self._encoder(served)
         if encoder is not None:
             start = time.perf_counter()
-            windows, items = await asyncio.to_thread(encode_call, encoder, items, job.truncate, stride)
+            share = window_share(rule, len(items), len(job.documents), self.settings)
+            windows, items = await asyncio.to_thread(encode_call, encoder, items, job.truncate, share)
             sent.tokenize_s += time.perf_counter() - start
-            owners, stride = [owners[k] for k in windows.owner], None
+            owners, rule = [owners[k] for k in windows.owner], None
             sent.split_here += windows.split
         self.pairs_sent[served.key] = self.pairs_sent.get(served.key, 0) + len(items)
         step = await self._call_size(served, handle, len(items))
         for start in range(0, len(items), step):
-            call = self._score_call(served, handle, items[start : start + step], job.truncate, stride, admit_by)
+            piece = items[start : start + step]
+            share = window_share(rule, len(piece), len(job.documents), self.settings)
+            call = self._score_call(served, handle, piece, job.truncate, share, admit_by)
             sent.calls.append((owners[start : start + step], asyncio.ensure_future(call)))
 
     async def _call_size(self, served: Served, handle: DeploymentHandle, pairs: int) -> int:
@@ -322,7 +326,7 @@ class Ingress:
         handle: DeploymentHandle,
         pairs: list[Pair] | list[EncodedPair],
         truncate: bool,
-        stride: int | None,
+        windows: WindowRule | None,
         admit_by: float | None = None,
     ) -> CallResult:
         """One pool call. A replica that dies with it (killed, out of memory, a failed GPU) gets the call again
@@ -330,7 +334,7 @@ class Ingress:
         Retry-After at once, rather than a call parked in the router until the deadline."""
         for attempt in range(2):
             await self._refuse_without_replicas(served, handle, fresh=attempt > 0)
-            response = handle.score.remote(pairs, truncate, stride, admit_by)
+            response = handle.score.remote(pairs, truncate, windows, admit_by)
             waiting = asyncio.ensure_future(response)
             try:
                 # While the call waits, keep asking whether the pool still has a running replica: a call the

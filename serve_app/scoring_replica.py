@@ -20,7 +20,7 @@ from serve_app.errors import InvalidInput, Overloaded, as_request_errors
 from serve_app.pool_call import CallResult
 from serve_app.resident import Part, PoolMetrics, Resident, pairs_in
 from serve_app.scoring.call import call_windows
-from serve_app.scoring.types import EncodedPair, Pair, TokenCount, Windows
+from serve_app.scoring.types import EncodedPair, Pair, TokenCount, WindowRule, Windows
 from serve_app.settings import PoolSettings
 from serve_app.stats import Throughput
 
@@ -99,21 +99,21 @@ class ScoringReplica:
         self,
         pairs: list[Pair] | list[EncodedPair],
         truncate: bool = True,
-        window_stride: int | None = None,
+        windows: WindowRule | None = None,
         admit_by: float | None = None,
     ) -> CallResult:
-        return await self._score(pairs, truncate, window_stride, admit_by, counted=True)
+        return await self._score(pairs, truncate, windows, admit_by, counted=True)
 
     async def _score(
         self,
         pairs: list[Pair] | list[EncodedPair],
         truncate: bool = True,
-        window_stride: int | None = None,
+        windows: WindowRule | None = None,
         admit_by: float | None = None,
         counted: bool = False,
     ) -> CallResult:
-        """A score per pair, in order, and what they cost. With `window_stride`, a document longer than the
-        model's window is scored as overlapping windows (sharing that many tokens) and gets its best window's
+        """A score per pair, in order, and what they cost. With a `windows` rule, a document longer than the
+        model's window is scored as overlapping windows (within the rule's bounds) and gets its best window's
         score; without, it is truncated (or refused, truncate=False). Bad input fails this call only, before it
         is batched. With `admit_by` (epoch seconds), a call that could not be scored by then is refused at once
         (503) instead of waiting for nothing."""
@@ -122,18 +122,18 @@ class ScoringReplica:
         self._on_call()
         ready = time.perf_counter()
         resident.last_used = time.monotonic()
-        windows = await self._checked_windows(resident, pairs, truncate, window_stride, counted)
+        cut = await self._checked_windows(resident, pairs, truncate, windows, counted)
         windowed = time.perf_counter()
-        self._admit(len(windows.pairs), admit_by)
+        self._admit(len(cut.pairs), admit_by)
         resident.calls += 1
-        results = await self._in_batches(resident.loaded.profile, windows.pairs)
+        results = await self._in_batches(resident.loaded.profile, cut.pairs)
         # The slowest piece is this call's critical path: its wait for a batch, its preparation, its forward.
         last = max(results, key=lambda part: part.done)
         return CallResult(
-            scores=windows.merge([score for part in results for score in part.scores]),
-            pairs=len(windows.pairs),
+            scores=cut.merge([score for part in results for score in part.scores]),
+            pairs=len(cut.pairs),
             tokens=sum(part.tokens for part in results),
-            split=windows.split,
+            split=cut.split,
             # Cutting documents into windows tokenizes them: tokenization time, not queueing.
             queue_ms=(ready - arrived + last.started - windowed) * 1000,
             tokenize_ms=(windowed - ready) * 1000 + last.tokenize_ms,
@@ -145,11 +145,11 @@ class ScoringReplica:
         resident: Resident,
         pairs: list[Pair] | list[EncodedPair],
         truncate: bool,
-        window_stride: int | None,
+        windows: WindowRule | None,
         counted: bool,
     ) -> Windows:
         """The call's pairs as the windows to score, each checked: token ids from the ingress as they are (it
-        tokenized, checked and cut them), text cut into windows with `window_stride` and checked here. A pair
+        tokenized, checked and cut them), text cut into windows by the `windows` rule and checked here. A pair
         the model cannot take fails this call, before anything is batched."""
         scorer = resident.loaded.scorer
         encoded = bool(pairs) and isinstance(pairs[0], EncodedPair)
@@ -163,7 +163,7 @@ class ScoringReplica:
         with as_request_errors():
             # Cutting and checking tokenize (a check without truncation tokenizes every pair): off the event loop.
             return await asyncio.get_running_loop().run_in_executor(
-                self.prepare_thread, call_windows, scorer, pairs, window_stride, truncate
+                self.prepare_thread, call_windows, scorer, pairs, windows, truncate
             )
 
     async def _in_batches(self, profile, scored: list[Pair]) -> list[Part]:

@@ -490,6 +490,20 @@ class Settings(BaseSettings):
     window_stride_tokens: int = Field(
         default=64, ge=0, description="Tokens consecutive windows of a long document share.", json_schema_extra=ADVANCED
     )
+    max_windows_per_document: int = Field(
+        default=32,
+        ge=1,
+        description="A long document is scored over at most this many windows, its first (the rest of it is not "
+        "scored, as truncation would not score it). A query that leaves its document under a quarter of the "
+        "model's window is not windowed at all: the pair is truncated (or refused, truncate=false).",
+    )
+    max_windows_per_request: int = Field(
+        default=4096,
+        ge=1,
+        description="Windows one request's long documents may make in all; more is 413, counted before any "
+        "window is tokenized. Where a pool cuts the windows (families the ingress does not tokenize for), each "
+        "pool call may make its share, in proportion to its pairs.",
+    )
     auto_truncate: bool = Field(
         default=True, description="Truncate over-long pairs when a TEI request leaves `truncate` unset."
     )
@@ -645,11 +659,6 @@ class Settings(BaseSettings):
         if unknown or not formats:
             raise ValueError(f"image_formats: {unknown or 'none given'}; Pillow here opens {sorted(Image.OPEN)}")
         return formats
-
-    def window_stride(self) -> int | None:
-        """The stride a call's long documents are cut into windows with (setting long_documents); None: cut to the
-        window instead."""
-        return self.window_stride_tokens if self.long_documents == "windows" else None
 
     def instruction_templates(self) -> dict[str, str]:
         with open(self.instruction_templates_path, encoding="utf-8") as f:

@@ -56,7 +56,7 @@ def test_one_pair_failing_in_a_way_nobody_foresaw_fails_its_own_row_only():
         def calibrate(self, raw):
             return [Score(r, r / 10) for r in raw]
 
-        def expand_windows(self, pairs, stride):
+        def expand_windows(self, pairs, rule):
             return Windows.whole(pairs)
 
     actor = PairScorer.__new__(PairScorer)

@@ -153,6 +153,7 @@ def test_labels_are_scored_as_the_service_scores_a_call_long_documents_as_their_
     """calibrate_scores runs the replica's steps (scoring.call): a document longer than the model's window gets
     its best window's raw score, so the map is fitted on the scores it will be applied to."""
     from serve_app.catalog import Catalog
+    from serve_app.scoring.call import window_rule
     from serve_app.scoring.loading import load_scorer
     from serve_app.scoring.types import Content, Pair
     from tests import direct
@@ -162,7 +163,7 @@ def test_labels_are_scored_as_the_service_scores_a_call_long_documents_as_their_
     settings = Settings(text={"model": str(model_dirs["cross_encoder"])})
     (raw,), _, _ = calibrate_scores.raw_in_process(rows, Catalog(settings).defaults["text"], settings)
     scorer = load_scorer(str(model_dirs["cross_encoder"]))
-    windows = scorer.windows(Pair(Content(text=query), Content(text=document)), settings.window_stride_tokens)
+    windows = scorer.windows(Pair(Content(text=query), Content(text=document)), window_rule(settings))
     assert len(windows) > 3  # the tiny model's window is 64 tokens
     expected = direct.cross_encoder(model_dirs["cross_encoder"], query, windows)
     assert raw == pytest.approx(max(expected), abs=1e-4)

@@ -11,13 +11,14 @@ from pathlib import Path
 import httpx
 import pytest
 
+from serve_app.scoring.call import window_rule
 from serve_app.scoring.loading import load_scorer, resolve_model_dir
 from serve_app.scoring.types import Content, Logistic, Pair
 from serve_app.settings import DEFAULT_TEXT_MODEL, Settings
 from tests import direct
 from tests.conftest import deploy, noise_image, undeploy
 
-STRIDE = Settings().window_stride_tokens
+RULE = window_rule(Settings())
 QUERY = "what is the capital of france"
 FILLER = (
     "The old mill by the river ground wheat for the village bakers every autumn. Gardeners plant tulip bulbs "
@@ -55,7 +56,7 @@ def test_a_long_document_scores_as_its_best_window_and_outranks_a_short_irreleva
 
     # The windows the service scored, from the same code, each through a plain transformers forward.
     scorer = load_scorer(DEFAULT_TEXT_MODEL, _options())
-    windows = scorer.windows(Pair(Content(text=QUERY), Content(text=document)), STRIDE)
+    windows = scorer.windows(Pair(Content(text=QUERY), Content(text=document)), RULE)
     assert len(windows) > 10 and RELEVANT.split(",")[0] in windows[-1]
     model_dir = resolve_model_dir(DEFAULT_TEXT_MODEL, _options().cache_dir)
     expected = direct.embedding(model_dir, QUERY, windows, max_length=scorer.max_length)
@@ -72,7 +73,7 @@ def test_windows_of_a_cross_encoder_match_direct_forwards_of_the_same_windows(al
     document = long_document(300)  # the tiny model's window is 64 tokens
     answer = rerank(alpha, {"query": QUERY, "documents": [document, "the dog"], "raw_scores": True}).json()
     scorer = load_scorer(str(model_dirs["cross_encoder"]))
-    windows = scorer.windows(Pair(Content(text=QUERY), Content(text=document)), STRIDE)
+    windows = scorer.windows(Pair(Content(text=QUERY), Content(text=document)), RULE)
     assert len(windows) > 5
     expected = direct.cross_encoder(model_dirs["cross_encoder"], QUERY, windows)
     assert raw_by_index(answer)[0] == pytest.approx(max(expected), abs=1e-4)
@@ -234,3 +235,61 @@ def test_the_openapi_schema_shows_every_dialect_with_an_example(alpha):
     for name in ("RerankRequest", "TeiRerankRequest", "ScoreRequest", "ContentIn"):
         assert components[name].get("examples"), name
     assert "404" in paths["/v2/rerank"]["post"]["responses"] and "404" in paths["/score"]["post"]["responses"]
+
+
+def windows_scored(client: httpx.Client) -> int:
+    """The windows (and whole pairs) the text pool has scored from token ids the ingress sent."""
+    return client.get("/v1/stats").json()["pools"]["text"][0]["encoded_pairs"]
+
+
+def test_a_document_is_scored_over_at_most_max_windows_per_document(alpha):
+    document = long_document(3000)  # ~100 windows of the tiny model's 64 tokens
+    before = windows_scored(alpha)
+    answer = rerank(alpha, {"query": QUERY, "documents": [document]}).json()
+    assert answer["meta"]["split_documents"] == 1
+    assert windows_scored(alpha) - before == Settings().max_windows_per_document == 32
+
+
+def test_a_query_leaving_under_a_quarter_of_the_window_truncates_instead_of_windowing(alpha, model_dirs):
+    """A ~55-token query against the tiny 64-token cross-encoder leaves its document a few tokens: windows of
+    those would be hundreds per document (999 windows of one 2,000-character document, seen); truncated."""
+    query = " ".join(["capital"] * 52)
+    document = long_document(300)
+    before = windows_scored(alpha)
+    answer = rerank(alpha, {"query": query, "documents": [document], "raw_scores": True}).json()
+    assert answer["meta"]["split_documents"] == 0 and windows_scored(alpha) - before == 1
+    (expected,) = direct.cross_encoder(model_dirs["cross_encoder"], query, [document])  # truncated to the window
+    assert raw_by_index(answer)[0] == pytest.approx(expected, abs=1e-4)
+    # truncate=false: refused, as any pair over the window is.
+    refused = alpha.post("/rerank", json={"query": query, "texts": [document], "truncate": False})
+    assert refused.status_code == 413
+
+
+def test_the_largest_windowed_request_is_refused_within_seconds_before_any_window_is_tokenized(alpha):
+    """1,000 documents of ~20 windows each: over max_windows_per_request (4,096), refused with 413 naming it,
+    from the windows counted on the tokenizer's offsets, not after encoding 20,000 windows."""
+    import time
+
+    documents = [long_document(600) + f" {i}" for i in range(1000)]
+    start = time.monotonic()
+    answer = alpha.post("/v2/rerank", json={"query": QUERY, "documents": documents})
+    took = time.monotonic() - start
+    print(f"refused in {took:.2f} s")
+    assert answer.status_code == 413, answer.text
+    assert "max_windows_per_request" in answer.json()["message"]
+    assert took < 20  # generous for a loaded 2-core machine; the encoding it spares took ~20 s on its own
+
+
+def test_a_pool_that_cuts_windows_keeps_its_share_of_the_request(model_dirs):
+    """Where the pool cuts the windows (a family the ingress does not tokenize for), the call's rule bounds them
+    the same way: at most per_document per document, and TooManyWindows past the call's share."""
+    from serve_app.errors import InputTooLarge, as_request_errors
+    from serve_app.scoring.call import call_windows
+    from serve_app.scoring.types import WindowRule
+
+    scorer = load_scorer(str(model_dirs["cross_encoder"]))
+    pairs = [Pair(Content(text=QUERY), Content(text=long_document(3000))) for _ in range(3)]
+    windows = call_windows(scorer, pairs, WindowRule(64, per_document=5, per_call=15), truncate=True)
+    assert len(windows.pairs) == 15 and windows.owner == [0] * 5 + [1] * 5 + [2] * 5
+    with pytest.raises(InputTooLarge, match="max_windows_per_request"), as_request_errors():
+        call_windows(scorer, pairs, WindowRule(64, per_document=5, per_call=14), truncate=True)

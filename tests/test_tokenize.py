@@ -11,11 +11,12 @@ import time
 import httpx
 import pytest
 
-from serve_app.scoring.call import call_windows, score_call
+from serve_app.scoring.call import call_windows, score_call, window_rule
 from serve_app.scoring.family import LoadOptions
 from serve_app.scoring.loading import load_scorer
 from serve_app.scoring.text import ENCODE_CHUNK, TextEncoder, unpack
-from serve_app.scoring.types import Content, EncodedPair, Pair, PairTooLong
+from serve_app.scoring.types import Content, EncodedPair, Pair, PairTooLong, WindowRule
+from serve_app.settings import Settings
 
 LONG = " ".join(f"word{i} the capital city of france is paris" for i in range(40))
 # Odd text a hostile or careless client sends: combining marks, zero-width, RTL, CJK, emoji, controls.
@@ -62,7 +63,7 @@ def encoder_of(scorer) -> TextEncoder:
 def test_token_ids_equal_the_families_own(scorers, name, extra):
     scorer = scorers[name]
     given = pairs(**extra)
-    windows, encoded = encoder_of(scorer).prepare(given, truncate=True, stride=None)
+    windows, encoded = encoder_of(scorer).prepare(given, truncate=True, rule=None)
     assert windows.split == 0 and len(encoded) == len(given)
     assert all(isinstance(e, EncodedPair) for e in encoded)
     queries, documents = scorer.text_pairs(given)
@@ -81,7 +82,7 @@ def test_a_call_larger_than_a_tokenizer_chunk_keeps_its_order_at_four_bytes_a_to
     scorer = scorers[name]
     given = pairs([f"{d} {i}" for i, d in enumerate(DOCUMENTS * 70)])
     assert len(given) > 2 * ENCODE_CHUNK
-    _, encoded = encoder_of(scorer).prepare(given, truncate=True, stride=None)
+    _, encoded = encoder_of(scorer).prepare(given, truncate=True, rule=None)
     queries, documents = scorer.text_pairs(given)
     if scorer.family == "cross_encoder":
         expected = scorer.tokenizer(queries, documents, truncation=True, max_length=scorer.max_length)["input_ids"]
@@ -100,9 +101,10 @@ def test_scores_are_identical_with_tokenizing_in_the_ingress_and_in_the_replica(
     given = pairs(max_tokens_per_doc=None)
     # The replica's own path (scoring.call): its windows (when asked), its tokenizing, its forward; the best
     # window's score.
-    replica_windows = call_windows(scorer, given, stride, truncate=True)
-    in_replica = [s.raw for s in score_call(scorer, given, len(replica_windows.pairs), stride)]
-    windows, encoded = encoder_of(scorer).prepare(given, truncate=True, stride=stride)
+    rule = None if stride is None else WindowRule(stride)
+    replica_windows = call_windows(scorer, given, rule, truncate=True)
+    in_replica = [s.raw for s in score_call(scorer, given, len(replica_windows.pairs), rule)]
+    windows, encoded = encoder_of(scorer).prepare(given, truncate=True, rule=rule)
     assert windows.owner == replica_windows.owner and windows.split == replica_windows.split
     if stride is not None:
         assert windows.split > 0 or scorer.max_length >= 256  # the tiny models' 64 tokens cut LONG
@@ -120,7 +122,7 @@ def test_too_long_without_truncation_is_refused_with_the_families_message(scorer
     with pytest.raises(PairTooLong) as in_replica:
         scorer.check(given, truncate=False)
     with pytest.raises(PairTooLong) as in_ingress:
-        encoder_of(scorer).prepare(given, truncate=False, stride=None)
+        encoder_of(scorer).prepare(given, truncate=False, rule=None)
     assert str(in_ingress.value) == str(in_replica.value)
     assert "2 pair(s)" in str(in_ingress.value) and "pair 1" in str(in_ingress.value)
 
@@ -172,7 +174,7 @@ def test_long_documents_cut_in_the_ingress_spread_over_calls_and_merge_to_their_
     assert response.status_code == 200, response.text
     answer = response.json()
     assert answer["meta"]["split_documents"] == 1
-    windows = scorer.expand_windows(pairs(body["documents"]), 64)
+    windows = scorer.expand_windows(pairs(body["documents"]), window_rule(Settings()))
     assert len(windows.pairs) > 3
     assert text_pool(alpha)["encoded_pairs"] - before["encoded_pairs"] == len(windows.pairs)
     expected = [s.raw for s in windows.merge(scorer.calibrate(scorer.score(windows.pairs)))]

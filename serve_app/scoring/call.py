@@ -5,15 +5,35 @@ pieces share forwards with other callers'); the bulk job and `calibrate_scores` 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
-from serve_app.scoring.types import Pair, Score, Scorer, Windows
+from serve_app.scoring.types import Pair, Score, Scorer, WindowRule, Windows
+from serve_app.settings import Settings
 
 
-def call_windows(scorer: Scorer, pairs: Sequence[Pair], window_stride: int | None, truncate: bool) -> Windows:
-    """The pairs to score, each checked: with `window_stride` (tokens consecutive windows share), a document
-    longer than the model's window as overlapping windows; without, as it is (cut, or refused when not
-    `truncate`). Raises ScoringError for a pair the model cannot take."""
-    windows = scorer.expand_windows(pairs, window_stride) if window_stride is not None else Windows.whole(pairs)
+def window_rule(settings: Settings) -> WindowRule | None:
+    """How long documents are cut into windows (setting long_documents), bounded per document; None: cut to the
+    model's window instead. The bound per request (max_windows_per_request) is the ingress' to share out."""
+    if settings.long_documents != "windows":
+        return None
+    return WindowRule(settings.window_stride_tokens, per_document=settings.max_windows_per_document)
+
+
+def window_share(rule: WindowRule | None, pairs: int, of_pairs: int, settings: Settings) -> WindowRule | None:
+    """The rule for `pairs` of a request's `of_pairs` pairs: their share of max_windows_per_request, in
+    proportion to their number (at least one window each), so that all of the request's calls together stay
+    within it."""
+    if rule is None:
+        return None
+    share = settings.max_windows_per_request * pairs // max(1, of_pairs)
+    return replace(rule, per_call=max(pairs, share))
+
+
+def call_windows(scorer: Scorer, pairs: Sequence[Pair], rule: WindowRule | None, truncate: bool) -> Windows:
+    """The pairs to score, each checked: with a window `rule`, a document longer than the model's window as
+    overlapping windows (within the rule's bounds); without, as it is (cut, or refused when not `truncate`).
+    Raises ScoringError for a pair the model cannot take, TooManyWindows for a call over its bound."""
+    windows = scorer.expand_windows(pairs, rule) if rule is not None else Windows.whole(pairs)
     scorer.check(windows.pairs, truncate)
     return windows
 
@@ -22,13 +42,13 @@ def score_call(
     scorer: Scorer,
     pairs: Sequence[Pair],
     cap: int,
-    window_stride: int | None,
+    rule: WindowRule | None,
     truncate: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[Score]:
     """A score per pair, in order: `call_windows`, forwards of at most `cap` windows, the calibrated map, the
     best window's score. `progress(done, total)` is told the windows scored after each forward."""
-    windows = call_windows(scorer, pairs, window_stride, truncate)
+    windows = call_windows(scorer, pairs, rule, truncate)
     raw: list[float] = []
     for start in range(0, len(windows.pairs), cap):
         raw.extend(scorer.score(windows.pairs[start : start + cap]))

@@ -14,7 +14,14 @@ from transformers import AutoTokenizer
 
 from serve_app.scoring.batching import Cuts, Shapes, to_device, truncate_to_tokens
 from serve_app.scoring.graphs import GRAPHED_ATTENTION, Batch, GraphedForward
-from serve_app.scoring.text import ENCODED_FAMILIES, TokenizerSpec, cut_windows, may_need_windows
+from serve_app.scoring.text import (
+    ENCODED_FAMILIES,
+    TokenizerSpec,
+    check_window_count,
+    cut_windows,
+    may_need_windows,
+    worth_windows,
+)
 from serve_app.scoring.types import (
     Calibrator,
     Content,
@@ -26,6 +33,7 @@ from serve_app.scoring.types import (
     ScorerInfo,
     TokenCount,
     UnsupportedPair,
+    WindowRule,
     Windows,
 )
 from serve_app.settings import DEFAULT_MODEL_CACHE_DIR
@@ -207,23 +215,23 @@ class FamilyScorer:
         query = len(self.tokenizer(pair.query_text(), add_special_tokens=False)["input_ids"])
         return self.max_length - specials - query
 
-    def windows(self, pair: Pair, stride: int) -> list[str] | None:
+    def windows(self, pair: Pair, rule: WindowRule) -> list[str] | None:
         """The pair's document (cut to max_tokens_per_doc) as overlapping windows of the tokens that fit beside
-        its query, consecutive windows sharing `stride` tokens (at most half a window); None when it fits whole,
-        has no text, or its query leaves no room (then truncation applies)."""
+        its query, as `rule` cuts them (text.cut_windows); None when it fits whole, has no text, or its query
+        leaves it under a quarter of the model's window (then truncation applies)."""
         text = self.document_text(pair)
         if text is None or pair.needs_image_model:
             return None
         budget = self.document_budget(pair)
-        if not may_need_windows(text, budget):
+        if not worth_windows(budget, self.max_length) or not may_need_windows(text, budget):
             return None
         offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        return cut_windows(text, offsets, budget, stride)
+        return cut_windows(text, offsets, budget, rule)
 
-    def expand_windows(self, pairs: Sequence[Pair], stride: int) -> Windows:
+    def expand_windows(self, pairs: Sequence[Pair], rule: WindowRule) -> Windows:
         expanded, owner, split = [], [], 0
         for i, pair in enumerate(pairs):
-            texts = self.windows(pair, stride)
+            texts = self.windows(pair, rule)
             if texts is None:
                 expanded.append(pair)
                 owner.append(i)
@@ -232,7 +240,7 @@ class FamilyScorer:
             for text in texts:
                 expanded.append(replace(pair, document=Content(text=text), max_tokens_per_doc=None))
                 owner.append(i)
-        return Windows(expanded, owner, split, len(pairs))
+        return check_window_count(Windows(expanded, owner, split, len(pairs)), rule)
 
     def tokenizer_spec(self) -> TokenizerSpec | None:
         """This model's tokenizing as plain data, for a caller that tokenizes before the pool (the ingress); None

@@ -15,7 +15,16 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from serve_app.scoring.types import Content, EncodedPair, Pair, PairTooLong, UnsupportedPair, Windows
+from serve_app.scoring.types import (
+    Content,
+    EncodedPair,
+    Pair,
+    PairTooLong,
+    TooManyWindows,
+    UnsupportedPair,
+    WindowRule,
+    Windows,
+)
 
 # Families whose tokenizing this module reproduces exactly.
 ENCODED_FAMILIES = ("cross_encoder", "embedding")
@@ -52,19 +61,42 @@ def prefix_of(text: str, offsets: Sequence[tuple[int, int]], max_tokens: int) ->
     return text[: offsets[max_tokens - 1][1]]
 
 
-def cut_windows(text: str, offsets: Sequence[tuple[int, int]], budget: int, stride: int) -> list[str] | None:
-    """`text` as overlapping windows of `budget` tokens, consecutive windows sharing `stride` tokens (at most
-    half a window); None when it fits whole."""
+# A query that leaves its document less than this share of the model's window (e.g. 4 of 512 tokens) would
+# turn a short document into hundreds of windows: such a pair is truncated instead (or refused, truncate=false).
+MIN_WINDOW_SHARE = 4
+
+
+def worth_windows(budget: int, max_length: int) -> bool:
+    """Whether a document with `budget` tokens beside its query may be cut into windows (else truncation)."""
+    return budget >= max(2, max_length // MIN_WINDOW_SHARE)
+
+
+def cut_windows(text: str, offsets: Sequence[tuple[int, int]], budget: int, rule: WindowRule) -> list[str] | None:
+    """`text` as overlapping windows of `budget` tokens, consecutive windows sharing `rule.stride` tokens (at
+    most half a window), at most `rule.per_document` of them (its first); None when it fits whole."""
     if len(offsets) <= budget:
         return None
-    stride = min(stride, budget // 2)  # a small window (CLIP's 77 tokens) still moves on by half of itself
+    stride = min(rule.stride, budget // 2)  # a small window (CLIP's 77 tokens) still moves on by half of itself
     windows, start = [], 0
-    while True:
+    while len(windows) < rule.per_document:
         end = min(start + budget, len(offsets))
         windows.append(text[offsets[start][0] : offsets[end - 1][1]])
         if end == len(offsets):
-            return windows
+            break
         start += budget - stride
+    return windows
+
+
+def check_window_count(windows: Windows, rule: WindowRule) -> Windows:
+    """The call's windows, or TooManyWindows when they are more than `rule.per_call` (before any is tokenized)."""
+    if rule.per_call is not None and len(windows.pairs) > rule.per_call:
+        raise TooManyWindows(
+            f"the documents make {len(windows.pairs)} windows (long documents are scored as windows of the "
+            f"model's length), more than the {rule.per_call} this request may score (setting "
+            "max_windows_per_request); send fewer or shorter documents, or truncate=true with long_documents="
+            "truncate"
+        )
+    return windows
 
 
 def raise_if_too_long(lengths: Sequence[int], max_length: int, what: str) -> None:
@@ -125,16 +157,16 @@ class TextEncoder:
             return self.max_length - specials
         return self.max_length - specials - len(self.plain.encode(pair.query_text(), add_special_tokens=False).ids)
 
-    def windows(self, pairs: Sequence[Pair], stride: int | None) -> Windows:
-        """Each pair, its document cut to max_tokens_per_doc; with a `stride`, a long document as windows."""
+    def windows(self, pairs: Sequence[Pair], rule: WindowRule | None) -> Windows:
+        """Each pair, its document cut to max_tokens_per_doc; with a `rule`, a long document as windows."""
         expanded, owner, split = [], [], 0
         for i, pair in enumerate(pairs):
             text = self.document_text(pair)
             cut = None
-            if stride is not None:
+            if rule is not None:
                 budget = self.document_budget(pair)
-                if may_need_windows(text, budget):
-                    cut = cut_windows(text, self.offsets(text), budget, stride)
+                if worth_windows(budget, self.max_length) and may_need_windows(text, budget):
+                    cut = cut_windows(text, self.offsets(text), budget, rule)
             if cut is None:
                 expanded.append(replace(pair, document=Content(text=text), max_tokens_per_doc=None))
                 owner.append(i)
@@ -143,7 +175,8 @@ class TextEncoder:
             for window in cut:
                 expanded.append(replace(pair, document=Content(text=window), max_tokens_per_doc=None))
                 owner.append(i)
-        return Windows(expanded, owner, split, len(pairs))
+        windows = Windows(expanded, owner, split, len(pairs))
+        return windows if rule is None else check_window_count(windows, rule)
 
     def check(self, pairs: Sequence[Pair]) -> None:
         """PairTooLong when a pair (truncate=false) exceeds the model's window, as the family's check says it."""
@@ -177,9 +210,11 @@ class TextEncoder:
             ids.update((text, pack(e.ids)) for text, e in zip(chunk, self.truncating.encode_batch(chunk)))
         return [EncodedPair(ids[q], None, ids[d]) for q, d in zip(queries, documents)]
 
-    def prepare(self, pairs: Sequence[Pair], truncate: bool, stride: int | None) -> tuple[Windows, list[EncodedPair]]:
+    def prepare(
+        self, pairs: Sequence[Pair], truncate: bool, rule: WindowRule | None
+    ) -> tuple[Windows, list[EncodedPair]]:
         """A call's pairs as the pool will score them: windows (or cut documents), checked, as token ids."""
-        windows = self.windows(pairs, stride)
+        windows = self.windows(pairs, rule)
         if not truncate:
             self.check(windows.pairs)
         return windows, self.encode(windows.pairs)

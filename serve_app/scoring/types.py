@@ -77,6 +77,10 @@ class UnsupportedPair(ScoringError):
     pass
 
 
+class TooManyWindows(ScoringError):
+    """A call's long documents would make more windows than it may score (a 413, as a pair too long is)."""
+
+
 class ModelLoadError(Exception):
     """The model could not be found or loaded."""
 
@@ -128,6 +132,18 @@ class TokenCount:
 
     def __add__(self, other: TokenCount) -> TokenCount:
         return TokenCount(self.real + other.real, self.padded + other.padded)
+
+
+@dataclass(frozen=True)
+class WindowRule:
+    """How a call's long documents become windows: consecutive windows share `stride` tokens (at most half a
+    window); a document is scored over at most its first `per_document` windows (the rest of it is not scored,
+    as truncation would not score it); the call may make at most `per_call` windows in all (None: no bound but
+    the per-document one), else TooManyWindows."""
+
+    stride: int
+    per_document: int = 32
+    per_call: int | None = None
 
 
 @dataclass(frozen=True)
@@ -189,5 +205,5 @@ class Scorer(Protocol):
     def tokens(self, prepared: Any) -> TokenCount:
         """Real and padded text tokens of a prepared batch (padding waste = padded / real - 1)."""
 
-    def expand_windows(self, pairs: Sequence[Pair], stride: int) -> Windows:
+    def expand_windows(self, pairs: Sequence[Pair], rule: WindowRule) -> Windows:
         """Each text document longer than the model's window (beside its query) as overlapping windows."""
