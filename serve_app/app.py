@@ -30,7 +30,10 @@ def bind_pools(settings: Settings, realtime: bool) -> dict[str, Application | No
             else pool_settings.deployment_options(f"{served.key}_pool")
         )
         bound[served.key] = PoolReplica.options(
-            **options, **router_options(settings), logging_config={"log_level": settings.log_level}
+            **options,
+            **router_options(settings),
+            **shutdown_options(settings),
+            logging_config={"log_level": settings.log_level},
         ).bind(
             served.modality,
             pool_settings,
@@ -42,6 +45,15 @@ def bind_pools(settings: Settings, realtime: bool) -> dict[str, Application | No
             served.set_where("model"),
         )
     return bound
+
+
+# A replica being replaced (a redeploy, a scale-down) finishes the requests it holds: it waits past the longest
+# a request may take, plus this, before Serve stops it (Serve's default, 20 s, is under request_timeout_s' 30).
+SHUTDOWN_MARGIN_S = 10.0
+
+
+def shutdown_options(settings: Settings) -> dict:
+    return {"graceful_shutdown_timeout_s": settings.request_timeout_s + SHUTDOWN_MARGIN_S}
 
 
 def router_options(settings: Settings) -> dict:
@@ -59,6 +71,7 @@ def bind_shared(settings: Settings) -> Application | None:
     return SharedReplica.options(
         **settings.shared_pool.deployment_options(f"{SHARED}_pool"),
         **router_options(settings),
+        **shutdown_options(settings),
         logging_config={"log_level": settings.log_level},
     ).bind(shared, settings.shared_pool, settings.model_cache_dir, load_profile_rows(settings.batch_profiles_path))
 
@@ -68,6 +81,7 @@ def build_app(args: dict | None = None) -> Application:
     settings = Settings(**(args or {}))
     return Ingress.options(
         **settings.ingress.deployment_options(),
+        **shutdown_options(settings),
         # The proxy's own refusals (ingress queue full) carry Retry-After too.
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=settings.retry_after_s),
         logging_config={"log_level": settings.log_level},

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+from concurrent.futures import Executor
 
 from ray.serve.handle import DeploymentHandle
 
@@ -48,7 +50,20 @@ class Encoders:
         return encoder
 
 
-def encode_call(encoder: TextEncoder, pairs: list[Pair], truncate: bool, rule: WindowRule | None):
-    """A model's pairs as token ids (windows cut, lengths checked), the way its pool would tokenize them."""
-    with as_request_errors():
-        return encoder.prepare(pairs, truncate, rule)
+async def encode_call(
+    encoder: TextEncoder, pairs: list[Pair], truncate: bool, rule: WindowRule | None, threads: Executor | None = None
+):
+    """A model's pairs as token ids (windows cut, lengths checked), the way its pool would tokenize them: on one
+    of `threads`, which stops at its next piece of work when this task is cancelled (the deadline, a client
+    gone)."""
+    stop = threading.Event()
+
+    def run():
+        with as_request_errors():
+            return encoder.prepare(pairs, truncate, rule, stop)
+
+    try:
+        return await asyncio.get_running_loop().run_in_executor(threads, run)
+    except asyncio.CancelledError:
+        stop.set()
+        raise

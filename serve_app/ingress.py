@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import httpx
@@ -122,6 +124,10 @@ class Ingress:
             settings, self.catalog, pools, realtime_pools, shared, self.replicas, self.pairs_sent
         )
         self.encoders = Encoders()
+        # Tokenizing and image decoding: on a bounded set of threads, each single-threaded (the Rust tokenizer's
+        # parallelism would take every core of the node for one request).
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        self.threads = ThreadPoolExecutor(settings.ingress.threads, thread_name_prefix="ingress-work")
         # One handle per shared model, made once: each call names its model to the multiplexing router.
         self.shared_handles = {
             name: shared.options(multiplexed_model_id=name) for name in self.catalog.shared() if shared is not None
@@ -243,7 +249,7 @@ class Ingress:
         modalities = [modality_of(job.query.image is not None, d.image is not None) for d in job.documents]
         counts = modality_counts(modalities)
         routes = self.catalog.route(job.model, counts)
-        query, documents = await load_contents(job, self.settings, self.http)
+        query, documents = await load_contents(job, self.settings, self.http, self.threads)
         pairs = [Pair(query, d, job.instruction, job.max_tokens_per_doc) for d in documents]
         by_model: dict[str, list[int]] = {}
         for i, modality in enumerate(modalities):
@@ -282,7 +288,7 @@ class Ingress:
         if encoder is not None:
             start = time.perf_counter()
             share = window_share(rule, len(items), len(job.documents), self.settings)
-            windows, items = await asyncio.to_thread(encode_call, encoder, items, job.truncate, share)
+            windows, items = await encode_call(encoder, items, job.truncate, share, self.threads)
             sent.tokenize_s += time.perf_counter() - start
             owners, rule = [owners[k] for k in windows.owner], None
             sent.split_here += windows.split

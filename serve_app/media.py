@@ -9,6 +9,7 @@ import io
 import re
 import threading
 import warnings
+from concurrent.futures import Executor
 from typing import TYPE_CHECKING
 
 import httpx
@@ -187,16 +188,21 @@ def open_image(data: bytes, settings: Settings, field: str, budget: RequestImage
 
 
 async def load_image(
-    value: str, settings: Settings, field: str, client: httpx.AsyncClient, budget: RequestImages | None = None
+    value: str,
+    settings: Settings,
+    field: str,
+    client: httpx.AsyncClient,
+    budget: RequestImages | None = None,
+    threads: Executor | None = None,
 ) -> Image.Image:
-    """One image from a request field; decoding runs in a thread so the event loop keeps serving."""
+    """One image from a request field; decoding runs on one of `threads` so the event loop keeps serving."""
     budget = budget or RequestImages(settings)
     if is_url(value):
         async with budget.fetches:
             data = await fetch_url(value, settings, field, client)
     else:
         data = decode_base64(value, settings, field)
-    return await asyncio.to_thread(open_image, data, settings, field, budget)
+    return await asyncio.get_running_loop().run_in_executor(threads, open_image, data, settings, field, budget)
 
 
 def content_from(text: str | None, image: bytes | None, settings: Settings, field: str) -> Content:
@@ -207,9 +213,11 @@ def content_from(text: str | None, image: bytes | None, settings: Settings, fiel
     return Content(text=text, image=open_image(image, settings, f"{field}.image"))
 
 
-async def load_contents(job: RerankJob, settings: Settings, http: httpx.AsyncClient) -> tuple[Content, list[Content]]:
-    """The job's query and documents as Content: every image fetched and decoded at once, within one budget for
-    the request; each document keeps its text."""
+async def load_contents(
+    job: RerankJob, settings: Settings, http: httpx.AsyncClient, threads: Executor | None = None
+) -> tuple[Content, list[Content]]:
+    """The job's query and documents as Content: every image fetched and decoded at once (on `threads`), within
+    one budget for the request; each document keeps its text."""
     if job.query.image is None and all(d.image is None for d in job.documents):
         return Content(text=job.query.text), [Content(text=d.text) for d in job.documents]
 
@@ -218,7 +226,7 @@ async def load_contents(job: RerankJob, settings: Settings, http: httpx.AsyncCli
     async def content(spec: ContentSpec, field: str) -> Content:
         if spec.image is None:
             return Content(text=spec.text)
-        image = await load_image(spec.image, settings, f"{field}.image", http, budget)
+        image = await load_image(spec.image, settings, f"{field}.image", http, budget, threads)
         return Content(text=spec.text, image=image)
 
     specs = [(job.query, "query"), *((d, f"documents[{i}]") for i, d in enumerate(job.documents))]

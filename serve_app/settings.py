@@ -334,6 +334,14 @@ class IngressSettings(BaseModel):
     max_ongoing_requests: int = Field(
         default=100, ge=1, description="HTTP requests one ingress replica takes at once.", json_schema_extra=ADVANCED
     )
+    threads: int = Field(
+        default=2,
+        ge=1,
+        description="Threads one ingress replica tokenizes text and decodes images on, each single-threaded (the "
+        "Rust tokenizer's own parallelism is off there): however many requests arrive, the ingress takes no more "
+        "cores than this, and its event loop keeps answering.",
+        json_schema_extra=ADVANCED,
+    )
     max_queued_requests: int = Field(
         default=200,
         ge=-1,
@@ -348,6 +356,10 @@ class IngressSettings(BaseModel):
             "max_queued_requests": self.max_queued_requests,
             "ray_actor_options": {"num_cpus": self.num_cpus},
         }
+
+
+# The ingress fields that had flat names (ingress_<name>) before the group: a field added since has none.
+OLD_INGRESS_NAMES = ("replicas", "num_cpus", "autoscaling", "max_ongoing_requests", "max_queued_requests")
 
 
 def score_map_path(name: str) -> Path:
@@ -604,7 +616,7 @@ class Settings(BaseSettings):
     def _old_ingress_names(self) -> Settings:
         """ingress_replicas, ingress_num_cpus ...: read into the ingress group for one release; given beside the
         group's own field of the same setting, they are refused (which one would win is not obvious)."""
-        old = {name: getattr(self, f"ingress_{name}") for name in IngressSettings.model_fields}
+        old = {name: getattr(self, f"ingress_{name}") for name in OLD_INGRESS_NAMES}
         old = {name: value for name, value in old.items() if value is not None}
         if not old:
             return self

@@ -84,3 +84,20 @@ def test_the_ingress_group_and_its_old_flat_names_for_one_release(monkeypatch):
     monkeypatch.setenv("RERANK_INGRESS__NUM_CPUS", "0.75")  # and the new one beside it: which wins is not obvious
     with pytest.raises(ValidationError, match="ingress.num_cpus and its old name ingress_num_cpus are both set"):
         Settings()
+
+
+def test_every_deployment_drains_longer_than_a_request_may_take():
+    """A redeploy or a scale-down stops a replica after its graceful shutdown: Serve's default (20 s) is under
+    request_timeout_s (30 s), so a request a replaced ingress or pool still held ended in a 500."""
+    from serve_app.app import build_app
+
+    config = yaml.safe_load((DEPLOY_DIR / "serve_config.yaml").read_text())
+    args = config["applications"][0]["args"]
+    app = build_app(args)
+    ingress = app._bound_deployment
+    bound = [*ingress.init_args[0].values(), *ingress.init_args[1].values(), ingress.init_args[4]]
+    deployments = [ingress, *(pool._bound_deployment for pool in bound if pool is not None)]
+    assert len(deployments) >= 4  # the ingress, two own pools, the shared pool
+    timeout = Settings(**args).request_timeout_s
+    for deployment in deployments:
+        assert deployment._deployment_config.graceful_shutdown_timeout_s > timeout, deployment.name

@@ -223,3 +223,54 @@ def test_a_too_long_pair_is_refused_by_the_ingress_with_413(alpha):
     response = alpha.post("/rerank", json={"query": "capital of france?", "texts": ["paris", LONG], "truncate": False})
     assert response.status_code == 413, response.text
     assert "pair 1" in response.json()["error"]["message"]
+
+
+class SetAfter:
+    """A stop flag that is set after `looks` looks at it (the deadline passing while tokenizing)."""
+
+    def __init__(self, looks: int) -> None:
+        self.looks, self.limit = 0, looks
+
+    def is_set(self) -> bool:
+        self.looks += 1
+        return self.looks > self.limit
+
+
+@pytest.mark.parametrize("name", ["cross_encoder", "embedding"])
+@pytest.mark.parametrize("looks", [0, 2, 19, 21])  # 19 looks cut 600 documents: then it encodes
+def test_tokenizing_stops_at_its_next_piece_of_work_once_told(scorers, name, looks):
+    """The ingress tokenizes in a thread that the request's deadline or its client's going away cannot kill: it
+    looks at a stop flag between pieces (32 documents cut into windows, 256 pairs encoded) and stops there."""
+    from serve_app.scoring.text import Stopped
+
+    encoder = encoder_of(scorers[name])
+    given = pairs([LONG + f" {i}" for i in range(600)])  # windows, then ~thousands of pairs to encode
+    stop = SetAfter(looks)
+    with pytest.raises(Stopped):
+        encoder.prepare(given, truncate=True, rule=WindowRule(8), stop=stop)
+    assert stop.looks == looks + 1  # it stopped at the first look after the flag was set
+    # Unset, the same work finishes.
+    windows, encoded = encoder.prepare(given[:40], truncate=True, rule=WindowRule(8), stop=SetAfter(10**6))
+    assert len(encoded) == len(windows.pairs) > 40
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_special_tokens_typed_as_text_stay_text_in_the_ingress_and_the_replica(scorers, name):
+    """A document holding "[SEP]" (or "[CLS]", "</s>") would close the pair's segment if tokenized as the control
+    token; it is the characters a client typed, on both paths, and the only special tokens are the tokenizer's
+    own."""
+    scorer = scorers[name]
+    tokenizer = scorer.tokenizer
+    typed = " ".join(t for t in (tokenizer.sep_token, tokenizer.cls_token, tokenizer.eos_token) if t)
+    given = pairs([f"paris {typed} is the capital", "paris is the capital"])
+    special = set(tokenizer.all_special_ids)
+    _, encoded = encoder_of(scorer).prepare(given, truncate=True, rule=None)
+    in_ingress = [unpack(e.ids).tolist() + (unpack(e.second).tolist() if e.second else []) for e in encoded]
+    plain = [tokenizer(p.query_text(), p.document.text)["input_ids"] for p in given]
+    if scorer.family == "embedding":
+        plain = [tokenizer(p.query_text())["input_ids"] + tokenizer(p.document.text)["input_ids"] for p in given]
+    assert in_ingress == plain  # the same ids on both paths
+    own = sum(1 for i in plain[1] if i in special)
+    assert sum(1 for i in plain[0] if i in special) == own  # the typed ones added none
+    # And the typed tokens changed the text the model reads (they are not dropped either).
+    assert len(plain[0]) > len(plain[1]) + 2

@@ -137,7 +137,10 @@ class FamilyScorer:
     max_length: int
 
     def __init__(self, model_dir: str, options: LoadOptions) -> None:
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        # Text a client sends is text: a "[SEP]" or "<|im_end|>" typed in a document is tokenized as its characters,
+        # never as the control token (which would end the segment or the prompt's turn). The tokenizer still adds
+        # its own special tokens; a prompt's own come from its template (yes_no.py).
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, split_special_tokens=True)
         self.options = options
         self.device = options.device
         self.dtype = options.dtype

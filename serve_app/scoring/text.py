@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import numpy as np
 
@@ -25,6 +26,24 @@ from serve_app.scoring.types import (
     WindowRule,
     Windows,
 )
+
+
+class Stopped(Exception):
+    """Tokenizing was told to stop (the request's deadline passed, or its client went away)."""
+
+
+class StopFlag(Protocol):
+    def is_set(self) -> bool: ...
+
+
+# Pairs between two looks at the stop flag while documents are cut into windows (each takes its offsets).
+STOP_CHECK_PAIRS = 32
+
+
+def stop_if_asked(stop: StopFlag | None) -> None:
+    if stop is not None and stop.is_set():
+        raise Stopped("tokenizing stopped: the request ended")
+
 
 # Families whose tokenizing this module reproduces exactly.
 ENCODED_FAMILIES = ("cross_encoder", "embedding")
@@ -137,6 +156,8 @@ class TextEncoder:
         self.plain = Tokenizer.from_str(spec.tokenizer_json)
         self.plain.no_padding()
         self.plain.no_truncation()
+        for tokenizer in (self.truncating, self.plain):
+            tokenizer.encode_special_tokens = True  # a "[SEP]" a client types is text, as in the family (family.py)
 
     # ---- the family's text rules (those of FamilyScorer, over the Rust tokenizer) ----
 
@@ -157,10 +178,13 @@ class TextEncoder:
             return self.max_length - specials
         return self.max_length - specials - len(self.plain.encode(pair.query_text(), add_special_tokens=False).ids)
 
-    def windows(self, pairs: Sequence[Pair], rule: WindowRule | None) -> Windows:
-        """Each pair, its document cut to max_tokens_per_doc; with a `rule`, a long document as windows."""
+    def windows(self, pairs: Sequence[Pair], rule: WindowRule | None, stop: StopFlag | None = None) -> Windows:
+        """Each pair, its document cut to max_tokens_per_doc; with a `rule`, a long document as windows. Stops
+        (Stopped) when `stop` is set."""
         expanded, owner, split = [], [], 0
         for i, pair in enumerate(pairs):
+            if i % STOP_CHECK_PAIRS == 0:
+                stop_if_asked(stop)
             text = self.document_text(pair)
             cut = None
             if rule is not None:
@@ -189,14 +213,16 @@ class TextEncoder:
             lengths = [max(len(q.ids), len(d.ids)) for q, d in zip(encoded[: len(pairs)], encoded[len(pairs) :])]
         raise_if_too_long(lengths, self.max_length, "pair")
 
-    def encode(self, pairs: Sequence[Pair]) -> list[EncodedPair]:
+    def encode(self, pairs: Sequence[Pair], stop: StopFlag | None = None) -> list[EncodedPair]:
         """Token ids of pairs whose documents are already cut (see `windows`): one truncated sequence per pair
-        (cross-encoder), or the query's and the document's ids (embedding)."""
+        (cross-encoder), or the query's and the document's ids (embedding); in chunks, each after a look at
+        `stop`."""
         queries = [pair.query_text() for pair in pairs]
         documents = [pair.document.text or "" for pair in pairs]
         if self.pair_input:
             out = []
             for start in range(0, len(pairs), ENCODE_CHUNK):
+                stop_if_asked(stop)
                 chunk = list(zip(queries[start : start + ENCODE_CHUNK], documents[start : start + ENCODE_CHUNK]))
                 out += [
                     EncodedPair(pack(e.ids), pack(e.type_ids) if self.spec.type_ids else None)
@@ -206,15 +232,18 @@ class TextEncoder:
         distinct = list(dict.fromkeys(queries + documents))
         ids: dict[str, bytes] = {}
         for start in range(0, len(distinct), ENCODE_CHUNK):
+            stop_if_asked(stop)
             chunk = distinct[start : start + ENCODE_CHUNK]
             ids.update((text, pack(e.ids)) for text, e in zip(chunk, self.truncating.encode_batch(chunk)))
         return [EncodedPair(ids[q], None, ids[d]) for q, d in zip(queries, documents)]
 
     def prepare(
-        self, pairs: Sequence[Pair], truncate: bool, rule: WindowRule | None
+        self, pairs: Sequence[Pair], truncate: bool, rule: WindowRule | None, stop: StopFlag | None = None
     ) -> tuple[Windows, list[EncodedPair]]:
-        """A call's pairs as the pool will score them: windows (or cut documents), checked, as token ids."""
-        windows = self.windows(pairs, rule)
+        """A call's pairs as the pool will score them: windows (or cut documents), checked, as token ids. Work
+        goes in pieces, each after a look at `stop` (Stopped once it is set)."""
+        windows = self.windows(pairs, rule, stop)
         if not truncate:
+            stop_if_asked(stop)
             self.check(windows.pairs)
-        return windows, self.encode(windows.pairs)
+        return windows, self.encode(windows.pairs, stop)

@@ -92,8 +92,8 @@ class YesNoScorer(FamilyScorer):
             if i is not None
         )
         suffix = THINKING_SUFFIX if config.model_type in THINKING_MODEL_TYPES else SUFFIX
-        self.prefix_ids = self.encode(PREFIX)
-        self.suffix_ids = self.encode(suffix)
+        self.prefix_ids = self.template_ids(PREFIX)
+        self.suffix_ids = self.template_ids(suffix)
         self.image_processor = AutoImageProcessor.from_pretrained(model_dir) if self.vision else None
         self.image_marker = f"{VISION_START}{IMAGE_PAD}{VISION_END}" if self.vision else ""
         if self.vision:
@@ -123,8 +123,28 @@ class YesNoScorer(FamilyScorer):
             )
         return found
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def template_ids(self, text: str) -> list[int]:
+        """The prompt template's own text, its special tokens kept (<|im_start|>, <|image_pad|> ...)."""
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=False)["input_ids"]
+
+    def encode_body(self, body: str) -> tuple[list[int], list[int]]:
+        """The user turn's token ids and where each token starts in `body`: the client's text with any special
+        token it types split as plain text, each image marker (ours) as its special tokens."""
+        pieces = body.split(self.image_marker) if self.image_marker else [body]
+        marker = self.template_ids(self.image_marker) if self.image_marker else []
+        ids: list[int] = []
+        starts: list[int] = []
+        at = 0
+        for k, piece in enumerate(pieces):
+            if k:
+                ids += marker
+                starts += [at] * len(marker)
+                at += len(self.image_marker)
+            encoding = self.tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
+            ids += encoding["input_ids"]
+            starts += [at + start for start, _ in encoding["offset_mapping"]]
+            at += len(piece)
+        return ids, starts
 
     # --- prompts -> token ids ---------------------------------------------------------------------------------
 
@@ -176,13 +196,12 @@ class YesNoScorer(FamilyScorer):
         for i, pair in enumerate(pairs):
             document = self.document_text(pair) or ""
             body = prompt_body(pair, document, self.image_marker)
-            encoding = self.tokenizer(body, add_special_tokens=False, return_offsets_mapping=True)
-            ids = encoding["input_ids"]
+            ids, starts = self.encode_body(body)
             room = self.room(sum(counts[k] - 1 for k in keys[i]))
             if len(ids) > room:
                 # Tokens that start before the document's text belong to the instruction, the query or an image.
                 text_start = len(body) - len(document)
-                head = sum(1 for start, _ in encoding["offset_mapping"] if start < text_start)
+                head = sum(1 for start in starts if start < text_start)
                 if not truncate or head > room:
                     raise too_long(i, len(ids) - room + self.max_length, self.max_length, head <= room)
                 ids = ids[:room]
@@ -209,7 +228,7 @@ class YesNoScorer(FamilyScorer):
             if key not in heads:
                 # Everything but the document's text: the part truncation may not cut.
                 head = Pair(pair.query, Content(text="", image=pair.document.image), pair.instruction)
-                heads[key] = len(self.encode(prompt_body(head, "", self.image_marker)))
+                heads[key] = len(self.encode_body(prompt_body(head, "", self.image_marker))[0])
             room = self.room(sum(counts[k] - 1 for k in keys[i]))
             if heads[key] > room:
                 raise too_long(i, heads[key] - room + self.max_length, self.max_length, False)
