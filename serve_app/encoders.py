@@ -27,6 +27,11 @@ class Encoders:
         self.known: dict[str, TextEncoder | None] = {}
         self.asking: dict[str, asyncio.Future] = {}
 
+    def forget(self, name: str) -> None:
+        """Drop the model's encoder (its pool's tokenizer changed): the next request asks the pool again."""
+        self.known.pop(name, None)
+        self.asking.pop(name, None)
+
     async def get(self, name: str, handle: DeploymentHandle) -> TextEncoder | None:
         if name in self.known:
             return self.known[name]

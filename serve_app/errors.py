@@ -87,6 +87,20 @@ class ReplicaLost(Overloaded):
     kind = "replica_lost"
 
 
+class StaleTokenizer(Overloaded):
+    """A pool refused token ids made with another tokenizer than its own (the model behind `model` changed since
+    the ingress fetched its tokenizer): the ingress fetches the pool's again and resends once; twice, retry."""
+
+    kind = "stale_tokenizer"
+
+    def __init__(self, message: str, retry_after_s: int = 1, model: str = "") -> None:
+        super().__init__(message, retry_after_s)
+        self.model = model
+
+    def __reduce__(self):
+        return (type(self), (self.message, self.retry_after_s, self.model))
+
+
 class DeadlineExceeded(RerankError):
     status = 504
     kind = "deadline_exceeded"

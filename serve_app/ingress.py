@@ -21,11 +21,7 @@ from ray.serve.handle import DeploymentHandle
 from serve_app.api import build_api
 from serve_app.catalog import SHARED, Catalog, Served, modality_counts, modality_of
 from serve_app.encoders import Encoders, encode_call
-from serve_app.errors import (
-    DeadlineExceeded,
-    Overloaded,
-    ReplicaLost,
-)
+from serve_app.errors import DeadlineExceeded, Overloaded, ReplicaLost, StaleTokenizer
 from serve_app.media import load_contents
 from serve_app.pool_call import CallResult
 from serve_app.ranking import ScoredDocument, rank
@@ -227,7 +223,11 @@ class Ingress:
         try:
             started = time.perf_counter()
             deadline = time.time() + self.settings.request_timeout_s
-            ranked = await asyncio.wait_for(self._rank_pairs(job, deadline), self.settings.request_timeout_s)
+            try:
+                ranked = await asyncio.wait_for(self._rank_pairs(job, deadline), self.settings.request_timeout_s)
+            except StaleTokenizer as exc:  # the model behind a name changed: its pool's tokenizer, once more
+                self.encoders.forget(exc.model)
+                ranked = await asyncio.wait_for(self._rank_pairs(job, deadline), max(0.0, deadline - time.time()))
             ranked.total_ms = (time.perf_counter() - started) * 1000
             return ranked
         except asyncio.TimeoutError:  # the builtin TimeoutError from 3.11 on

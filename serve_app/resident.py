@@ -96,6 +96,7 @@ class Resident:
         # forward_s over a window's wall time is the replica's forward utilization (how busy the device is kept).
         self.prepare_s = self.forward_s = 0.0
         self.spec = loaded.scorer.tokenizer_spec()  # None: this model's pairs travel as text
+        self.vocabulary = len(loaded.scorer.tokenizer)  # token ids the ingress sends must be below it
         self.forward_cost_samples = [loaded.scorer.options.forward_cost_tokens]  # start-up's, then idle re-probes
         self.forward_cost_settled = False  # True once the re-probes are done (or none is made)
         self.on_evict = None

@@ -16,10 +16,11 @@ import ray
 from ray import serve
 
 from serve_app import hardware, pools
-from serve_app.errors import InvalidInput, Overloaded, as_request_errors
+from serve_app.errors import InvalidInput, Overloaded, StaleTokenizer, as_request_errors
 from serve_app.pool_call import CallResult
 from serve_app.resident import Part, PoolMetrics, Resident, pairs_in
 from serve_app.scoring.call import call_windows
+from serve_app.scoring.text import check_ids
 from serve_app.scoring.types import EncodedPair, Pair, TokenCount, WindowRule, Windows
 from serve_app.settings import PoolSettings
 from serve_app.stats import Throughput
@@ -157,6 +158,14 @@ class ScoringReplica:
             # Tokenized, checked and cut into windows by the ingress: only padding and forwards are left.
             if resident.spec is None or not all(isinstance(p, EncodedPair) for p in pairs):
                 raise InvalidInput(f"model {resident.name!r} takes pairs as text, not token ids", "documents")
+            if any(p.tokenizer != resident.spec.fingerprint for p in pairs):
+                raise StaleTokenizer(
+                    f"model {resident.name!r}: the pairs were tokenized with another tokenizer than its pool's "
+                    "(the model behind this name changed); retry",
+                    model=resident.name,
+                )
+            with as_request_errors():
+                check_ids(pairs, resident.vocabulary, scorer.max_length)
             resident.encoded_pairs += len(pairs) if counted else 0
             return Windows.whole(pairs)
         resident.tokenized_pairs += len(pairs) if counted else 0

@@ -7,6 +7,7 @@ answered when it tokenized the text itself (tokenize_in=pool).
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -14,7 +15,7 @@ import pytest
 from serve_app.scoring.call import call_windows, score_call, window_rule
 from serve_app.scoring.family import LoadOptions
 from serve_app.scoring.loading import load_scorer
-from serve_app.scoring.text import ENCODE_CHUNK, TextEncoder, unpack
+from serve_app.scoring.text import ENCODE_CHUNK, TextEncoder, pack, unpack
 from serve_app.scoring.types import Content, EncodedPair, Pair, PairTooLong, WindowRule
 from serve_app.settings import Settings
 
@@ -274,3 +275,52 @@ def test_special_tokens_typed_as_text_stay_text_in_the_ingress_and_the_replica(s
     assert sum(1 for i in plain[0] if i in special) == own  # the typed ones added none
     # And the typed tokens changed the text the model reads (they are not dropped either).
     assert len(plain[0]) > len(plain[1]) + 2
+
+
+def test_encoded_pairs_carry_their_tokenizers_fingerprint_and_it_names_the_tokenizer(scorers):
+    specs = {name: scorers[name].tokenizer_spec() for name in NAMES}
+    names = ("cross_encoder", "embedding", "minilm")  # cross_encoder_2 shares cross_encoder's tokenizer files
+    assert len({specs[name].fingerprint for name in names}) == 3  # another tokenizer, another fingerprint
+    assert specs["cross_encoder_2"].fingerprint == specs["cross_encoder"].fingerprint
+    shorter = replace(specs["cross_encoder"], max_length=specs["cross_encoder"].max_length - 1)
+    assert shorter.fingerprint != specs["cross_encoder"].fingerprint  # another window: other ids
+    _, encoded = encoder_of(scorers["cross_encoder"]).prepare(pairs(), truncate=True, rule=None)
+    assert {e.tokenizer for e in encoded} == {specs["cross_encoder"].fingerprint}
+
+
+def test_a_pool_refuses_token_ids_it_cannot_read():
+    from serve_app.scoring.text import check_ids
+    from serve_app.scoring.types import UnsupportedPair
+
+    check_ids([EncodedPair(pack([1, 2, 99]), pack([0, 0, 1]))], vocabulary=100, max_length=3)
+    for bad in (
+        EncodedPair(pack([1, 2, 100])),  # beyond the vocabulary: an index error, or a device assert on a GPU
+        EncodedPair(pack([1, -1])),
+        EncodedPair(pack([1, 2, 3, 4])),  # longer than the window
+        EncodedPair(pack([1, 2]) + b"\x00"),  # not whole int32s
+        EncodedPair(pack([1]), None, pack([100])),  # the embedding's second text
+    ):
+        with pytest.raises(UnsupportedPair):
+            check_ids([bad], vocabulary=100, max_length=3)
+
+
+def test_a_pool_refuses_ids_from_another_tokenizer_and_ids_beyond_its_vocabulary(alpha, scorers, cluster):
+    """After a redeploy changes the model behind a name, ids from the ingress' cached tokenizer would be scored as
+    another model's (silently wrong) or index past its vocabulary (a 500, a device assert on a GPU). The pool
+    names the stale tokenizer (503: the ingress fetches the new one and resends once) and refuses bad ids (422)."""
+    from ray import serve
+
+    from serve_app.errors import InvalidInput, StaleTokenizer
+
+    pool = serve.get_deployment_handle("text_pool", app_name="alpha")
+    encoder = encoder_of(scorers["cross_encoder"])
+    _, encoded = encoder.prepare(pairs(["paris"]), truncate=True, rule=None)
+    assert pool.score.remote(encoded).result(timeout_s=60).scores  # its own tokenizer: scored
+    other = encoder_of(scorers["minilm"])  # its ids index a vocabulary ten times the tiny model's
+    _, stale = other.prepare(pairs(["paris"]), truncate=True, rule=None)
+    with pytest.raises(StaleTokenizer) as refused:
+        pool.score.remote(stale).result(timeout_s=60)
+    assert refused.value.status == 503 and refused.value.model
+    beyond = [replace(encoded[0], ids=pack([0, len(scorers["cross_encoder"].tokenizer) + 5]))]
+    with pytest.raises(InvalidInput, match="vocabulary"):
+        pool.score.remote(beyond).result(timeout_s=60)

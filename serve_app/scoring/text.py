@@ -10,6 +10,9 @@ The window and max_tokens_per_doc cuts are the same functions the families use, 
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -71,6 +74,33 @@ class TokenizerSpec:
     max_length: int
     truncation_side: str = "right"
     type_ids: bool = True  # whether the model takes token_type_ids (BERT does, RoBERTa does not)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Names this tokenizing exactly (its JSON, window, truncation and family): every encoded pair carries
+        it, and a pool whose own differs (the model behind a name changed) refuses the pair's ids."""
+        # The serialised tokenizer also holds the truncation and padding its last call set (warm-up, checks):
+        # state, not what the tokenizer is (TextEncoder sets its own), so it is left out.
+        tokenizer = {k: v for k, v in json.loads(self.tokenizer_json).items() if k not in ("truncation", "padding")}
+        digest = hashlib.sha256(json.dumps(tokenizer, sort_keys=True).encode())
+        digest.update(f"|{self.family}|{self.max_length}|{self.truncation_side}|{self.type_ids}".encode())
+        return digest.hexdigest()[:16]
+
+
+def check_ids(pairs: Sequence[EncodedPair], vocabulary: int, max_length: int) -> None:
+    """Token ids a pool can read: whole int32s, each below the vocabulary, at most the window per sequence.
+    UnsupportedPair otherwise (ids beyond the vocabulary raise in the embedding, or assert on a GPU)."""
+    for i, pair in enumerate(pairs):
+        for packed in (pair.ids, pair.type_ids, pair.second):
+            if packed is None:
+                continue
+            if len(packed) % TOKEN.itemsize:
+                raise UnsupportedPair(f"pair {i}: token ids are not whole int32s")
+            ids = unpack(packed)
+            if len(ids) > max_length or (len(ids) and (ids.min() < 0 or ids.max() >= vocabulary)):
+                raise UnsupportedPair(
+                    f"pair {i}: token ids outside this model's vocabulary ({vocabulary}) or window ({max_length})"
+                )
 
 
 def prefix_of(text: str, offsets: Sequence[tuple[int, int]], max_tokens: int) -> str:
@@ -219,13 +249,14 @@ class TextEncoder:
         `stop`."""
         queries = [pair.query_text() for pair in pairs]
         documents = [pair.document.text or "" for pair in pairs]
+        stamp = self.spec.fingerprint
         if self.pair_input:
             out = []
             for start in range(0, len(pairs), ENCODE_CHUNK):
                 stop_if_asked(stop)
                 chunk = list(zip(queries[start : start + ENCODE_CHUNK], documents[start : start + ENCODE_CHUNK]))
                 out += [
-                    EncodedPair(pack(e.ids), pack(e.type_ids) if self.spec.type_ids else None)
+                    EncodedPair(pack(e.ids), pack(e.type_ids) if self.spec.type_ids else None, tokenizer=stamp)
                     for e in self.truncating.encode_batch(chunk)
                 ]
             return out
@@ -235,7 +266,7 @@ class TextEncoder:
             stop_if_asked(stop)
             chunk = distinct[start : start + ENCODE_CHUNK]
             ids.update((text, pack(e.ids)) for text, e in zip(chunk, self.truncating.encode_batch(chunk)))
-        return [EncodedPair(ids[q], None, ids[d]) for q, d in zip(queries, documents)]
+        return [EncodedPair(ids[q], None, ids[d], stamp) for q, d in zip(queries, documents)]
 
     def prepare(
         self, pairs: Sequence[Pair], truncate: bool, rule: WindowRule | None, stop: StopFlag | None = None

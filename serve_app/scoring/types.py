@@ -55,6 +55,7 @@ class EncodedPair:
     ids: bytes
     type_ids: bytes | None = None
     second: bytes | None = None
+    tokenizer: str = ""  # the fingerprint of the tokenizer that made the ids (TokenizerSpec.fingerprint)
 
 
 @dataclass(frozen=True)
