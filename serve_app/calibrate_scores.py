@@ -6,7 +6,8 @@ every model and both pools, and report how the strategies' thresholds do on your
 Rows (JSONL): {"query": text or {"text", "image"}, "document": text or {"text", "image"}, "label": 0 or 1,
 "group": optional, e.g. the query's id, so that a query's pairs fall on one side of the held-out split}.
 Images are base64 (or data URIs). The pairs are scored in-process through the scorer path a replica uses
-(pools.load_pool, the pool's settings), or through a running service with --url (raw scores over HTTP).
+(pools.load_pool, the pool's settings), or through a running service with --url (raw scores over HTTP; its
+API key from RERANK_API_KEY, never a flag, which would be recorded in the map).
 
 Writes <out>/<name>.json, the map the model's pool loads at start-up (its `score_map` setting, or by default
 deploy/score_maps/<name>.json), and <out>/<name>.report.json + .png: precision, recall and F1 against the
@@ -20,6 +21,7 @@ import argparse
 import datetime
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -28,9 +30,10 @@ import numpy as np
 from serve_app import pages, score_fit
 from serve_app.catalog import Catalog, Served, modality_counts, modality_of
 from serve_app.errors import RerankError
-from serve_app.settings import DEFAULT_TEXT_MODEL, Settings, score_map_path
+from serve_app.settings import DEFAULT_TEXT_MODEL, Settings, env_name, score_map_path
 
 log = logging.getLogger("serve_app.calibrate_scores")
+API_KEY_ENV = env_name("api_key")  # the service's own setting; with several keys, the first is used
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -145,7 +148,11 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> dict:
     rows = read_labels(args.labels)
     served = choose_model(rows, args.model, Catalog(settings))
     if args.url:
-        raw, before, family = raw_over_http(rows, served, args.url, args.api_key)
+        # The key comes from the environment only: a flag's value would be recorded in the map's `command`,
+        # its report and the docs rendered from them.
+        raw, before, family = raw_over_http(
+            rows, served, args.url, os.environ.get(API_KEY_ENV, "").split(",")[0].strip() or None
+        )
     else:
         raw, before, family = raw_in_process(rows, served, settings)
     labels = [r["label"] for r in rows]
@@ -224,7 +231,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--labels", type=Path, help="JSONL: query, document, label 0/1, group")
     parser.add_argument("--model", help="served model name or alias (default: the default model of the pairs)")
     parser.add_argument("--url", help="score through a running service instead of in-process")
-    parser.add_argument("--api-key", help="the service's API key, with --url")
+    parser.add_argument(
+        "--api-key", help=f"refused: the key is read from {API_KEY_ENV} (a flag would be recorded in the map)"
+    )
     parser.add_argument("--out", type=Path, help="where the map goes (default: deploy/score_maps)")
     parser.add_argument("--min-isotonic", type=int, default=200, help="train labels needed to try isotonic")
     parser.add_argument("--seed", type=int, default=0)
@@ -232,6 +241,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.readme and args.labels is None:
         parser.error("--labels is required")
+    if args.api_key is not None:
+        parser.error(f"--api-key would be written into the map and its report: set {API_KEY_ENV} instead")
     args.argv = sys.argv[1:] if argv is None else argv
     return args
 

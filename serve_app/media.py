@@ -25,6 +25,12 @@ if TYPE_CHECKING:  # annotations only: schemas is a module of this row
 DATA_URI = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
 
 
+def without_addresses(message: str) -> str:
+    """A decoder's message without the object reprs it carries ("<_io.BytesIO object at 0x7f...>"): a heap
+    address tells a client nothing and an attacker something."""
+    return re.sub(r"\s*<[^<>]*\bat 0x[0-9a-fA-F]+>", "", message)
+
+
 def is_url(value: str) -> bool:
     return value.startswith(("http://", "https://"))
 
@@ -38,6 +44,11 @@ def url_allowed(url: str, allowlist: list[str]) -> bool:
     try:
         target = httpx.URL(url)
     except httpx.InvalidURL:
+        return False
+    # httpx resolves only literal dot segments: a percent-encoded one ("%2e%2e") or an encoded slash or backslash
+    # reaches the image server, which may decode it and climb out of the allowed path.
+    raw = target.raw_path.split(b"?", 1)[0].lower()
+    if any(segment in (".", "..") for segment in target.path.split("/")) or b"%2f" in raw or b"%5c" in raw:
         return False
     for entry in allowlist:
         allowed = httpx.URL(entry)
@@ -181,7 +192,7 @@ def open_image(data: bytes, settings: Settings, field: str, budget: RequestImage
     except Exception as exc:  # noqa: BLE001 - any decoder failure (OSError, SyntaxError, struct.error ...)
         raise InvalidInput(
             f"{field}: not a readable image in an accepted format ({', '.join(settings.image_formats)}; setting "
-            f"image_formats): {type(exc).__name__}: {str(exc)[:200]}",
+            f"image_formats): {type(exc).__name__}: {without_addresses(str(exc))[:200]}",
             field,
         ) from exc
     return image

@@ -96,6 +96,7 @@ class PoolReplica(ScoringReplica):
         self.pool_settings = pool_settings
         self.realtime = realtime
         self.load_error: str | None = None
+        self.unavailable = ""
         self._start(modality, self.name, pool_settings.torch_threads)
         self.resident: Resident | None = None
         self.refining: asyncio.Task | None = None
@@ -107,8 +108,15 @@ class PoolReplica(ScoringReplica):
             self.resident = Resident(self.name, modality, pool_settings, loaded, time.perf_counter() - start)
         except ModelLoadError as exc:
             # The service stays up without this pool; /health and /v1/models say why.
-            self.load_error = f"{exc}. Set {set_where or env_name(modality, 'model')} to a local model directory."
+            setting = set_where or env_name(modality, "model")
+            self.load_error = f"{exc}. Set {setting} to a local model directory."
             log.error("pool %s unavailable: %s", self.pool, self.load_error)
+            # What a caller is told: not the error itself (it names local paths); /v1/models (behind the key)
+            # and the replica's log do.
+            self.unavailable = (
+                f"the {self.pool} pool is unavailable: its model did not load (GET /v1/models and the replica log "
+                f"say why); set {setting} to a local model directory"
+            )
 
     @property
     def loaded(self) -> pools.PoolScorer | None:
@@ -136,7 +144,7 @@ class PoolReplica(ScoringReplica):
     async def _resident(self) -> Resident:
         self._check_device(self.pool)
         if self.resident is None:
-            raise PoolUnavailable(f"the {self.pool} pool is unavailable: {self.load_error}")
+            raise PoolUnavailable(self.unavailable)
         return self.resident
 
     def _on_call(self) -> None:
@@ -194,7 +202,7 @@ class PoolReplica(ScoringReplica):
         """The model's tokenizing as plain data (scoring.text.TokenizerSpec), for the ingress to tokenize with;
         None where its pairs must travel as text."""
         if self.resident is None:
-            raise PoolUnavailable(f"the {self.pool} pool is unavailable: {self.load_error}")
+            raise PoolUnavailable(self.unavailable)
         return self.resident.spec
 
     def info(self) -> dict:

@@ -275,8 +275,11 @@ class ErrorResponse(BaseModel):
 
 
 class DocumentOut(BaseModel):
+    """A document as it was sent (return_documents): its text and image, or its content parts."""
+
     text: str | None = None
     image: str | None = None
+    content: list[ContentPart] | None = None
 
 
 class RerankResult(BaseModel):

@@ -107,7 +107,8 @@ class SharedReplica(ScoringReplica):
             self.load_errors[name] = str(exc)
             log.error("shared pool: model %s did not load: %s", name, exc)
             raise PoolUnavailable(
-                f"model {name!r} could not load: {exc}. Set models[name={name}].model to a local model directory"
+                f"model {name!r} could not load (GET /v1/models and the shared pool's log say why); set "
+                f"models[name={name}].model to a local model directory"
             ) from None
         self.load_errors.pop(name, None)
         self.loads += 1

@@ -167,3 +167,11 @@ def test_labels_are_scored_as_the_service_scores_a_call_long_documents_as_their_
     assert len(windows) > 3  # the tiny model's window is 64 tokens
     expected = direct.cross_encoder(model_dirs["cross_encoder"], query, windows)
     assert raw == pytest.approx(max(expected), abs=1e-4)
+
+
+def test_an_api_key_is_never_taken_as_a_flag_which_the_map_would_record(capsys):
+    """The map records its command (`command`), and the report and the docs are rendered from it: a key given as
+    --api-key was written into all three. It comes from RERANK_API_KEY only."""
+    with pytest.raises(SystemExit):
+        calibrate_scores.parse_args(["--labels", str(LABELS / "text.jsonl"), "--url", "http://x", "--api-key", "k"])
+    assert "RERANK_API_KEY" in capsys.readouterr().err

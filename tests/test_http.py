@@ -173,6 +173,13 @@ def test_return_documents_defaults_differ_by_dialect(alpha):
     assert {r["document"]["text"] for r in v1} == set(DOCUMENTS[:2])
 
 
+def test_return_documents_echoes_content_parts_as_sent(alpha):
+    parts = [{"type": "text", "text": "paris is"}, {"type": "text", "text": "the capital of france"}]
+    body = {"query": QUERY, "documents": [{"content": parts}, "the dog"], "return_documents": True}
+    results = {r["index"]: r["document"] for r in rerank(alpha, body)["results"]}
+    assert results == {0: {"content": parts}, 1: {"text": "the dog"}}  # it echoed {} for the parts
+
+
 def test_tei_dialect_answers_a_sorted_list(alpha):
     calibrated = alpha.post("/rerank", json={"query": QUERY, "texts": DOCUMENTS, "return_text": True}).json()
     raw = alpha.post("/rerank", json={"query": QUERY, "texts": DOCUMENTS, "raw_scores": True}).json()

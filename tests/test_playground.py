@@ -38,6 +38,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
+from serve_app.api import page_headers
 from serve_app.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,7 +94,8 @@ def stand_in(received: list[dict]) -> FastAPI:
 
     @api.get("/playground")
     async def playground() -> HTMLResponse:  # no key: a browser must be able to load the page
-        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+        page = PAGE.read_text(encoding="utf-8")  # under the service's own policy: the page must work within it
+        return HTMLResponse(page, headers=page_headers(page))
 
     @api.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
@@ -320,5 +322,11 @@ def test_the_index_links_the_playground_and_neither_needs_the_key(apps):
 
     index = httpx.get(f"{apps['guarded']}/", timeout=30)
     assert index.status_code == 200 and 'href="/guarded/playground"' in index.text
-    assert httpx.get(f"{apps['guarded']}/playground", timeout=30).status_code == 200
+    playground = httpx.get(f"{apps['guarded']}/playground", timeout=30)
+    assert playground.status_code == 200
     assert httpx.get(f"{apps['guarded']}/v1/models", timeout=30).status_code == 401  # the API still needs it
+    for page in (index, playground):  # its own script only, this origin only, never in a frame, no sniffing
+        policy = page.headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in policy and "connect-src 'self'" in policy and "default-src 'none'" in policy
+        assert "unsafe-inline" not in policy.split("script-src")[1].split(";")[0]
+        assert page.headers["x-content-type-options"] == "nosniff" and page.headers["x-frame-options"] == "DENY"
