@@ -33,7 +33,7 @@ from serve_app.media import content_from, decode_base64, is_url, open_image
 from serve_app.ranking import STRATEGIES, Threshold, rank
 from serve_app.schemas import BulkRow, ContentSpec, RerankJob, check_limits, describe_errors
 from serve_app.scoring.call import score_call, window_rule
-from serve_app.scoring.types import ModelLoadError, Pair, Score, ScoringError
+from serve_app.scoring.types import Content, ModelLoadError, Pair, Score, ScoringError
 from serve_app.settings import MODALITIES, PoolSettings, Settings, score_map_path
 
 log = logging.getLogger("serve_app.bulk")
@@ -325,10 +325,20 @@ class PairScorer:
             # As in the service: the job goes on; this model's pairs fail their rows, with the reason.
             self.load_error = f"the model {served.name} is unavailable: {exc}"
 
-    def _pair(self, record: dict) -> Pair:
+    def _pair(self, record: dict, decoded: dict[bytes, Content]) -> Pair:
+        """A pair record as a Pair; an image decoded once per batch (a row's query image is in each of its pairs:
+        the same decoded image, which a family reads once per batch, as the service does)."""
+
+        def side(text: str | None, image: bytes | None, field: str) -> Content:
+            if image is None:
+                return Content(text=text)
+            if image not in decoded:
+                decoded[image] = content_from(None, image, self.settings, field)
+            return Content(text=text, image=decoded[image].image)
+
         return Pair(
-            content_from(record["query_text"], record["query_image"], self.settings, "query"),
-            content_from(record["document_text"], record["document_image"], self.settings, "document"),
+            side(record["query_text"], record["query_image"], "query"),
+            side(record["document_text"], record["document_image"], "document"),
             record["instruction"],
             record["max_tokens_per_doc"],
         )
@@ -340,10 +350,10 @@ class PairScorer:
         raw_scores: list[float | None] = [None] * len(records)
         scores: list[float | None] = [None] * len(records)
         if not self.load_error:
-            pairs, at = [], []
+            pairs, at, decoded = [], [], {}
             for i, record in enumerate(records):
                 try:
-                    pairs.append(self._pair(record))
+                    pairs.append(self._pair(record, decoded))
                     at.append(i)
                 except (RerankError, ValueError) as exc:
                     errors[i] = str(exc)

@@ -101,9 +101,25 @@ class StaleTokenizer(Overloaded):
         return (type(self), (self.message, self.retry_after_s, self.model))
 
 
+class ModelFault(RerankError):
+    """The model failed in a way no input explains and more capacity would not fix (scores that are not
+    numbers): a 500 that says what went wrong, never a ranking of NaNs."""
+
+    status = 500
+    kind = "model_fault"
+
+
 class DeadlineExceeded(RerankError):
     status = 504
     kind = "deadline_exceeded"
+
+
+def scoring_error(exc: ScoringError, field: str = "documents") -> RerankError:
+    """A scoring error as the request's own: a pair too long (or too many windows) is a 413, any other pair the
+    model cannot take a 422."""
+    if isinstance(exc, (PairTooLong, TooManyWindows)):
+        return InputTooLarge(str(exc), field)
+    return InvalidInput(str(exc), field)
 
 
 @contextmanager
@@ -112,7 +128,5 @@ def as_request_errors(field: str = "documents") -> Iterator[None]:
     checking a call): a pair too long for the model is a 413, any other pair the model cannot take a 422."""
     try:
         yield
-    except (PairTooLong, TooManyWindows) as exc:
-        raise InputTooLarge(str(exc), field) from None
     except ScoringError as exc:
-        raise InvalidInput(str(exc), field) from None
+        raise scoring_error(exc, field) from None

@@ -194,6 +194,13 @@ def derive_max_batch_size(free_bytes: int, bytes_per_pair: float, budget: float 
 DEVICE_FAULTS = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "cuDNN error", "device-side assert", "NCCL error")
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Out of device (or host) memory: load, which a smaller batch or a later retry survives."""
+    import torch
+
+    return isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError))
+
+
 def is_device_fault(exc: BaseException) -> bool:
     """A failure of the device itself (not of the input, not out-of-memory, which a smaller batch survives)."""
     import torch

@@ -177,31 +177,20 @@ class Ingress:
         return ranks, ranked.headers()
 
     async def score_pairs(self, request: ScoreRequest) -> tuple[ScoreResponse, dict[str, str]]:
-        """vLLM's /score: a score per pair, in the pairs' order. Pairs of one query are one job (its documents
-        batched together); the jobs of several queries run at once."""
-        started = time.perf_counter()
-        jobs = request.to_jobs(self.settings.max_documents_per_request)
-        tasks = [asyncio.ensure_future(self._rerank(job)) for _, job in jobs]
-        try:
-            answers = await asyncio.gather(*tasks)
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            raise
-        scores = [0.0] * sum(len(indices) for indices, _ in jobs)
-        for (indices, _), ranked in zip(jobs, answers):
-            for scored in ranked.scored:
-                scores[indices[scored.index]] = scored.relevance_score
-        combined = Ranked([], {}, {}, [call for ranked in answers for call in ranked.calls])
-        combined.total_ms = (time.perf_counter() - started) * 1000
+        """vLLM's /score: a score per pair, in the pairs' order; the pairs are one job, whatever their queries."""
+        job = request.to_job(self.settings.max_documents_per_request)
+        ranked = await self._rerank(job)
+        scores = [0.0] * len(job.documents)
+        for scored in ranked.scored:
+            scores[scored.index] = scored.relevance_score
         response = ScoreResponse(
             id=f"score-{uuid.uuid4().hex}",
             created=int(time.time()),
             model=request.model,
             data=[ScoreData(index=i, score=score) for i, score in enumerate(scores)],
-            usage={"prompt_tokens": combined.tokens, "total_tokens": combined.tokens},
+            usage={"prompt_tokens": ranked.tokens, "total_tokens": ranked.tokens},
         )
-        return response, combined.headers()
+        return response, ranked.headers()
 
     # What the service says about itself: serve_app/status.py.
     async def health(self) -> tuple[HealthResponse, int]:
@@ -246,11 +235,13 @@ class Ingress:
         nothing); its contents; each model's pairs sent as pool calls, all in flight at once; each document's best
         window; the ranking."""
         check_limits(job, self.settings)
-        modalities = [modality_of(job.query.image is not None, d.image is not None) for d in job.documents]
+        modalities = [
+            modality_of(job.query_of(i).image is not None, d.image is not None) for i, d in enumerate(job.documents)
+        ]
         counts = modality_counts(modalities)
         routes = self.catalog.route(job.model, counts)
-        query, documents = await load_contents(job, self.settings, self.http, self.threads)
-        pairs = [Pair(query, d, job.instruction, job.max_tokens_per_doc) for d in documents]
+        queries, documents = await load_contents(job, self.settings, self.http, self.threads)
+        pairs = [Pair(q, d, job.instruction, job.max_tokens_per_doc) for q, d in zip(queries, documents)]
         by_model: dict[str, list[int]] = {}
         for i, modality in enumerate(modalities):
             by_model.setdefault(routes[modality].name, []).append(i)
@@ -363,7 +354,7 @@ class Ingress:
         raise ReplicaLost(
             f"a {served.key} replica died while scoring this request; Serve is replacing it: retry after the "
             "Retry-After seconds",
-            self.settings.retry_after_s,
+            self.settings.replica_start_s,
         )
 
     async def _refuse_without_replicas(self, served: Served, handle: DeploymentHandle, fresh: bool) -> None:
@@ -377,7 +368,7 @@ class Ingress:
             raise ReplicaLost(
                 f"no {served.key} replica is running right now (Serve is starting its replacement); retry after the "
                 "Retry-After seconds",
-                self.settings.retry_after_s,
+                self.settings.replica_start_s,
             )
 
     def _realtime(self, served: Served) -> DeploymentHandle | None:

@@ -226,11 +226,16 @@ def content_from(text: str | None, image: bytes | None, settings: Settings, fiel
 
 async def load_contents(
     job: RerankJob, settings: Settings, http: httpx.AsyncClient, threads: Executor | None = None
-) -> tuple[Content, list[Content]]:
-    """The job's query and documents as Content: every image fetched and decoded at once (on `threads`), within
-    one budget for the request; each document keeps its text."""
-    if job.query.image is None and all(d.image is None for d in job.documents):
-        return Content(text=job.query.text), [Content(text=d.text) for d in job.documents]
+) -> tuple[list[Content], list[Content]]:
+    """Each document's query and the documents as Content: every image fetched and decoded at once (on
+    `threads`), within one budget for the request, a query shared by documents loaded once; each keeps its
+    text."""
+    fields = job.query_fields()
+    if all(q.image is None for _, q in fields) and all(d.image is None for d in job.documents):
+        loaded = {query: Content(text=query.text) for _, query in fields}
+        return [loaded[job.query_of(i)] for i in range(len(job.documents))], [
+            Content(text=d.text) for d in job.documents
+        ]
 
     budget = RequestImages(settings)
 
@@ -240,7 +245,7 @@ async def load_contents(
         image = await load_image(spec.image, settings, f"{field}.image", http, budget, threads)
         return Content(text=spec.text, image=image)
 
-    specs = [(job.query, "query"), *((d, f"documents[{i}]") for i, d in enumerate(job.documents))]
+    specs = [*((q, field) for field, q in fields), *((d, f"documents[{i}]") for i, d in enumerate(job.documents))]
     tasks = [asyncio.create_task(content(spec, field)) for spec, field in specs]
     try:
         _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
@@ -256,5 +261,6 @@ async def load_contents(
     failed = [task for task in tasks if not task.cancelled() and task.exception() is not None]
     if failed:
         raise failed[0].exception()
-    query, *documents = [task.result() for task in tasks]
-    return query, documents
+    contents = [task.result() for task in tasks]
+    loaded = {query: content for (_, query), content in zip(fields, contents)}
+    return [loaded[job.query_of(i)] for i in range(len(job.documents))], contents[len(fields) :]

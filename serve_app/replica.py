@@ -138,7 +138,7 @@ class PoolReplica(ScoringReplica):
         loaded.profile = loaded.profile.overridden(
             user_config.get("max_batch_size"), user_config.get("batch_wait_timeout_s")
         )
-        self._score_batch.set_max_batch_size(loaded.profile.max_batch_size)
+        self.set_batch_cap(loaded.profile.max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(0.0 if self.realtime else loaded.profile.batch_wait_timeout_s)
 
     async def _resident(self) -> Resident:

@@ -53,6 +53,20 @@ class RerankJob:
     priority: Priority | None = None
     model: str | None = None  # a served name or alias; None: the defaults
     split_long_documents: bool = True  # a long document as windows (setting long_documents); False: cut (TEI)
+    # A query per document (vLLM's pairwise /score): one job, one budget, for the whole request. None: `query`.
+    queries: list[ContentSpec] | None = None
+
+    def query_fields(self) -> list[tuple[str, ContentSpec]]:
+        """Each distinct query with the field it came from, in order."""
+        if self.queries is None:
+            return [("query", self.query)]
+        first: dict[ContentSpec, int] = {}
+        for i, query in enumerate(self.queries):
+            first.setdefault(query, i)
+        return [(f"text_1[{i}]", query) for query, i in first.items()]
+
+    def query_of(self, document: int) -> ContentSpec:
+        return self.query if self.queries is None else self.queries[document]
 
 
 def check_limits(job: RerankJob, settings: Settings) -> None:
@@ -64,11 +78,14 @@ def check_limits(job: RerankJob, settings: Settings) -> None:
             "(setting max_documents_per_request): split them over several requests",
             "documents",
         )
-    if not (job.query.text or "").strip() and job.query.image is None:
-        raise InvalidInput("query: the query is empty; give it text or an image", "query")
-    texts = [("query", job.query.text), ("instruction", job.instruction)] + [
-        (f"documents[{i}]", d.text) for i, d in enumerate(job.documents)
-    ]
+    for field, query in job.query_fields():
+        if not (query.text or "").strip() and query.image is None:
+            raise InvalidInput(f"{field}: the query is empty; give it text or an image", field)
+    texts = (
+        [(field, query.text) for field, query in job.query_fields()]
+        + [("instruction", job.instruction)]
+        + [(f"documents[{i}]", d.text) for i, d in enumerate(job.documents)]
+    )
     for field, text in texts:
         if text is not None and len(text) > settings.max_text_chars:
             raise InputTooLarge(
@@ -366,29 +383,23 @@ class ScoreRequest(BaseModel):
             )
         return [(_spec(a), _spec(b)) for a, b in zip(firsts, seconds)]
 
-    def to_jobs(self, max_pairs: int) -> list[tuple[list[int], RerankJob]]:
-        """The pairs grouped by query: one job per distinct query (its documents batched together), each with the
-        indices of the pairs its documents came from. More than `max_pairs` pairs is a 413."""
+    def to_job(self, max_pairs: int) -> RerankJob:
+        """The pairs as one job (document i is text_2's i-th pair; its query, text_1's), so that the request has one
+        budget (images, admission, windows) and each model's pairs go out together, however many distinct
+        queries it holds. More than `max_pairs` pairs is a 413."""
         pairs = self.pairs()
         if len(pairs) > max_pairs:
             raise InputTooLarge(
                 f"text_2: {len(pairs)} pairs; the limit is {max_pairs} (setting max_documents_per_request)", "text_2"
             )
-        groups: dict[ContentSpec, list[int]] = {}
-        for i, (query, _) in enumerate(pairs):
-            groups.setdefault(query, []).append(i)
-        return [
-            (
-                indices,
-                RerankJob(
-                    query=query,
-                    documents=[pairs[i][1] for i in indices],
-                    max_tokens_per_doc=self.truncate_prompt_tokens,
-                    model=self.model,
-                ),
-            )
-            for query, indices in groups.items()
-        ]
+        queries = [query for query, _ in pairs]
+        return RerankJob(
+            query=queries[0],
+            queries=queries if len(set(queries)) > 1 else None,
+            documents=[document for _, document in pairs],
+            max_tokens_per_doc=self.truncate_prompt_tokens,
+            model=self.model,
+        )
 
 
 class ScoreData(BaseModel):

@@ -16,12 +16,28 @@ import ray
 from ray import serve
 
 from serve_app import hardware, pools
-from serve_app.errors import InvalidInput, Overloaded, StaleTokenizer, as_request_errors
+from serve_app.errors import (
+    InvalidInput,
+    ModelFault,
+    Overloaded,
+    RerankError,
+    StaleTokenizer,
+    as_request_errors,
+    scoring_error,
+)
 from serve_app.pool_call import CallResult
 from serve_app.resident import Part, PoolMetrics, Resident, pairs_in
-from serve_app.scoring.call import call_windows
+from serve_app.scoring.call import call_windows, finite
 from serve_app.scoring.text import check_ids
-from serve_app.scoring.types import EncodedPair, Pair, TokenCount, WindowRule, Windows
+from serve_app.scoring.types import (
+    EncodedPair,
+    NotFiniteScores,
+    Pair,
+    ScoringError,
+    TokenCount,
+    WindowRule,
+    Windows,
+)
 from serve_app.settings import PoolSettings
 from serve_app.stats import Throughput
 
@@ -53,6 +69,8 @@ class ScoringReplica:
         self.started = time.monotonic()
         self.forward_lock = asyncio.Lock()
         self.pending_pairs = 0
+        self.batch_cap = 32  # the batcher's max_batch_size (the decorator's): pieces are never cut larger
+        self.lower_cap: int | None = None  # a lower cap waiting for the queued pieces to drain
         self.last_busy = time.perf_counter()  # when the last batch finished: the forward-cost re-probe waits for quiet
         self.throughput = Throughput()  # the rate the queue drains at: admission estimates waits with it
         self.refused = 0
@@ -67,6 +85,34 @@ class ScoringReplica:
 
     async def _resident(self) -> Resident:
         raise NotImplementedError
+
+    def _call_error(self, exc: Exception) -> Exception:
+        """What a call whose scoring failed answers (its batch already retried it alone): the input's fault (413 /
+        422), load (out of memory: 503 + Retry-After), a failed device (503: this replica is being replaced), or
+        the model's (500 naming the error's type; the traceback stays in this replica's log)."""
+        if isinstance(exc, RerankError):
+            return exc
+        if isinstance(exc, ScoringError):
+            return scoring_error(exc)
+        log.error("a call failed in its batch", exc_info=exc)
+        if hardware.is_out_of_memory(exc):
+            return Overloaded(
+                "the replica ran out of memory scoring this call; retry after the Retry-After seconds, or send fewer "
+                "or shorter documents",
+                1,
+            )
+        if hardware.is_device_fault(exc):
+            return Overloaded("this replica's GPU failed and it is being replaced; retry shortly", 20)
+        return ModelFault(f"scoring failed in the model ({type(exc).__name__}); the replica log has the traceback")
+
+    def set_batch_cap(self, cap: int) -> None:
+        """The batcher's max_batch_size. Lowered only once no piece is queued (a queued piece larger than the new
+        cap would fail: the cap drops when the queue drains)."""
+        if cap < self.batch_cap and self.pending_pairs:
+            self.lower_cap = cap
+            return
+        self.batch_cap, self.lower_cap = cap, None
+        self._score_batch.set_max_batch_size(cap)
 
     def _on_call(self) -> None:
         """Called at each call, in the replica's event loop (what a subclass starts in the background)."""
@@ -127,11 +173,18 @@ class ScoringReplica:
         windowed = time.perf_counter()
         self._admit(len(cut.pairs), admit_by)
         resident.calls += 1
-        results = await self._in_batches(resident.loaded.profile, cut.pairs)
+        try:
+            results = await self._in_batches(resident.loaded.profile, cut.pairs)
+        except Exception as exc:
+            raise self._call_error(exc) from None
         # The slowest piece is this call's critical path: its wait for a batch, its preparation, its forward.
         last = max(results, key=lambda part: part.done)
+        try:  # this call's own scores: another caller's in the same batch stand or fall on their own
+            scores = finite([score for part in results for score in part.scores], resident.name)
+        except NotFiniteScores as exc:
+            raise ModelFault(str(exc)) from None
         return CallResult(
-            scores=cut.merge([score for part in results for score in part.scores]),
+            scores=cut.merge(scores),
             pairs=len(cut.pairs),
             tokens=sum(part.tokens for part in results),
             split=cut.split,
@@ -177,8 +230,8 @@ class ScoringReplica:
 
     async def _in_batches(self, profile, scored: list[Pair]) -> list[Part]:
         """The pairs scored through the batcher (or, on a realtime replica, each piece as its own batch), in pieces
-        of the model's cap: a call larger than the cap would be refused by the batcher."""
-        cap = profile.max_batch_size
+        of the model's cap and at most the batcher's: a piece larger than the batcher's would be refused."""
+        cap = min(profile.max_batch_size, self.batch_cap)
         pieces = [scored[i : i + cap] for i in range(0, len(scored), cap)]
         if self.realtime:
             return [(await self._run([piece]))[0] for piece in pieces]
@@ -193,6 +246,8 @@ class ScoringReplica:
             # Also when the caller is cancelled: its queued pieces leave the batcher unscored.
             self.pending_pairs -= len(scored)
             self.metrics.queue.set(self.pending_pairs)
+            if self.lower_cap is not None and not self.pending_pairs:
+                self.set_batch_cap(self.lower_cap)
         for piece in results:
             if isinstance(piece, Exception):  # this call failed on its own inside a shared batch
                 raise piece

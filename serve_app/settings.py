@@ -427,6 +427,14 @@ class Settings(BaseSettings):
         description="Retry-After (seconds) sent with 503 when queues are full.",
         json_schema_extra=ADVANCED,
     )
+    replica_start_s: int = Field(
+        default=20,
+        ge=0,
+        description="Retry-After (seconds) of a 503 because a pool's replica died or none is running: about what a "
+        "replacement takes to start (17-23 s measured on the 2-core VM, tests/test_faults.py); a retry sooner "
+        "would only be refused again.",
+        json_schema_extra=ADVANCED,
+    )
     admission_wait_fraction: float | None = Field(
         default=0.9,
         gt=0,

@@ -64,7 +64,7 @@ class SharedReplica(ScoringReplica):
             ),
             default=8,
         )
-        self._score_batch.set_max_batch_size(self.cap)
+        self.set_batch_cap(self.cap)  # a model whose own cap is larger (derived once loaded) is cut to it
 
     def check_health(self) -> None:
         if self.device_fault is not None:

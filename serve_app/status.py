@@ -83,12 +83,18 @@ class ServiceStatus:
         self.replicas = replicas
         self.pairs_sent = pairs_sent
         self.cached_health: CachedHealth | None = None
+        self.probing: asyncio.Future | None = None
 
     async def health(self) -> tuple[HealthResponse, int]:
+        """The pools' health, probed at most once per health_cache_s: callers that arrive while a probe runs
+        share it (single flight), so a burst of load balancer checks costs one probe of every pool."""
         now = time.monotonic()
         if self.cached_health is None or now - self.cached_health.at > self.settings.health_cache_s:
-            response, status_code = await self._probe_pools()
-            self.cached_health = CachedHealth(now, response, status_code)
+            if self.probing is None or self.probing.done():
+                self.probing = asyncio.ensure_future(self._probe_pools())
+                self.probing.add_done_callback(lambda t: t.cancelled() or t.exception())  # never logged as lost
+            response, status_code = await asyncio.shield(self.probing)
+            self.cached_health = CachedHealth(time.monotonic(), response, status_code)
         return self.cached_health.response, self.cached_health.status_code
 
     def _deployments(self) -> dict[str, DeploymentHandle | None]:

@@ -306,3 +306,24 @@ def test_records_are_typed_with_image_bytes_and_no_sentinels(tmp_path, monkeypat
     assert (first["doc"], second["doc"]) == (0, 1) and first["document_image"] == second["document_image"] == png
     assert (first["document_text"], second["document_text"], first["query_text"]) == (None, "t", "q")
     assert first["error"] is None and first["raw"] is None
+
+
+def test_a_rows_query_image_is_decoded_once_for_all_its_pairs():
+    """Each pair record carries its row's query image: decoded once per batch, the same image for every pair (a
+    family then reads it once), not once per pair."""
+    import base64
+
+    from serve_app.bulk import PairScorer
+
+    png = base64.b64decode(b64(noise_image((16, 16), 4)))
+    actor = PairScorer.__new__(PairScorer)
+    actor.settings = Settings()
+    records = [
+        {"query_text": "q", "query_image": png, "document_text": d, "document_image": None, "instruction": None,
+         "max_tokens_per_doc": None}
+        for d in ("a", "b", "c")
+    ]  # fmt: skip
+    decoded: dict = {}
+    pairs = [actor._pair(record, decoded) for record in records]
+    assert len(decoded) == 1 and pairs[0].query.image is pairs[1].query.image is pairs[2].query.image
+    assert [p.document.text for p in pairs] == ["a", "b", "c"] and pairs[0].query.text == "q"

@@ -11,7 +11,7 @@ import pytest
 
 from serve_app import bulk
 from serve_app.bulk import Output, PairScorer, parse_args, run
-from serve_app.scoring.types import Content, Pair, Score, Windows
+from serve_app.scoring.types import Content, Pair, Score, ScorerInfo, Windows
 from serve_app.settings import Settings
 from tests.conftest import BulkJob, bulk_settings
 
@@ -44,6 +44,8 @@ def test_rows_that_cannot_be_read_become_error_rows_and_the_job_finishes(bulk_jo
 def test_one_pair_failing_in_a_way_nobody_foresaw_fails_its_own_row_only():
     class Flaky:
         """Scores pairs, but not the one whose document says "boom" (a model error, not a ScoringError)."""
+
+        info = ScorerInfo("flaky", "test", "cpu", "float32", 64, raw_score="length", calibration="length / 10")
 
         def check(self, pairs, truncate):
             pass

@@ -293,3 +293,23 @@ def test_a_pool_that_cuts_windows_keeps_its_share_of_the_request(model_dirs):
     assert len(windows.pairs) == 15 and windows.owner == [0] * 5 + [1] * 5 + [2] * 5
     with pytest.raises(InputTooLarge, match="max_windows_per_request"), as_request_errors():
         call_windows(scorer, pairs, WindowRule(64, per_document=5, per_call=14), truncate=True)
+
+
+def test_a_pairwise_score_as_large_as_the_limits_allow_is_one_request_and_answers(alpha, model_dirs):
+    """1,000 pairs of 1,000 distinct queries: one job (one image budget, one admission, each model's pairs sent
+    together), not 1,000 one-pair jobs each with its own budget, which an idle service refused with 503."""
+    queries = [f"{word} {i}" for i, word in enumerate(["paris", "car", "dog", "river"] * 250)]
+    documents = [f"the {word} document" for word in ["capital", "red", "animal", "water"] * 250]
+    before = pool_calls(alpha)
+    answer = rerank(alpha, {"text_1": queries, "text_2": documents}, "/score").json()
+    assert [d["index"] for d in answer["data"]] == list(range(1000))
+    assert pool_calls(alpha) - before <= 1000 // Settings().min_pairs_per_call  # calls of many pairs, not one each
+    # Each pair is scored against its own query.
+    raw = direct.cross_encoder(model_dirs["cross_encoder"], queries[7], [documents[7]])
+    alone = rerank(alpha, {"query": queries[7], "documents": [documents[7]], "raw_scores": True}).json()
+    assert alone["results"][0]["raw_score"] == pytest.approx(raw[0], abs=1e-4)
+    assert answer["data"][7]["score"] == pytest.approx(alone["results"][0]["relevance_score"], abs=1e-5)
+
+
+def pool_calls(client: httpx.Client) -> int:
+    return client.get("/v1/models").json()["pools"]["text"]["counters"]["calls"]

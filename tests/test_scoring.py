@@ -477,3 +477,29 @@ def test_broken_weights_give_model_load_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "model_type": "bert"}))
     with pytest.raises(ModelLoadError, match="as embedding"):
         load_scorer(str(tmp_path))
+
+
+def test_scores_that_are_not_numbers_are_an_error_never_a_ranking(model_dirs, tmp_path):
+    """A model whose output overflows (or whose weights are broken) gives NaN: it went out as `null` in a 200
+    and ranked as if it meant something. Scoring a call refuses it, naming the model and the likely cause; the
+    replica answers 500 model_fault for that call alone, and a bulk row fails with the reason."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from serve_app.errors import ModelFault
+    from serve_app.scoring.call import finite, score_call
+    from serve_app.scoring.types import NotFiniteScores, Score
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dirs["cross_encoder"])
+    with torch.no_grad():
+        model.classifier.bias.fill_(float("nan"))
+    model.save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(model_dirs["cross_encoder"]).save_pretrained(tmp_path)
+    scorer = load_scorer(str(tmp_path))
+    pairs = [Pair(Content(text="q"), Content(text=d)) for d in ("paris", "the dog")]
+    with pytest.raises(NotFiniteScores, match="dtype float32"):
+        score_call(scorer, pairs, cap=8, rule=None)
+    healthy = load_scorer(str(model_dirs["cross_encoder"]))
+    assert len(score_call(healthy, pairs, cap=8, rule=None)) == 2
+    with pytest.raises(NotFiniteScores):
+        finite([Score(1.0, 0.7), Score(float("inf"), 1.0)], "m")
+    assert ModelFault("x").status == 500

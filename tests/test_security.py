@@ -124,3 +124,85 @@ def test_a_failed_read_of_the_running_replicas_keeps_the_last_counts(monkeypatch
 
     # Unknown until a read succeeds; then a failed read (the controller busy) does not forget the 2 replicas.
     assert asyncio.run(three()) == [None, 2, 2]
+
+
+def test_pieces_are_never_cut_larger_than_the_batcher_takes_and_a_lower_cap_waits_for_the_queue():
+    """The shared pool's batcher cap comes from profile rows (8 on a GPU kind without one) while a loaded model
+    derives its own, larger cap: pieces cut at the model's cap were refused by the batcher (a 500). And a cap
+    lowered by `reconfigure` while pieces were queued failed those pieces."""
+    from serve_app.scoring_replica import ScoringReplica
+
+    class Batcher:
+        def __init__(self) -> None:
+            self.caps: list[int] = []
+
+        def set_max_batch_size(self, cap: int) -> None:
+            self.caps.append(cap)
+
+    class Profile:
+        max_batch_size = 64
+        batch_wait_timeout_s = 0.0
+
+    replica = ScoringReplica.__new__(ScoringReplica)
+    replica.batch_cap, replica.lower_cap, replica.pending_pairs = 32, None, 0
+    replica._score_batch = Batcher()
+    replica.set_batch_cap(8)  # idle: at once
+    assert replica.batch_cap == 8 and replica._score_batch.caps == [8]
+    pieces: list[int] = []
+    replica.realtime = True
+
+    async def run(calls):
+        pieces.extend(len(call) for call in calls)
+        return [None for _ in calls]
+
+    replica._run = run
+    asyncio.run(replica._in_batches(Profile(), list(range(20))))
+    assert pieces == [8, 8, 4]  # the batcher's 8, not the model's 64
+    replica.pending_pairs = 5  # pieces queued
+    replica.set_batch_cap(4)
+    assert replica.batch_cap == 8 and replica.lower_cap == 4  # waits for the queue to drain
+    replica.set_batch_cap(16)  # raising is safe at once
+    assert replica.batch_cap == 16 and replica.lower_cap is None
+
+
+def test_a_call_that_fails_in_its_batch_answers_what_failed_never_a_bare_500():
+    """Out of memory is load (503 + Retry-After), a failed GPU means this replica goes (503), an input the model
+    cannot take is the caller's (413 / 422), anything else the model's (500 naming the error's type only)."""
+    import torch
+
+    from serve_app.errors import InputTooLarge, InvalidInput, ModelFault, Overloaded
+    from serve_app.scoring.types import PairTooLong, UnsupportedPair
+    from serve_app.scoring_replica import ScoringReplica
+
+    replica = ScoringReplica.__new__(ScoringReplica)
+    out_of_memory = replica._call_error(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert isinstance(out_of_memory, Overloaded) and out_of_memory.headers()["Retry-After"] == "1"
+    assert isinstance(replica._call_error(RuntimeError("CUDA error: an illegal memory access")), Overloaded)
+    assert isinstance(replica._call_error(PairTooLong("too long")), InputTooLarge)
+    assert isinstance(replica._call_error(UnsupportedPair("no images")), InvalidInput)
+    fault = replica._call_error(IndexError("index out of range in self at /home/me/model.py"))
+    assert isinstance(fault, ModelFault) and fault.status == 500
+    assert "IndexError" in fault.message and "/home" not in fault.message
+
+
+def test_concurrent_health_checks_after_the_cache_expires_share_one_probe():
+    """A load balancer's burst of /health checks once the cached answer is stale: one probe of the pools, not
+    one per check (each probe calls every replica)."""
+    from serve_app.status import ServiceStatus
+
+    probes = []
+
+    async def probe():
+        probes.append(1)
+        await asyncio.sleep(0.2)
+        return "healthy", 200
+
+    service = ServiceStatus.__new__(ServiceStatus)
+    service.settings, service.cached_health, service.probing = Settings(health_cache_s=0.0), None, None
+    service._probe_pools = probe
+
+    async def burst() -> list:
+        return await asyncio.gather(*(service.health() for _ in range(30)))
+
+    assert asyncio.run(burst()) == [("healthy", 200)] * 30
+    assert len(probes) == 1

@@ -4,10 +4,11 @@ pieces share forwards with other callers'); the bulk job and `calibrate_scores` 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from serve_app.scoring.types import Pair, Score, Scorer, WindowRule, Windows
+from serve_app.scoring.types import NotFiniteScores, Pair, Score, Scorer, WindowRule, Windows
 from serve_app.settings import Settings
 
 
@@ -27,6 +28,18 @@ def window_share(rule: WindowRule | None, pairs: int, of_pairs: int, settings: S
         return None
     share = settings.max_windows_per_request * pairs // max(1, of_pairs)
     return replace(rule, per_call=max(pairs, share))
+
+
+def finite(scores: Sequence[Score], model: str) -> Sequence[Score]:
+    """The scores, or NotFiniteScores when any is NaN or infinite (an overflow in the model's dtype, broken
+    weights): such a score would be ranked as if it meant something (JSON has no NaN: it went out as null)."""
+    bad = [i for i, score in enumerate(scores) if not math.isfinite(score.raw)]
+    if bad:
+        raise NotFiniteScores(
+            f"model {model!r} gave {len(bad)} score(s) that are not numbers (first: pair {bad[0]}); an overflow in "
+            "its dtype (try dtype float32) or broken weights"
+        )
+    return scores
 
 
 def call_windows(scorer: Scorer, pairs: Sequence[Pair], rule: WindowRule | None, truncate: bool) -> Windows:
@@ -54,4 +67,4 @@ def score_call(
         raw.extend(scorer.score(windows.pairs[start : start + cap]))
         if progress is not None:
             progress(len(raw), len(windows.pairs))
-    return windows.merge(scorer.calibrate(raw))
+    return windows.merge(finite(scorer.calibrate(raw), scorer.info.model))

@@ -82,6 +82,11 @@ class TooManyWindows(ScoringError):
     """A call's long documents would make more windows than it may score (a 413, as a pair too long is)."""
 
 
+class NotFiniteScores(Exception):
+    """The model gave scores that are not numbers (NaN, infinite): a fault of the model or its dtype, never a
+    score to rank by."""
+
+
 class ModelLoadError(Exception):
     """The model could not be found or loaded."""
 
