@@ -58,8 +58,25 @@ ERRORS: dict[int | str, dict] = {
 }
 
 
+# The limits a request is held to, by their settings' names: the schema's `info.x-limits` states each value, also
+# those no field's bounds can say (windows, pixels, time).
+LIMITS = (
+    "max_request_bytes",
+    "request_read_timeout_s",
+    "request_timeout_s",
+    "max_documents_per_request",
+    "max_text_chars",
+    "max_image_bytes",
+    "max_image_pixels",
+    "max_request_pixels",
+    "max_windows_per_document",
+    "max_windows_per_request",
+)
+
+
 def schema_with_limits(schema: dict, settings: Settings) -> dict:
     """The limits the service enforces, written into its schema (client generators and fuzzers read them)."""
+    schema.setdefault("info", {})["x-limits"] = {name: getattr(settings, name) for name in LIMITS}
     components = schema.get("components", {}).get("schemas", {})
     # base64 is 4 characters per 3 bytes; a data URI adds a short header.
     image_chars = -(-settings.max_image_bytes // 3) * 4 + 256

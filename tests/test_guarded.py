@@ -127,6 +127,10 @@ def test_the_schema_carries_the_limits_this_service_enforces(guarded):
     # 2048 image bytes (max_image_bytes) in base64, with room for a data URI's header.
     (image,) = [b for b in schemas["ContentIn"]["properties"]["image"]["anyOf"] if b.get("type") == "string"]
     assert 2732 <= image["maxLength"] <= 2732 + 256
+    # Every limit by its setting's name, those no field's bounds can say included.
+    limits = guarded.get("/openapi.json").json()["info"]["x-limits"]
+    assert limits["max_documents_per_request"] == 5 and limits["max_request_bytes"] == 4096
+    assert limits["max_windows_per_request"] == 4096 and limits["max_windows_per_document"] == 32
     # And what it says holds: one document over the documented count is refused.
     over = guarded.post("/v2/rerank", json={"query": "q", "documents": ["a"] * 6})
     assert over.status_code == 413 and over.json()["error"]["field"] == "documents"
