@@ -81,10 +81,18 @@ class Overloaded(RerankError):
 
 
 class ReplicaLost(Overloaded):
-    """A replica died (killed, out of memory, a failed GPU) with this request's pairs, twice: retry shortly,
-    Serve is starting its replacement."""
+    """A replica died (killed, out of memory, a failed GPU) with this request's pairs, or none is running: retry
+    once Serve has started its replacement."""
 
     kind = "replica_lost"
+
+
+class DeadlyInput(RerankError):
+    """Pairs that were being scored when replicas died, more than once: refused at once for a while (setting
+    deadly_input_ttl_s), so that one input cannot take down a pool replica after replica."""
+
+    status = 422
+    kind = "deadly_input"
 
 
 class StaleTokenizer(Overloaded):

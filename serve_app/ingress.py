@@ -21,9 +21,9 @@ from ray.serve.handle import DeploymentHandle
 from serve_app.api import build_api
 from serve_app.catalog import SHARED, Catalog, Served, modality_counts, modality_of
 from serve_app.encoders import Encoders, encode_call
-from serve_app.errors import DeadlineExceeded, Overloaded, ReplicaLost, StaleTokenizer
+from serve_app.errors import DeadlineExceeded, DeadlyInput, Overloaded, ReplicaLost, StaleTokenizer
 from serve_app.media import load_contents
-from serve_app.pool_call import CallResult
+from serve_app.pool_call import CallResult, LostCalls
 from serve_app.ranking import ScoredDocument, rank
 from serve_app.schemas import (
     HealthResponse,
@@ -120,6 +120,7 @@ class Ingress:
             settings, self.catalog, pools, realtime_pools, shared, self.replicas, self.pairs_sent
         )
         self.encoders = Encoders()
+        self.lost = LostCalls(settings.deadly_input_ttl_s, settings.deadly_input_deaths)
         # Tokenizing and image decoding: on a bounded set of threads, each single-threaded (the Rust tokenizer's
         # parallelism would take every core of the node for one request).
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -326,34 +327,41 @@ class Ingress:
         windows: WindowRule | None,
         admit_by: float | None = None,
     ) -> CallResult:
-        """One pool call. A replica that dies with it (killed, out of memory, a failed GPU) gets the call again
-        once, where another replica may be alive. Lost with none left, or twice, or no replica running: 503 +
-        Retry-After at once, rather than a call parked in the router until the deadline."""
-        for attempt in range(2):
-            await self._refuse_without_replicas(served, handle, fresh=attempt > 0)
-            response = handle.score.remote(pairs, truncate, windows, admit_by)
-            waiting = asyncio.ensure_future(response)
-            try:
-                # While the call waits, keep asking whether the pool still has a running replica: a call the
-                # router holds for a replica that is not there yet is refused within a second or two.
-                while not (await asyncio.wait({waiting}, timeout=RunningReplicas.REFRESH_S))[0]:
-                    await self._refuse_without_replicas(served, handle, fresh=False)
-                return waiting.result()
-            except REPLICA_GONE as exc:
-                log.warning(
-                    "pool %s: a replica died with a call of %d pairs (%s)", served.key, len(pairs), type(exc).__name__
-                )
-                # Retry only where another replica may be alive: Serve's count may still include the dead one
-                # for a few seconds, and a retry with none alive would wait in the router for the replacement.
-                if (await self.replicas.running(handle.deployment_name, fresh=True) or 0) < 2:
-                    break
-            except BaseException:  # cancelled (deadline, client gone), refused above, or the call failed
-                response.cancel()
-                waiting.cancel()
-                raise
+        """One pool call. A replica that dies with it (killed, out of memory, a failed GPU, a crash in the model)
+        is not given the call again: the call may be what killed it. 503 + Retry-After replica_start_s instead, as
+        when no replica is running (refused at once, rather than a call parked in the router until the deadline).
+        Pairs lost with deadly_input_deaths replicas are refused (422) for deadly_input_ttl_s."""
+        if self.lost.deadly(served.key, pairs):
+            raise DeadlyInput(
+                f"these documents were being scored when {self.settings.deadly_input_deaths} {served.key} replica(s) "
+                "died; they are refused for "
+                f"{self.settings.deadly_input_ttl_s:.0f} s after the last death (setting deadly_input_ttl_s): report "
+                "them to the service's operators",
+                "documents",
+            )
+        await self._refuse_without_replicas(served, handle, fresh=False)
+        response = handle.score.remote(pairs, truncate, windows, admit_by)
+        waiting = asyncio.ensure_future(response)
+        try:
+            # While the call waits, keep asking whether the pool still has a running replica: a call the router
+            # holds for a replica that is not there yet is refused within a second or two.
+            while not (await asyncio.wait({waiting}, timeout=RunningReplicas.REFRESH_S))[0]:
+                await self._refuse_without_replicas(served, handle, fresh=False)
+            return waiting.result()
+        except REPLICA_GONE as exc:
+            if getattr(exc, "preempted", False):  # its node was taken away: the call is not at fault
+                deaths = 0
+            else:
+                deaths = self.lost.record(served.key, pairs, getattr(exc, "actor_id", None) or uuid.uuid4().hex)
+            died = f"a replica died with a call of {len(pairs)} pairs ({type(exc).__name__}, death {deaths} of them)"
+            log.warning("pool %s: %s; not sent again", served.key, died)
+        except BaseException:  # cancelled (deadline, client gone), refused above, or the call failed
+            response.cancel()
+            waiting.cancel()
+            raise
         raise ReplicaLost(
-            f"a {served.key} replica died while scoring this request; Serve is replacing it: retry after the "
-            "Retry-After seconds",
+            f"a {served.key} replica died while scoring this request (Serve is replacing it); the request is not "
+            "sent again by the service, since it may be what killed it: retry after the Retry-After seconds",
             self.settings.replica_start_s,
         )
 

@@ -1,7 +1,13 @@
-"""The message a pool call answers with: a message between the ingress and a pool replica, not a scoring type."""
+"""Pool calls as the ingress sees them: the message a call answers with (a message between the ingress and a pool
+replica, not a scoring type), and the calls lost with their replica."""
 
 from __future__ import annotations
 
+import hashlib
+import pickle
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from serve_app.scoring.types import Score
@@ -24,3 +30,61 @@ class CallResult:
     @property
     def busy_ms(self) -> float:
         return self.queue_ms + self.tokenize_ms + self.inference_ms
+
+
+class LostCalls:
+    """Calls that were on a replica when it died (killed, out of memory, a failed GPU, a crash in the model). Such
+    a call is never sent again by the ingress: it may be what killed the replica (a query of death), and a resend
+    would kill the next one. The caller gets 503 + Retry-After; a call whose pairs were lost with `deadly_after`
+    replicas within `ttl_s` is refused at once (the ingress answers 422) until `ttl_s` has passed since the last
+    death. Kept by a digest of each pair (its text or token ids, images and options); at most `most`
+    pairs remembered, oldest forgotten first. ttl_s None: nothing is remembered."""
+
+    def __init__(
+        self,
+        ttl_s: float | None,
+        deadly_after: int = 2,
+        most: int = 16_384,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self.deadly_after = deadly_after
+        self.most = most
+        # pair digest -> (the replicas it was lost with, the last death's clock)
+        self.deaths: OrderedDict[str, tuple[tuple[str, ...], float]] = OrderedDict()
+
+    @staticmethod
+    def digest(pool: str, pair: object) -> str:
+        # A pair is a frozen dataclass of text, bytes and PIL images: it pickles to its content.
+        return hashlib.blake2b(pickle.dumps((pool, pair), protocol=5), digest_size=16).hexdigest()
+
+    def deadly(self, pool: str, pairs: Sequence[object]) -> bool:
+        """Whether any of these pairs was lost with `deadly_after` replicas within the last ttl_s (free while
+        nothing was lost: no digest is computed). Pairs, not calls: a request is cut into calls by the replicas
+        running, which a death changes."""
+        if self.ttl_s is None or not self.deaths:
+            return False
+        self._expire()
+        return any(len(self.deaths.get(self.digest(pool, pair), ((), 0.0))[0]) >= self.deadly_after for pair in pairs)
+
+    def record(self, pool: str, pairs: Sequence[object], replica: str) -> int:
+        """The replica `replica` died with these pairs: the most replicas any of them was lost with within ttl_s.
+        Calls of the same pairs lost with one replica (clients sending the same request) count once."""
+        if self.ttl_s is None:
+            return 1
+        self._expire()
+        now, most = self.clock(), 0
+        for pair in pairs:
+            key = self.digest(pool, pair)
+            replicas = set(self.deaths.pop(key, ((), 0.0))[0]) | {replica}
+            self.deaths[key] = (tuple(replicas), now)
+            most = max(most, len(replicas))
+        while len(self.deaths) > self.most:
+            self.deaths.popitem(last=False)
+        return most
+
+    def _expire(self) -> None:
+        now = self.clock()
+        while self.deaths and now - next(iter(self.deaths.values()))[1] > self.ttl_s:
+            self.deaths.popitem(last=False)

@@ -435,6 +435,21 @@ class Settings(BaseSettings):
         "would only be refused again.",
         json_schema_extra=ADVANCED,
     )
+    deadly_input_ttl_s: float | None = Field(
+        default=600.0,
+        gt=0,
+        description="A pool call that was on a replica when it died is never sent again (it may be what killed it: "
+        "the caller gets 503 + Retry-After replica_start_s). Pairs lost with two replicas are refused at once "
+        "(422 deadly_input) by the ingress that saw it, until this many seconds after the last death. null: never "
+        "refused (each retry of such a request may take down one more replica).",
+        json_schema_extra=ADVANCED,
+    )
+    deadly_input_deaths: int = Field(
+        default=2,
+        ge=1,
+        description="Replica deaths with the same pairs after which those pairs are refused (deadly_input_ttl_s).",
+        json_schema_extra=ADVANCED,
+    )
     admission_wait_fraction: float | None = Field(
         default=0.9,
         gt=0,

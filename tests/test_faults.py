@@ -11,7 +11,9 @@ from collections.abc import Callable
 
 import httpx
 
-from tests.conftest import deploy, undeploy
+from serve_app.pool_call import LostCalls
+from serve_app.scoring.types import Content, EncodedPair, Pair
+from tests.conftest import MINILM_FORWARD_COST_TOKENS, deploy, undeploy
 
 BODY = {"query": "what is the capital of france", "documents": ["paris is the capital", "a red car", "the dog"]}
 # How long Serve may take to notice a killed replica: a few seconds, more on a loaded machine (was 5 s here).
@@ -132,6 +134,80 @@ def test_with_one_replica_killed_requests_are_refused_fast_until_its_replacement
     assert all(sent - killed_at < NOTICED_S for sent, *_ in parked), parked
     assert all(a[2] < 4 for a in failed if a[0] - killed_at >= NOTICED_S)  # later: refused fast, nobody parked
     assert back and after[-1][1] == 200  # and the replacement serves
+
+
+def test_pairs_lost_with_replicas_are_deadly_after_the_set_count_and_forgotten_after_the_ttl():
+    now = [0.0]
+    lost = LostCalls(ttl_s=60, deadly_after=2, most=4, clock=lambda: now[0])
+    a, b = Pair(Content("q"), Content("doc a")), Pair(Content("q"), Content("doc b"))
+    assert not lost.deadly("text", [a, b])
+    assert lost.record("text", [a], "replica-1") == 1
+    assert lost.record("text", [a], "replica-1") == 1  # another call of the same pairs, lost with the same replica
+    assert not lost.deadly("text", [a, b])
+    now[0] = 30
+    assert lost.record("text", [a, b], "replica-2") == 2  # a's second replica, b's first
+    assert lost.deadly("text", [b, a]) and lost.deadly("text", [a])
+    assert not lost.deadly("text", [b]) and not lost.deadly("model_x", [a])  # per pair, per pool
+    assert not lost.deadly("text", [Pair(Content("q"), Content("doc a"), instruction="other")])
+    now[0] = 89
+    assert lost.deadly("text", [a])
+    now[0] = 91  # 61 s after the last death
+    assert not lost.deadly("text", [a]) and not lost.deaths
+    lost.record("text", [EncodedPair(bytes([i, 0, 0, 0])) for i in range(6)], "replica-3")
+    assert len(lost.deaths) == 4  # bounded: the oldest are forgotten
+    assert not LostCalls(ttl_s=None).deadly("text", [a]) and LostCalls(ttl_s=None).record("text", [a], "r") == 1
+
+
+def test_a_call_on_a_replica_that_dies_is_not_sent_again_and_its_pairs_are_then_refused(serve_url, model_dirs):
+    deploy(
+        "deadly",
+        {
+            "text": {
+                "model": str(model_dirs["slow"]),
+                "num_replicas": 2,
+                "num_cpus": 0.5,
+                "max_batch_size": 4,
+                "forward_cost_tokens": MINILM_FORWARD_COST_TOKENS,
+            },
+            "image_text": {"enabled": False},
+            "request_timeout_s": 60,
+            "deadly_input_deaths": 1,
+        },
+    )
+    url = f"{serve_url}/deadly"
+    # 32 documents of the model's whole window: calls on both replicas, each busy for seconds.
+    body = {"query": "which one", "documents": [" ".join(f"w{i}x{j}" for j in range(300)) for i in range(32)]}
+    try:
+        pids = {
+            r["replica"]: r["pid"]
+            for r in httpx.get(f"{url}/v1/models", timeout=60).json()["pools"]["text"]["replicas"]
+        }
+        answer: list[httpx.Response] = []
+        sender = threading.Thread(target=lambda: answer.append(httpx.post(f"{url}/v2/rerank", json=body, timeout=90)))
+        sender.start()
+        deadline = time.monotonic() + 60
+        busy = None
+        while busy is None and sender.is_alive() and time.monotonic() < deadline:
+            replicas = httpx.get(f"{url}/v1/stats", timeout=30).json()["pools"]["text"]
+            busy = next((r["replica"] for r in replicas if r["pending_pairs"]), None)
+        assert busy is not None, "no replica was seen scoring the request"
+        os.kill(pids[busy], signal.SIGKILL)
+        sender.join(timeout=90)
+        first = answer[0]
+        # Not resent to the other replica (it would have answered 200): the call may be what killed its replica.
+        assert first.status_code == 503, first.text
+        assert first.json()["error"]["type"] == "replica_lost" and first.headers["retry-after"] == "20"
+        started = time.monotonic()
+        again = httpx.post(f"{url}/v2/rerank", json=body, timeout=90)
+        assert again.status_code == 422 and again.json()["error"]["type"] == "deadly_input", again.text
+        assert "deadly_input_ttl_s" in again.json()["message"]
+        print(f"\nthe same documents again: 422 in {time.monotonic() - started:.2f} s")
+        other = httpx.post(
+            f"{url}/v2/rerank", json={"query": "another", "documents": body["documents"][:2]}, timeout=90
+        )
+        assert other.status_code in (200, 503), other.text  # other pairs are not refused as deadly
+    finally:
+        undeploy("deadly")
 
 
 def test_a_model_that_appears_after_start_up_is_loaded_by_a_replacement_replica(serve_url, model_dirs, tmp_path):
