@@ -23,7 +23,7 @@ from serve_app.catalog import SHARED, Catalog, Served, modality_counts, modality
 from serve_app.encoders import Encoders, encode_call
 from serve_app.errors import DeadlineExceeded, DeadlyInput, Overloaded, ReplicaLost, StaleTokenizer
 from serve_app.media import load_contents
-from serve_app.pool_call import CallResult, LostCalls
+from serve_app.pool_call import Admit, CallResult, LostCalls
 from serve_app.ranking import ScoredDocument, rank
 from serve_app.schemas import (
     HealthResponse,
@@ -248,9 +248,9 @@ class Ingress:
             by_model.setdefault(routes[modality].name, []).append(i)
         sent = Sent()
         try:
-            admit_by = self._admit_by(deadline)
+            admit = self._admit(deadline)
             for name, indices in by_model.items():
-                await self._send(job, self.catalog.find(name), [pairs[i] for i in indices], indices, admit_by, sent)
+                await self._send(job, self.catalog.find(name), [pairs[i] for i in indices], indices, admit, sent)
             results = await asyncio.gather(*(response for _, response in sent.calls))
         except BaseException:
             # Cancelled (deadline, client gone), or a pool or a pair failed: the other calls' pairs are not needed.
@@ -269,7 +269,7 @@ class Ingress:
         )
 
     async def _send(
-        self, job: RerankJob, served: Served, items: list[Pair], owners: list[int], admit_by: float | None, sent: Sent
+        self, job: RerankJob, served: Served, items: list[Pair], owners: list[int], admit: Admit | None, sent: Sent
     ) -> None:
         """One model's pairs as pool calls, each sent at once (in `sent`, with the documents its pairs belong to).
         Where the ingress tokenizes for the model, long documents are cut into windows here, and the windows spread
@@ -289,7 +289,7 @@ class Ingress:
         for start in range(0, len(items), step):
             piece = items[start : start + step]
             share = window_share(rule, len(piece), len(job.documents), self.settings)
-            call = self._score_call(served, handle, piece, job.truncate, share, admit_by)
+            call = self._score_call(served, handle, piece, job.truncate, share, admit)
             sent.calls.append((owners[start : start + step], asyncio.ensure_future(call)))
 
     async def _call_size(self, served: Served, handle: DeploymentHandle, pairs: int) -> int:
@@ -309,14 +309,14 @@ class Ingress:
         handle = self.pools.get(served.key)
         return None if handle is None else await self.encoders.get(served.name, handle)
 
-    def _admit_by(self, deadline: float) -> float | None:
-        """The epoch second by which a pool call must expect its scores, or be refused at once (503): the
-        admission fraction of the time the request has left. None: admission by estimated wait is off."""
+    def _admit(self, deadline: float) -> Admit | None:
+        """Admission of the request's pool calls: scores expected by the admission fraction of the time it has
+        left, and within that fraction of a whole fresh deadline. None: admission by estimated wait is off."""
         fraction = self.settings.admission_wait_fraction
         if fraction is None:
             return None
         now = time.time()
-        return now + max(0.0, deadline - now) * fraction
+        return Admit(now + max(0.0, deadline - now) * fraction, self.settings.request_timeout_s * fraction)
 
     async def _score_call(
         self,
@@ -325,7 +325,7 @@ class Ingress:
         pairs: list[Pair] | list[EncodedPair],
         truncate: bool,
         windows: WindowRule | None,
-        admit_by: float | None = None,
+        admit: Admit | None = None,
     ) -> CallResult:
         """One pool call. A replica that dies with it (killed, out of memory, a failed GPU, a crash in the model)
         is not given the call again: the call may be what killed it. 503 + Retry-After replica_start_s instead, as
@@ -340,7 +340,7 @@ class Ingress:
                 "documents",
             )
         await self._refuse_without_replicas(served, handle, fresh=False)
-        response = handle.score.remote(pairs, truncate, windows, admit_by)
+        response = handle.score.remote(pairs, truncate, windows, admit)
         waiting = asyncio.ensure_future(response)
         try:
             # While the call waits, keep asking whether the pool still has a running replica: a call the router

@@ -32,6 +32,16 @@ class CallResult:
         return self.queue_ms + self.tokenize_ms + self.inference_ms
 
 
+@dataclass(frozen=True)
+class Admit:
+    """Admission of a pool call by estimated wait: scored by `by` (epoch seconds), or refused at once; a call
+    that could not be scored within `fresh_s` (what a request's whole deadline allows) even on an empty queue
+    is refused as too large."""
+
+    by: float
+    fresh_s: float
+
+
 class LostCalls:
     """Calls that were on a replica when it died (killed, out of memory, a failed GPU, a crash in the model). Such
     a call is never sent again by the ingress: it may be what killed the replica (a query of death), and a resend

@@ -17,6 +17,7 @@ from ray import serve
 
 from serve_app import hardware, pools
 from serve_app.errors import (
+    InputTooLarge,
     InvalidInput,
     ModelFault,
     Overloaded,
@@ -25,9 +26,9 @@ from serve_app.errors import (
     as_request_errors,
     scoring_error,
 )
-from serve_app.pool_call import CallResult
+from serve_app.pool_call import Admit, CallResult
 from serve_app.resident import Part, PoolMetrics, Resident, pairs_in
-from serve_app.scoring.call import call_windows, finite
+from serve_app.scoring.call import call_windows, estimated_tokens, finite
 from serve_app.scoring.text import check_ids
 from serve_app.scoring.types import (
     EncodedPair,
@@ -72,7 +73,11 @@ class ScoringReplica:
         self.batch_cap = 32  # the batcher's max_batch_size (the decorator's): pieces are never cut larger
         self.lower_cap: int | None = None  # a lower cap waiting for the queued pieces to drain
         self.last_busy = time.perf_counter()  # when the last batch finished: the forward-cost re-probe waits for quiet
-        self.throughput = Throughput()  # the rate the queue drains at: admission estimates waits with it
+        self.throughput = Throughput()  # pairs/s under load, as /v1/stats shows it
+        # Per model: the tokens/s the queue drains at (estimated_tokens of the batches scored), and the tokens of
+        # the calls admitted and not yet answered. Admission estimates waits with them.
+        self.drains: dict[str, Throughput] = {}
+        self.pending_tokens: dict[str, int] = {}
         self.refused = 0
         self.metrics = PoolMetrics(pool, model)
         # Every forward pass runs on this one thread, loading and warm-up included: each thread that calls
@@ -121,22 +126,41 @@ class ScoringReplica:
         if self.device_fault is not None:
             raise Overloaded(f"a {pool} replica's GPU failed and it is being replaced; retry shortly", 1)
 
-    def _admit(self, pairs: int, admit_by: float | None) -> None:
-        """Overloaded (503) at once when this call's pairs, behind those already queued here, would not be scored
-        by `admit_by` (epoch seconds) at the rate this replica measured under load. Retry-After is when the queue
-        will have drained enough for a fresh request of this size to fit. No measurement yet: admitted."""
-        if admit_by is None or self.realtime:
+    def _queued_s(self) -> float:
+        """Seconds of work admitted here and not yet answered, each model's tokens at its own measured rate (a
+        model without a measurement yet counts nothing)."""
+        total = 0.0
+        for name, tokens in self.pending_tokens.items():
+            wait = self.drains[name].wait_s(tokens) if name in self.drains else None
+            total += wait or 0.0
+        return total
+
+    def _admit(self, admit: Admit | None, model: str | None = None, tokens: int = 0) -> None:
+        """Refuse at once a call that could not be scored by `admit.by` at the rates this replica measured under
+        load: its `tokens` (of `model`) behind the work already admitted here (without a model: the queue alone,
+        checked before a model is loaded for it). 413 when the call alone takes longer than a fresh request's
+        whole time (`admit.fresh_s`): no retry could meet it. 503 otherwise, Retry-After when the queue will
+        have drained enough. No measurement yet: admitted."""
+        if admit is None or self.realtime:
             return
-        wait = self.throughput.wait_s(self.pending_pairs + pairs)
-        left = admit_by - time.time()
-        if wait is None or wait <= left:
+        rate = self.drains[model].pairs_per_s() if model in self.drains else None
+        alone = tokens / rate if rate else 0.0
+        if alone > admit.fresh_s:
+            raise InputTooLarge(
+                f"this call's ~{tokens} tokens take about {alone:.1f} s at the {rate:.0f} tokens/s this replica "
+                f"scores {model!r} at, more than the {admit.fresh_s:.1f} s any request has for scoring (settings "
+                "request_timeout_s x admission_wait_fraction): send fewer or shorter documents per request",
+                "documents",
+            )
+        queued = self._queued_s()
+        wait, left = queued + alone, admit.by - time.time()
+        if wait <= left:
             return
         self.refused += 1
         self.metrics.refused.inc()
-        rate = self.throughput.pairs_per_s() or 0.0
         raise Overloaded(
-            f"this replica's queue holds about {wait:.1f} s of work ({self.pending_pairs} pairs queued + {pairs} "
-            f"of this request, at {rate:.0f} pairs/s), more than the {max(left, 0.0):.1f} s the request has before "
+            f"this replica's queue holds about {queued:.1f} s of work, and this call ~{alone:.1f} s more (~{tokens} "
+            f"tokens at {rate or 0.0:.0f} tokens/s): more than the {max(left, 0.0):.1f} s the request has before "
             "its deadline (settings request_timeout_s, admission_wait_fraction); retry after the Retry-After "
             "seconds, or send fewer documents",
             max(1, math.ceil(wait - max(left, 0.0))),
@@ -147,36 +171,43 @@ class ScoringReplica:
         pairs: list[Pair] | list[EncodedPair],
         truncate: bool = True,
         windows: WindowRule | None = None,
-        admit_by: float | None = None,
+        admit: Admit | None = None,
     ) -> CallResult:
-        return await self._score(pairs, truncate, windows, admit_by, counted=True)
+        return await self._score(pairs, truncate, windows, admit, counted=True)
 
     async def _score(
         self,
         pairs: list[Pair] | list[EncodedPair],
         truncate: bool = True,
         windows: WindowRule | None = None,
-        admit_by: float | None = None,
+        admit: Admit | None = None,
         counted: bool = False,
     ) -> CallResult:
         """A score per pair, in order, and what they cost. With a `windows` rule, a document longer than the
         model's window is scored as overlapping windows (within the rule's bounds) and gets its best window's
         score; without, it is truncated (or refused, truncate=False). Bad input fails this call only, before it
-        is batched. With `admit_by` (epoch seconds), a call that could not be scored by then is refused at once
-        (503) instead of waiting for nothing."""
+        is batched. With `admit`, a call that could not be scored in time is refused at once (503, or 413 when no
+        request's deadline could hold it), before its model is loaded and before its windows are cut."""
         arrived = time.perf_counter()
+        self._admit(admit)  # the queue alone: before a shared pool loads a model for this call
         resident = await self._resident()  # in the shared pool: perhaps a load, counted as waiting
         self._on_call()
         ready = time.perf_counter()
         resident.last_used = time.monotonic()
-        cut = await self._checked_windows(resident, pairs, truncate, windows, counted)
-        windowed = time.perf_counter()
-        self._admit(len(cut.pairs), admit_by)
+        tokens = estimated_tokens(pairs, resident.loaded.scorer.max_length, windows)
+        self._admit(admit, resident.name, tokens)
         resident.calls += 1
+        self.pending_tokens[resident.name] = self.pending_tokens.get(resident.name, 0) + tokens
         try:
+            cut = await self._checked_windows(resident, pairs, truncate, windows, counted)
+            windowed = time.perf_counter()
             results = await self._in_batches(resident.loaded.profile, cut.pairs)
+        except RerankError:
+            raise
         except Exception as exc:
             raise self._call_error(exc) from None
+        finally:
+            self.pending_tokens[resident.name] -= tokens
         # The slowest piece is this call's critical path: its wait for a batch, its preparation, its forward.
         last = max(results, key=lambda part: part.done)
         try:  # this call's own scores: another caller's in the same batch stand or fall on their own
@@ -306,6 +337,8 @@ class ScoringReplica:
             scored.extend(scorer.calibrate(raw))
         done = self.last_busy = time.perf_counter()
         self.throughput.record(len(flat), started, done)
+        drain = self.drains.setdefault(resident.name, Throughput())
+        drain.record(estimated_tokens(flat, scorer.max_length, None), started, done)
         out, offset = [], 0
         for call in calls:
             # A batch's tokens are shared out by pairs: exact when the batch is one caller's.
@@ -347,12 +380,13 @@ class ScoringReplica:
         }
 
     def _admission(self) -> dict:
-        """What admission by estimated wait sees: the measured rate, the queue's wait, the calls refused."""
+        """What admission by estimated wait sees: the measured rates, the queue's wait, the calls refused."""
         rate = self.throughput.pairs_per_s()
-        wait = self.throughput.wait_s(self.pending_pairs)
+        tokens = {name: drain.pairs_per_s() for name, drain in self.drains.items()}
         return {
             "pairs_per_s_under_load": None if rate is None else round(rate, 2),
-            "estimated_wait_s": None if wait is None else round(wait, 3),
+            "tokens_per_s_under_load": {name: None if r is None else round(r, 1) for name, r in tokens.items()},
+            "estimated_wait_s": round(self._queued_s(), 3),
             "refused_calls": self.refused,
             "rate_window": self.throughput.window(),  # (pairs, service ms) of the batches the rate is taken over
         }

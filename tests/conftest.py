@@ -212,6 +212,7 @@ def apps(serve_url, model_dirs, tmp_path_factory) -> dict[str, str]:
             # the proxy and ingress share the pool's 2 cores. At 0.9, three requests of 30% filled the 4 s
             # deadline and one CI run got a 504.
             "admission_wait_fraction": 0.6,
+            "max_pairs_per_call": 1000,  # one replica, one call per request: a request's size is its call's
         },
         # A text replica that no test but tests/test_forward_cost.py calls: its idle re-measurements of the
         # forward cost, started by one call right after start-up, are not interrupted by other tests' calls.

@@ -148,19 +148,46 @@ def warm_rate(admitting) -> float:
     return rate
 
 
-def test_a_request_that_cannot_finish_by_its_deadline_gets_503_at_once(admitting):
+# The admitting application's share of a fresh request's deadline for scoring: request_timeout_s (4) x
+# admission_wait_fraction (0.6).
+ADMISSION_S = 4 * 0.6
+
+
+def test_a_request_no_deadline_could_hold_gets_413_at_once_not_a_503_no_retry_could_meet(admitting):
     rate = warm_rate(admitting)
     before = admitting_stats(admitting)
-    documents = int(rate * 4 * 1.5) + 8  # one and a half times what the 4 s deadline holds
+    documents = int(rate * ADMISSION_S * 1.5) + 8  # one and a half times what a whole fresh deadline holds
     assert documents <= 1000, f"the slow model scores {rate} pairs/s here: too fast for this test's deadline"
-    status, headers, seconds = timed_post(admitting, {"query": "capital of france", "documents": [LONG] * documents})
-    assert status == 503
-    assert seconds < 2  # at once: not after the 4 s deadline
-    assert int(headers["retry-after"]) >= 1
+    started = time.monotonic()
+    response = admitting.post("/v2/rerank", json={"query": "capital of france", "documents": [LONG] * documents})
+    assert response.status_code == 413, response.text
+    assert time.monotonic() - started < 2  # at once: not after the 4 s deadline
+    assert "request_timeout_s x admission_wait_fraction" in response.json()["message"]
     after = admitting_stats(admitting)
-    assert after["refused_calls"] > before["refused_calls"]
     assert after["pairs"] == before["pairs"]  # nothing of it was scored
-    assert after["pending_pairs"] == 0
+    assert after["pending_pairs"] == 0 and after["estimated_wait_s"] == 0
+
+
+def test_a_request_behind_a_queue_gets_503_at_once_saying_why_and_what_to_change(admitting):
+    rate = warm_rate(admitting)
+    documents = max(4, int(rate * ADMISSION_S * 0.7))  # fits a fresh deadline alone, not behind another one
+    body = {"query": "capital of france", "documents": [LONG] * documents}
+    before = admitting_stats(admitting)
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(timed_post, admitting, body)
+        deadline = time.monotonic() + 30
+        while not admitting_stats(admitting)["pending_pairs"] and not first.done() and time.monotonic() < deadline:
+            pass  # polled: /v1/stats answers in tens of milliseconds
+        started = time.monotonic()
+        response = admitting.post("/v2/rerank", json=body)
+        seconds = time.monotonic() - started
+        assert first.result()[0] == 200
+    assert response.status_code == 503, response.text
+    assert seconds < 2 and int(response.headers["retry-after"]) >= 1
+    error = response.json()["error"]
+    assert error["type"] == "overloaded"
+    assert "admission_wait_fraction" in error["message"] and "tokens/s" in error["message"]
+    assert admitting_stats(admitting)["refused_calls"] > before["refused_calls"]
 
 
 def test_a_spike_gets_200s_and_fast_503s_never_504(admitting):
@@ -189,11 +216,33 @@ def test_a_spike_gets_200s_and_fast_503s_never_504(admitting):
     assert admitting.post("/v2/rerank", json=body).status_code == 200
 
 
-def test_the_refusal_says_why_and_what_to_change(admitting):
-    rate = warm_rate(admitting)
-    documents = min(1000, int(rate * 4 * 1.5) + 8)
-    response = admitting.post("/v2/rerank", json={"query": "capital of france", "documents": [LONG] * documents})
-    assert response.status_code == 503
-    error = response.json()["error"]
-    assert error["type"] == "overloaded"
-    assert "admission_wait_fraction" in error["message"] and "pairs/s" in error["message"]
+def test_admission_counts_tokens_per_model_checks_the_queue_before_a_load_and_refuses_what_no_deadline_holds():
+    from types import SimpleNamespace
+
+    from serve_app.errors import InputTooLarge, Overloaded
+    from serve_app.pool_call import Admit
+    from serve_app.scoring_replica import ScoringReplica
+    from serve_app.stats import Throughput
+
+    replica = object.__new__(ScoringReplica)  # its admission alone: no model, no Serve
+    replica.realtime, replica.refused = False, 0
+    replica.metrics = SimpleNamespace(refused=SimpleNamespace(inc=lambda: None))
+    replica.drains = {"fast": Throughput(), "slow": Throughput()}
+    for start in range(3):
+        replica.drains["fast"].record(1000, start, start + 1)  # 1,000 tokens/s
+        replica.drains["slow"].record(100, start, start + 1)  # 100 tokens/s
+    replica.pending_tokens = {"fast": 2000, "slow": 300}  # 2 s + 3 s queued
+    now = time.time()
+    assert replica._queued_s() == pytest.approx(5.0)
+    replica._admit(Admit(now + 6, 9), "fast", 500)  # 5 s + 0.5 s: admitted
+    with pytest.raises(Overloaded) as queued:
+        replica._admit(Admit(now + 6, 9), "slow", 500)  # 5 s + 5 s of its own, the slow model's rate
+    assert 4 <= queued.value.retry_after_s <= 5 and "tokens/s" in queued.value.message  # 10 s of work, 6 s left
+    with pytest.raises(Overloaded):
+        replica._admit(Admit(now + 4, 9))  # no model yet (before a shared pool loads one): the queue alone
+    with pytest.raises(InputTooLarge) as alone:
+        replica._admit(Admit(now + 60, 9), "slow", 1000)  # 10 s alone: more than a whole fresh request has
+    assert "admission_wait_fraction" in alone.value.message
+    replica._admit(Admit(now + 60, 9), "unmeasured", 10**6)  # no measurement: admitted
+    replica._admit(None, "slow", 10**6)  # admission off
+    assert replica.refused == 2

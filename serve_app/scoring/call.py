@@ -8,7 +8,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from serve_app.scoring.types import NotFiniteScores, Pair, Score, Scorer, WindowRule, Windows
+from serve_app.scoring.types import EncodedPair, NotFiniteScores, Pair, Score, Scorer, WindowRule, Windows
 from serve_app.settings import Settings
 
 
@@ -28,6 +28,26 @@ def window_share(rule: WindowRule | None, pairs: int, of_pairs: int, settings: S
         return None
     share = settings.max_windows_per_request * pairs // max(1, of_pairs)
     return replace(rule, per_call=max(pairs, share))
+
+
+# Characters per token of ordinary text, for estimates made before anything is tokenized.
+CHARS_PER_TOKEN = 4
+
+
+def estimated_tokens(pairs: Sequence[Pair] | Sequence[EncodedPair], max_length: int, rule: WindowRule | None) -> int:
+    """What a call's pairs cost in tokens, known before any is tokenized or cut into windows: token ids as they
+    are; text by its characters (CHARS_PER_TOKEN a token), a pair at most the model's window, or with a window
+    `rule` at most its windows (each a full window). Admission measures a replica's rate in these same units,
+    so the estimate's bias on odd text cancels out on ordinary traffic."""
+    windows = rule.per_document if rule is not None else 1
+    total = 0
+    for pair in pairs:
+        if isinstance(pair, EncodedPair):
+            total += (len(pair.ids) + len(pair.second or b"")) // 4
+            continue
+        chars = len(pair.query_text()) + len(pair.document.text or "")
+        total += min(max_length * windows, chars // CHARS_PER_TOKEN + 2)
+    return total
 
 
 def finite(scores: Sequence[Score], model: str) -> Sequence[Score]:
