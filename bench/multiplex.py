@@ -59,7 +59,8 @@ def app_args(models: dict[str, Path], threads: int) -> dict:
             {"name": "emb", "model": emb, "placement": "shared"},
             {"name": "ce-copy", "model": ce, "placement": "shared"},
         ],
-        "shared_pool": {"max_models_per_replica": 2, **replica},
+        # Evicted at once: the load figure is a first request that loads, not a refusal to evict a busy model.
+        "shared_pool": {"max_models_per_replica": 2, "keep_resident_s": None, **replica},
         "request_timeout_s": 120,
     }
 

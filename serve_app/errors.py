@@ -87,6 +87,13 @@ class ReplicaLost(Overloaded):
     kind = "replica_lost"
 
 
+class ModelUnavailable(Overloaded):
+    """A shared model that will not be loaded right now: loading it would evict a model that served within
+    keep_resident_s, or its last load failed within load_backoff_s. 503 + Retry-After."""
+
+    kind = "model_unavailable"
+
+
 class DeadlyInput(RerankError):
     """Pairs that were being scored when replicas died, more than once: refused at once for a while (setting
     deadly_input_ttl_s), so that one input cannot take down a pool replica after replica."""

@@ -317,6 +317,21 @@ class SharedPoolSettings(ReplicaSettings):
         description="Most pairs one gathered batch holds, all models together (each model's own cap still cuts its "
         "forward passes). Unset: the largest of the models' caps (their max_batch_size, else their profile row).",
     )
+    keep_resident_s: float | None = Field(
+        default=10.0,
+        gt=0,
+        description="A model that served (or has calls queued) within this many seconds is not evicted to load "
+        "another: the call that would evict it gets 503 model_unavailable + Retry-After, so callers naming shared "
+        "models in turn cannot make a replica load and evict on every call. null: the least recently used goes "
+        "at once.",
+    )
+    load_backoff_s: float | None = Field(
+        default=30.0,
+        gt=0,
+        description="After a model failed to load (or is not on the node), calls for it are refused at once (503 + "
+        "Retry-After) for this long, instead of a load tried (and a model evicted) on every call. null: tried on "
+        "every call.",
+    )
 
 
 class IngressSettings(BaseModel):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,9 +14,10 @@ import ray
 from ray import serve
 
 from serve_app import hardware, pools
-from serve_app.errors import InvalidInput, PoolUnavailable
+from serve_app.errors import InvalidInput, ModelUnavailable, PoolUnavailable
 from serve_app.hardware import ProfileRow
 from serve_app.resident import Resident, batch_stats
+from serve_app.scoring.loading import on_this_node
 from serve_app.scoring.types import ModelLoadError
 from serve_app.scoring_replica import ScoringReplica
 from serve_app.settings import PoolSettings, SharedPoolSettings
@@ -46,8 +48,9 @@ class SharedReplica(ScoringReplica):
         )
         self.residents: dict[str, Resident] = {}
         self.loading: dict[str, asyncio.Future] = {}
-        self.loads = self.evictions = 0
+        self.loads = self.evictions = self.failed_loads = 0
         self.load_errors: dict[str, str] = {}
+        self.failed_at: dict[str, float] = {}  # model -> when its last load failed (monotonic)
 
         # Serve's multiplexer (LRU, at most N models) over our loader; N is a setting, so it is wired up here.
         # (It keeps its state on the function it wraps: a plain function, since a bound method takes no attributes.)
@@ -75,7 +78,47 @@ class SharedReplica(ScoringReplica):
         name = serve.get_multiplexed_model_id()
         if name not in self.models:
             raise InvalidInput(f"the shared pool serves {sorted(self.models)}, not {name!r}", "model")
+        if name not in self.residents and (name not in self.loading or self.loading[name].done()):
+            self._may_load(name)  # not loaded, no load under way
         return await self.get_model(name)
+
+    def _may_load(self, name: str) -> None:
+        """Refuse at once a load that should not happen now, before Serve's multiplexer evicts anything for it:
+        the model's last load failed within load_backoff_s; it is not on this node (never pulled from a hub at
+        request time); or it would evict a model that served, or has calls queued, within keep_resident_s."""
+        now, shared = time.monotonic(), self.shared
+        failed = self.failed_at.get(name)
+        if failed is not None and shared.load_backoff_s is not None and now - failed < shared.load_backoff_s:
+            raise ModelUnavailable(
+                f"model {name!r} did not load {now - failed:.0f} s ago (GET /v1/models says why); it is tried again "
+                f"once shared_pool.load_backoff_s ({shared.load_backoff_s:g} s) has passed",
+                math.ceil(shared.load_backoff_s - (now - failed)),
+            )
+        if not on_this_node(self.models[name][1].model):
+            self._load_failed(name, "not on this node (a local directory, a packaged model or the Hugging Face cache)")
+            raise PoolUnavailable(
+                f"model {name!r} is not on this node: the shared pool loads local directories, the packaged models "
+                f"and models already in the Hugging Face cache, never from a hub at request time; set "
+                f"models[name={name}].model to a local model directory"
+            )
+        coming = {n for n, task in self.loading.items() if not task.done()}
+        if shared.keep_resident_s is None or len(set(self.residents) | coming) < shared.max_models_per_replica:
+            return
+        victim = min(self.residents.values(), key=lambda r: r.last_used)
+        idle = now - victim.last_used
+        if idle < shared.keep_resident_s or self.pending_tokens.get(victim.name):
+            raise ModelUnavailable(
+                f"loading {name!r} would evict {victim.name!r}, which served {idle:.1f} s ago (settings "
+                f"shared_pool.keep_resident_s {shared.keep_resident_s:g} s, max_models_per_replica "
+                f"{shared.max_models_per_replica}); retry after the Retry-After seconds, or give {name!r} a pool of "
+                "its own",
+                max(1, math.ceil(shared.keep_resident_s - idle)),
+            )
+
+    def _load_failed(self, name: str, reason: str) -> None:
+        self.load_errors[name] = reason
+        self.failed_at[name] = time.monotonic()
+        self.failed_loads += 1
 
     async def _load(self, name: str) -> Resident:
         """Load `name` on the load thread. A load outlives a caller that gives up (its deadline): the next call
@@ -104,13 +147,14 @@ class SharedReplica(ScoringReplica):
                 ),
             )
         except ModelLoadError as exc:
-            self.load_errors[name] = str(exc)
+            self._load_failed(name, str(exc))
             log.error("shared pool: model %s did not load: %s", name, exc)
             raise PoolUnavailable(
                 f"model {name!r} could not load (GET /v1/models and the shared pool's log say why); set "
                 f"models[name={name}].model to a local model directory"
             ) from None
         self.load_errors.pop(name, None)
+        self.failed_at.pop(name, None)
         self.loads += 1
         self.metrics.loads.inc(tags={"model": name})
         seconds = time.perf_counter() - start
@@ -143,6 +187,7 @@ class SharedReplica(ScoringReplica):
             "loading": sorted(name for name, task in self.loading.items() if not task.done()),
             "load_errors": dict(self.load_errors),
             "loads": self.loads,
+            "failed_loads": self.failed_loads,
             "evictions": self.evictions,
         }
 

@@ -97,6 +97,7 @@ def many(serve_url, model_dirs) -> httpx.Client:
             "request_timeout_s": 120,
             "shared_pool": {
                 "max_models_per_replica": 2,
+                "keep_resident_s": None,  # eviction as it happens: the thrash protections have their own test
                 "num_cpus": 0,
                 "num_gpus": 0.5,
                 "accelerator_type": "RTX3060",
@@ -311,3 +312,57 @@ def test_the_bulk_job_scores_each_row_with_its_model(model_dirs, tmp_path, clust
         json.loads(line) for line in (tmp_path / "out" / "errors" / "part-00000.jsonl").read_text().splitlines()
     ]
     assert error["id"] == "unknown" and "not found" in error["error"] and "large" in error["error"]
+
+
+def test_the_shared_pool_cannot_be_made_to_thrash_nor_to_pull_from_a_hub(serve_url, model_dirs, tmp_path):
+    """A model that served recently is not evicted (503 + Retry-After instead), a failed load is not tried again
+    on every call (backoff), and a model that is not on the node is refused before anything is evicted."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")  # no architectures: the load fails
+    shared = {"placement": "shared"}
+    deploy(
+        "thrash",
+        {
+            "text": {"model": str(model_dirs["cross_encoder"])},
+            "image_text": {"enabled": False},
+            "models": [
+                {"name": "t-a", "model": str(model_dirs["cross_encoder"]), **shared},
+                {"name": "t-b", "model": str(model_dirs["embedding"]), **shared},
+                {"name": "t-c", "model": str(model_dirs["cross_encoder_2"]), **shared},
+                {"name": "t-broken", "model": str(broken), **shared},
+                {"name": "t-hub", "model": "some-org/a-model-this-node-never-fetched", **shared},
+            ],
+            "shared_pool": {"max_models_per_replica": 2, "keep_resident_s": 600, "load_backoff_s": 600},
+        },
+    )
+    try:
+        with httpx.Client(base_url=f"{serve_url}/thrash", timeout=120) as client:
+
+            def post(model: str) -> httpx.Response:
+                return client.post("/v2/rerank", json={"model": model, "query": QUERY, "documents": DOCUMENTS})
+
+            def replica() -> dict:
+                (info,) = client.get("/v1/models").json()["pools"]["shared"]["replicas"]
+                return info
+
+            failed = post("t-broken")
+            assert failed.status_code == 503 and failed.json()["error"]["type"] == "pool_unavailable", failed.text
+            assert replica()["failed_loads"] == 1
+            again = post("t-broken")  # not loaded again on every call: refused until load_backoff_s has passed
+            assert again.status_code == 503 and 0 < int(again.headers["retry-after"]) <= 600, again.text
+            assert "load_backoff_s" in again.json()["message"] and replica()["failed_loads"] == 1
+
+            hub = post("t-hub")  # never fetched at request time
+            assert hub.status_code == 503 and "not on this node" in hub.json()["message"], hub.text
+            assert replica()["failed_loads"] == 2 and replica()["loads"] == 0
+
+            assert post("t-a").status_code == 200 and post("t-b").status_code == 200
+            refused = post("t-c")  # would evict t-a, which served a moment ago
+            assert refused.status_code == 503 and refused.json()["error"]["type"] == "model_unavailable", refused.text
+            assert 0 < int(refused.headers["retry-after"]) <= 600 and "keep_resident_s" in refused.json()["message"]
+            info = replica()
+            assert [m["name"] for m in info["loaded"]] == ["t-a", "t-b"] and info["evictions"] == 0
+            assert post("t-a").status_code == 200  # and the resident models still serve
+    finally:
+        undeploy("thrash")

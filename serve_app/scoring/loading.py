@@ -84,6 +84,19 @@ def resolve_model_dir(model: str, cache_dir: Path) -> str:
     return model
 
 
+def on_this_node(model: str) -> bool:
+    """Whether `model` loads without the network: a directory, a packaged model, or a model id whose config is
+    already in the Hugging Face cache (a replica that loads at request time never pulls from a hub)."""
+    if os.path.isdir(model) or model in PACKAGED_MODELS:
+        return True
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(model, "config.json"), str)
+    except Exception:  # noqa: BLE001 - not a valid id, no cache: not here
+        return False
+
+
 def read_config(model_dir: str) -> dict:
     if model_dir.startswith(("/", ".", "~")) and not os.path.isdir(model_dir):
         raise ModelLoadError(f"no such model directory: {model_dir}")
