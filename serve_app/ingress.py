@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import httpx
 from fastapi import FastAPI
@@ -23,7 +24,7 @@ from serve_app.catalog import SHARED, Catalog, Served, modality_counts, modality
 from serve_app.encoders import Encoders, encode_call
 from serve_app.errors import DeadlineExceeded, DeadlyInput, Overloaded, ReplicaLost, StaleTokenizer
 from serve_app.media import load_contents
-from serve_app.pool_call import Admit, CallResult, LostCalls
+from serve_app.pool_call import Admit, CallResult, LostCalls, Sent
 from serve_app.ranking import ScoredDocument, rank
 from serve_app.schemas import (
     HealthResponse,
@@ -82,16 +83,6 @@ class Ranked:
             "x-compute-tokens": str(self.tokens),
             "x-compute-pairs": str(sum(call.pairs for call in self.calls)),
         }
-
-
-@dataclass
-class Sent:
-    """A request's pool calls in flight, each with the documents its pairs belong to, and what the ingress did
-    before sending them: documents it cut into windows, seconds it spent tokenizing."""
-
-    calls: list[tuple[list[int], asyncio.Future]] = field(default_factory=list)
-    split_here: int = 0
-    tokenize_s: float = 0.0
 
 
 @serve.deployment
@@ -286,11 +277,15 @@ class Ingress:
             sent.split_here += windows.split
         self.pairs_sent[served.key] = self.pairs_sent.get(served.key, 0) + len(items)
         step = await self._call_size(served, handle, len(items))
+        # At most calls_in_flight_per_replica calls per running replica: the rest wait here, not in the router's
+        # queue in front of other requests' calls.
+        running = await self.replicas.running(handle.deployment_name) or 1
+        gate = asyncio.Semaphore(self.settings.calls_in_flight_per_replica * running)
         for start in range(0, len(items), step):
             piece = items[start : start + step]
             share = window_share(rule, len(piece), len(job.documents), self.settings)
-            call = self._score_call(served, handle, piece, job.truncate, share, admit)
-            sent.calls.append((owners[start : start + step], asyncio.ensure_future(call)))
+            call = functools.partial(self._score_call, served, handle, piece, job.truncate, share, admit)
+            sent.calls.append((owners[start : start + step], asyncio.ensure_future(sent.gated(gate, call))))
 
     async def _call_size(self, served: Served, handle: DeploymentHandle, pairs: int) -> int:
         """Pairs per pool call: spread over the pool's running replicas (ceil(pairs / replicas)), within

@@ -3,12 +3,13 @@ replica, not a scoring type), and the calls lost with their replica."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import pickle
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 
 from serve_app.scoring.types import Score
 
@@ -30,6 +31,22 @@ class CallResult:
     @property
     def busy_ms(self) -> float:
         return self.queue_ms + self.tokenize_ms + self.inference_ms
+
+
+@dataclass
+class Sent:
+    """A request's pool calls in flight, each with the documents its pairs belong to, and what the ingress did
+    before sending them: documents it cut into windows, seconds it spent tokenizing."""
+
+    calls: list[tuple[list[int], asyncio.Future]] = field(default_factory=list)
+    split_here: int = 0
+    tokenize_s: float = 0.0
+
+    @staticmethod
+    async def gated(gate: asyncio.Semaphore, call: Callable[[], Awaitable[CallResult]]) -> CallResult:
+        """The call, made once `gate` lets it: a request's calls beyond its bound wait for earlier ones."""
+        async with gate:
+            return await call()
 
 
 @dataclass(frozen=True)

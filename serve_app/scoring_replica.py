@@ -79,6 +79,7 @@ class ScoringReplica:
         self.drains: dict[str, Throughput] = {}
         self.pending_tokens: dict[str, int] = {}
         self.refused = 0
+        self.calls_now = self.most_calls = 0  # callers' calls here at once, now and at most
         self.metrics = PoolMetrics(pool, model)
         # Every forward pass runs on this one thread, loading and warm-up included: each thread that calls
         # into torch gets its own OpenMP team, and idle teams spinning beside the busy one cost a CPU replica ~15%.
@@ -173,7 +174,12 @@ class ScoringReplica:
         windows: WindowRule | None = None,
         admit: Admit | None = None,
     ) -> CallResult:
-        return await self._score(pairs, truncate, windows, admit, counted=True)
+        self.calls_now += 1
+        self.most_calls = max(self.most_calls, self.calls_now)
+        try:
+            return await self._score(pairs, truncate, windows, admit, counted=True)
+        finally:
+            self.calls_now -= 1
 
     async def _score(
         self,
@@ -388,6 +394,8 @@ class ScoringReplica:
             "tokens_per_s_under_load": {name: None if r is None else round(r, 1) for name, r in tokens.items()},
             "estimated_wait_s": round(self._queued_s(), 3),
             "refused_calls": self.refused,
+            "calls_now": self.calls_now,
+            "most_calls_at_once": self.most_calls,
             "rate_window": self.throughput.window(),  # (pairs, service ms) of the batches the rate is taken over
         }
 

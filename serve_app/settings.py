@@ -591,6 +591,14 @@ class Settings(BaseSettings):
         "same moment often land on one replica).",
         json_schema_extra=ADVANCED,
     )
+    calls_in_flight_per_replica: int = Field(
+        default=2,
+        ge=1,
+        description="A request's calls to one pool in flight at once, per running replica of that pool; its further "
+        "calls wait in the ingress, so that one large request does not fill the queue in front of other "
+        "requests' calls.",
+        json_schema_extra=ADVANCED,
+    )
     max_pairs_per_call: int = Field(
         default=128,
         ge=1,

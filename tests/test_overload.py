@@ -246,3 +246,28 @@ def test_admission_counts_tokens_per_model_checks_the_queue_before_a_load_and_re
     replica._admit(Admit(now + 60, 9), "unmeasured", 10**6)  # no measurement: admitted
     replica._admit(None, "slow", 10**6)  # admission off
     assert replica.refused == 2
+
+
+def test_a_large_request_keeps_at_most_two_calls_per_replica_in_flight(serve_url, model_dirs):
+    """256 documents in calls of 8 (32 calls) to one replica: at most calls_in_flight_per_replica (2) of them are
+    in the pool at once; the rest wait in the ingress, not in the router's queue in front of other requests."""
+    from tests.conftest import deploy, undeploy
+
+    deploy(
+        "bounded",
+        {
+            "text": {"model": str(model_dirs["cross_encoder"]), "num_cpus": 0.5},
+            "image_text": {"enabled": False},
+            "max_pairs_per_call": 8,
+        },
+    )
+    try:
+        url = f"{serve_url}/bounded"
+        documents = [f"document {i} about the capital of france" for i in range(256)]
+        response = httpx.post(f"{url}/v2/rerank", json={"query": "capital", "documents": documents}, timeout=60)
+        assert response.status_code == 200 and len(response.json()["results"]) == 256
+        (replica,) = httpx.get(f"{url}/v1/stats", timeout=30).json()["pools"]["text"]
+        print(f"\n32 calls of one request: at most {replica['most_calls_at_once']} at once in the replica")
+        assert 1 <= replica["most_calls_at_once"] <= 2 and replica["calls_now"] == 0
+    finally:
+        undeploy("bounded")
