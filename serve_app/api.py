@@ -18,6 +18,7 @@ from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.routing import APIRoute
 
 from serve_app.errors import ModelNotFound, RerankError, Unauthorized
 from serve_app.schemas import (
@@ -170,7 +171,8 @@ class RequestGate:
         body = await self._read_body(receive, send)
         if body is None:
             return
-        too_long = longest_list(body, self.max_items)
+        document = parsed(body)
+        too_long = None if document is NOT_JSON else longest_list(document, self.max_items)
         if too_long is not None:
             field, items = too_long
             message = (
@@ -179,6 +181,8 @@ class RequestGate:
             )
             await self._refuse(send, 413, "input_too_large", message, field)
             return
+        if document is not NOT_JSON:
+            scope[PARSED_BODY] = document  # the route takes it as parsed here: a 50 MB body is parsed once
         replayed = False
 
         async def replay():
@@ -232,15 +236,45 @@ def has_body(headers: dict[bytes, bytes]) -> bool:
 NESTED_LIST_ITEMS = 16
 
 
-def longest_list(body: bytes, limit: int) -> tuple[str, int] | None:
-    """The first list in a JSON body longer than a request may hold (`limit` at the top level, where the
+# Where RequestGate leaves the JSON body it parsed, for the route to take instead of parsing it again.
+PARSED_BODY = "rerank.parsed_body"
+NOT_JSON = object()
+
+
+def parsed(body: bytes) -> object:
+    """The body as JSON, or NOT_JSON (the route's own parse then says what is wrong with it)."""
+    try:
+        return json.loads(body) if body else NOT_JSON
+    except (ValueError, RecursionError):
+        return NOT_JSON
+
+
+class ParsedBodyRequest(Request):
+    """A request whose JSON body RequestGate already parsed: json() takes that instead of parsing again."""
+
+    async def json(self):
+        if not hasattr(self, "_json") and PARSED_BODY in self.scope:
+            self._json = self.scope.pop(PARSED_BODY)
+        return await super().json()
+
+
+class ParsedBodyRoute(APIRoute):
+    """Every route of the app reads its JSON body through ParsedBodyRequest."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            return await handler(ParsedBodyRequest(request.scope, request.receive))
+
+        return route
+
+
+def longest_list(document: object, limit: int) -> tuple[str, int] | None:
+    """The first list in a parsed JSON body longer than a request may hold (`limit` at the top level, where the
     documents are, at least NESTED_LIST_ITEMS below it), as (its field, its length): checked on the parsed JSON,
     before the request model converts a single item (two million one-letter documents take the C parser 0.1 s
-    and pydantic ~20 s). None for a body within the limits, or one that is not JSON (the schema says why)."""
-    try:
-        document = json.loads(body)
-    except (ValueError, RecursionError):
-        return None
+    and pydantic ~20 s). None for a body within the limits."""
     stack: list[tuple[str, object, int]] = [("", document, 0)]
     while stack:
         field, value, depth = stack.pop()
@@ -309,6 +343,7 @@ def build_api(ingress: RerankService) -> FastAPI:
         title="Multimodal reranker", description=DESCRIPTION, version="0.1.0", docs_url=None, redoc_url=None,
         openapi_url=None,
     )  # fmt: skip
+    app.router.route_class = ParsedBodyRoute
     app.add_middleware(RequestGate, settings=settings)
     app.add_exception_handler(RerankError, rerank_error)
     app.add_exception_handler(RequestValidationError, validation_error)

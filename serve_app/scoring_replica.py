@@ -6,6 +6,7 @@ model a call is for."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import os
@@ -254,16 +255,15 @@ class ScoringReplica:
                     "(the model behind this name changed); retry",
                     model=resident.name,
                 )
-            with as_request_errors():
-                check_ids(pairs, resident.vocabulary, scorer.max_length)
             resident.encoded_pairs += len(pairs) if counted else 0
-            return Windows.whole(pairs)
-        resident.tokenized_pairs += len(pairs) if counted else 0
+            check = functools.partial(check_ids, pairs, resident.vocabulary, scorer.max_length)
+        else:
+            resident.tokenized_pairs += len(pairs) if counted else 0
+            check = functools.partial(call_windows, scorer, pairs, windows, truncate)
         with as_request_errors():
-            # Cutting and checking tokenize (a check without truncation tokenizes every pair): off the event loop.
-            return await asyncio.get_running_loop().run_in_executor(
-                self.prepare_thread, call_windows, scorer, pairs, windows, truncate
-            )
+            # Checking ids (thousands of windows' worth), cutting and tokenizing text: off the event loop.
+            windows_cut = await asyncio.get_running_loop().run_in_executor(self.prepare_thread, check)
+        return Windows.whole(pairs) if encoded else windows_cut
 
     async def _in_batches(self, profile, scored: list[Pair]) -> list[Part]:
         """The pairs scored through the batcher (or, on a realtime replica, each piece as its own batch), in pieces

@@ -206,3 +206,35 @@ def test_concurrent_health_checks_after_the_cache_expires_share_one_probe():
 
     assert asyncio.run(burst()) == [("healthy", 200)] * 30
     assert len(probes) == 1
+
+
+def test_a_json_body_is_parsed_once_by_the_gate_and_handed_to_the_route(monkeypatch):
+    """RequestGate parses a body to count its lists before any conversion; the route takes that parse (a 50 MB
+    body was parsed twice on the event loop), and a body that is not JSON still gets the schema's 422."""
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from serve_app.api import build_api
+    from serve_app.errors import InvalidInput
+
+    seen = []
+
+    class Service:
+        settings = Settings(max_documents_per_request=5)
+
+        async def rerank(self, request, return_documents, api_version):
+            seen.append(request.documents)
+            raise InvalidInput("seen", "documents")
+
+    parses = []
+    loads = json.loads
+    monkeypatch.setattr(json, "loads", lambda *args, **kwargs: parses.append(1) or loads(*args, **kwargs))
+    with TestClient(build_api(Service())) as client:
+        answer = client.post("/v2/rerank", json={"query": "q", "documents": ["a", "b"]})
+        assert len(parses) == 1  # the gate's (before this fix, the route parsed the body again)
+        assert answer.status_code == 422 and answer.json()["message"] == "seen" and seen == [["a", "b"]]
+        assert client.post("/v2/rerank", json={"query": "q", "documents": list("abcdef")}).status_code == 413
+        assert len(seen) == 1  # refused before the route
+        broken = client.post("/v2/rerank", content=b'{"query": ', headers={"content-type": "application/json"})
+        assert broken.status_code == 422 and broken.json()["error"]["type"] == "invalid_input"

@@ -259,4 +259,10 @@ def test_a_document_typing_the_prompts_special_tokens_cannot_close_its_turn(requ
         special = set(scorer.tokenizer.all_special_ids) | set(scorer.tokenizer.added_tokens_decoder)
         forged_ids, plain_ids = (e.ids for e in encoded)
         assert [i for i in forged_ids if i in special] == [i for i in plain_ids if i in special]
-    assert all(0.0 <= score <= 1.0 for score in relevance(scorer, pairs))  # and scored (a typed image pad: a 500)
+        for typed in ("<|im_end|>", "<|im_start|>", "<|image_pad|>"):  # each typed marker is in the prompt as text
+            text_ids = scorer.tokenizer(typed, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            assert len(text_ids) > 1 and any(
+                list(forged_ids[i : i + len(text_ids)]) == text_ids for i in range(len(forged_ids))
+            ), typed
+    scores = relevance(scorer, pairs)  # scored (a typed image pad was a 500), each document as its own text
+    assert all(0.0 <= score <= 1.0 for score in scores) and scores[0] != scores[1]
