@@ -280,6 +280,41 @@ def test_the_largest_windowed_request_is_refused_within_seconds_before_any_windo
     assert took < 20  # generous for a loaded 2-core machine; the encoding it spares took ~20 s on its own
 
 
+def test_the_largest_windowed_request_the_limits_let_through_is_answered_while_the_ingress_stays_live(alpha):
+    """1,000 documents of 4 windows each: 4,000 windows, within max_windows_per_request (4,096), tokenized on the
+    ingress' threads (not its event loop) and scored; /health/live answers throughout."""
+    import threading
+    import time
+
+    import httpx
+
+    documents = [long_document(30) + f" {i}" for i in range(1000)]
+    done, slowest = threading.Event(), []
+
+    def probe() -> None:
+        with httpx.Client(base_url=str(alpha.base_url), timeout=30) as client:
+            while not done.is_set():
+                start = time.monotonic()
+                assert client.get("/health/live").status_code == 200
+                slowest.append(time.monotonic() - start)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        start = time.monotonic()
+        answer = alpha.post("/v2/rerank", json={"query": QUERY, "documents": documents})
+        took = time.monotonic() - start
+    finally:
+        done.set()
+        prober.join()
+    print(
+        f"4,000 windows answered in {took:.2f} s; /health/live at most {max(slowest):.2f} s over {len(slowest)} probes"
+    )
+    assert answer.status_code == 200, answer.text
+    assert len(answer.json()["results"]) == 1000 and answer.json()["meta"]["split_documents"] == 1000
+    assert max(slowest) < 5  # a second when quiet (the figure above); room for a loaded 2-core machine
+
+
 def test_a_pool_that_cuts_windows_keeps_its_share_of_the_request(model_dirs):
     """Where the pool cuts the windows (a family the ingress does not tokenize for), the call's rule bounds them
     the same way: at most per_document per document, and TooManyWindows past the call's share."""

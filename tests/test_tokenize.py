@@ -324,3 +324,47 @@ def test_a_pool_refuses_ids_from_another_tokenizer_and_ids_beyond_its_vocabulary
     beyond = [replace(encoded[0], ids=pack([0, len(scorers["cross_encoder"].tokenizer) + 5]))]
     with pytest.raises(InvalidInput, match="vocabulary"):
         pool.score.remote(beyond).result(timeout_s=60)
+
+
+def test_the_ingress_fetches_a_changed_tokenizer_and_resends_once_after_the_model_behind_a_name_changed(
+    serve_url, model_dirs, tmp_path
+):
+    """The model's directory changes under a running service (a volume updated in place) and its pool replica is
+    replaced: the ingress still holds the old tokenizer. The pool refuses its ids (stale_tokenizer); the ingress
+    fetches the pool's tokenizer again and resends within the request: the caller gets the new model's scores."""
+    import json
+    import os
+    import shutil
+    import signal
+
+    from tests import direct
+    from tests.conftest import deploy, undeploy
+
+    served = tmp_path / "model"
+    shutil.copytree(model_dirs["cross_encoder"], served)
+    deploy("swap", {"text": {"model": str(served)}, "image_text": {"enabled": False}})
+    url = f"{serve_url}/swap"
+    # 51 tokens with the query: one window at 64 tokens, windows at 32.
+    body = {"query": "capital of france", "documents": ["paris is the capital", " ".join(["paris"] * 45)]}
+    try:
+        first = httpx.post(f"{url}/v2/rerank", json=body, timeout=60)  # the ingress holds the tokenizer now
+        assert first.status_code == 200 and first.json()["meta"]["split_documents"] == 0
+        config = served / "tokenizer_config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), "model_max_length": 32}))  # a new window
+        (replica,) = httpx.get(f"{url}/v1/models", timeout=60).json()["pools"]["text"]["replicas"]
+        os.kill(replica["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # until the replacement runs with the new tokenizer
+            replicas = httpx.get(f"{url}/v1/models", timeout=60).json()["pools"]["text"]["replicas"]
+            if [r["max_length"] for r in replicas if r["pid"] != replica["pid"] and r["available"]] == [32]:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the replaced pool replica never ran")
+        answer = httpx.post(f"{url}/v2/rerank", json={**body, "raw_scores": True}, timeout=60)
+        assert answer.status_code == 200, answer.text  # not a 503 stale_tokenizer: refetched and resent
+        assert answer.json()["meta"]["split_documents"] == 1  # cut by the new tokenizer's window in the ingress
+        raw = {r["index"]: r["raw_score"] for r in answer.json()["results"]}
+        assert raw[0] == pytest.approx(direct.cross_encoder(served, body["query"], body["documents"][:1])[0], abs=1e-4)
+    finally:
+        undeploy("swap")
