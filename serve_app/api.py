@@ -72,12 +72,20 @@ LIMITS = (
     "max_request_pixels",
     "max_windows_per_document",
     "max_windows_per_request",
+    "calls_in_flight_per_replica",
+    "admission_wait_fraction",
+    "deadly_input_deaths",
+    "deadly_input_ttl_s",
+    "shared_pool.keep_resident_s",
+    "shared_pool.load_backoff_s",
 )
 
 
 def schema_with_limits(schema: dict, settings: Settings) -> dict:
     """The limits the service enforces, written into its schema (client generators and fuzzers read them)."""
-    schema.setdefault("info", {})["x-limits"] = {name: getattr(settings, name) for name in LIMITS}
+    schema.setdefault("info", {})["x-limits"] = {
+        name: functools.reduce(getattr, name.split("."), settings) for name in LIMITS
+    }
     components = schema.get("components", {}).get("schemas", {})
     # base64 is 4 characters per 3 bytes; a data URI adds a short header.
     image_chars = -(-settings.max_image_bytes // 3) * 4 + 256

@@ -131,6 +131,7 @@ def test_the_schema_carries_the_limits_this_service_enforces(guarded):
     limits = guarded.get("/openapi.json").json()["info"]["x-limits"]
     assert limits["max_documents_per_request"] == 5 and limits["max_request_bytes"] == 4096
     assert limits["max_windows_per_request"] == 4096 and limits["max_windows_per_document"] == 32
+    assert limits["calls_in_flight_per_replica"] == 2 and limits["shared_pool.keep_resident_s"] == 10.0
     # And what it says holds: one document over the documented count is refused.
     over = guarded.post("/v2/rerank", json={"query": "q", "documents": ["a"] * 6})
     assert over.status_code == 413 and over.json()["error"]["field"] == "documents"
