@@ -20,7 +20,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.routing import APIRoute
 
-from serve_app.errors import ModelNotFound, RerankError, Unauthorized
+from serve_app.errors import ModelNotFound, Overloaded, RerankError, Unauthorized
 from serve_app.schemas import (
     ErrorResponse,
     HealthResponse,
@@ -53,6 +53,7 @@ ERRORS: dict[int | str, dict] = {
         404: "`model` names no served model; the error lists the served names",
         413: "over a limit: body, documents, text, image bytes or pixels, or a pair too long with truncate=false",
         422: "invalid input: the message names the field and what to send instead",
+        429: "refused for load, with overload_status 429: retry after `Retry-After` seconds",
         503: "a pool is unavailable or its queue is full; retry after `Retry-After` seconds",
         504: "the request took longer than `request_timeout_s`",
     }.items()
@@ -125,9 +126,9 @@ def error_body(kind: str, message: str, field: str | None, **more) -> dict:
 
 async def rerank_error(request: Request, exc: RerankError) -> JSONResponse:
     more = {"models": exc.models} if isinstance(exc, ModelNotFound) else {}
-    return JSONResponse(
-        error_body(exc.kind, exc.message, exc.field, **more), status_code=exc.status, headers=exc.headers()
-    )
+    # Refused for load: the status the operator chose (overload_status); other 503s say a pool's state.
+    status = request.app.state.overload_status if exc.kind == Overloaded.kind else exc.status
+    return JSONResponse(error_body(exc.kind, exc.message, exc.field, **more), status_code=status, headers=exc.headers())
 
 
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -351,6 +352,7 @@ def build_api(ingress: RerankService) -> FastAPI:
         title="Multimodal reranker", description=DESCRIPTION, version="0.1.0", docs_url=None, redoc_url=None,
         openapi_url=None,
     )  # fmt: skip
+    app.state.overload_status = settings.overload_status
     app.router.route_class = ParsedBodyRoute
     app.add_middleware(RequestGate, settings=settings)
     app.add_exception_handler(RerankError, rerank_error)

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 log = logging.getLogger("serve_app.settings")
@@ -435,6 +435,14 @@ class Settings(BaseSettings):
         default=30.0,
         gt=0,
         description="Deadline of one request; past it the caller gets 504 and its pairs are cancelled.",
+    )
+    overload_status: Annotated[Literal[503, 429], BeforeValidator(int)] = Field(
+        default=503,
+        description="The status of a request refused for load (a pool's queue full, admission by estimated wait, a "
+        "replica out of memory), with the computed Retry-After either way. 503: a load balancer retries it on "
+        "another node (deploy/nginx.conf: proxy_next_upstream http_503); 429: it goes to the client, which backs "
+        "off for Retry-After (nginx retries a 429 only with http_429 added). A pool that is down, a replica lost "
+        "or a model not loaded stay 503; Serve's own refusal past ingress.max_queued_requests is always 503.",
     )
     retry_after_s: int = Field(
         default=1,

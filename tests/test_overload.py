@@ -271,3 +271,33 @@ def test_a_large_request_keeps_at_most_two_calls_per_replica_in_flight(serve_url
         assert 1 <= replica["most_calls_at_once"] <= 2 and replica["calls_now"] == 0
     finally:
         undeploy("bounded")
+
+
+@pytest.mark.parametrize("overload_status", [503, 429])
+def test_load_shedding_answers_the_chosen_status_with_its_retry_after_and_other_503s_stay(overload_status):
+    from fastapi.testclient import TestClient
+
+    from serve_app.api import build_api
+    from serve_app.errors import Overloaded, PoolUnavailable, ReplicaLost
+    from serve_app.settings import Settings
+
+    class Service:
+        settings = Settings(overload_status=overload_status)
+        refusal: Exception
+
+        async def rerank(self, request, return_documents, api_version):
+            raise self.refusal
+
+    service = Service()
+    with TestClient(build_api(service)) as client:
+
+        def refused(error: Exception):
+            service.refusal = error
+            return client.post("/v2/rerank", json={"query": "q", "documents": ["a"]})
+
+        shed = refused(Overloaded("queue full", 7))
+        assert shed.status_code == overload_status and shed.headers["retry-after"] == "7"
+        assert shed.json()["error"]["type"] == "overloaded"
+        lost = refused(ReplicaLost("a replica died", 20))  # the pool's state, not load: 503 either way
+        assert lost.status_code == 503 and lost.headers["retry-after"] == "20"
+        assert refused(PoolUnavailable("no model")).status_code == 503
