@@ -24,6 +24,10 @@ from serve_app.errors import ModelNotFound, Overloaded, RerankError, Unauthorize
 from serve_app.schemas import (
     ErrorResponse,
     HealthResponse,
+    MixedbreadRerankRequest,
+    MixedbreadRerankResponse,
+    NimRankingRequest,
+    NimRankingResponse,
     RerankRequest,
     RerankResponse,
     ScoreRequest,
@@ -106,13 +110,15 @@ def schema_with_limits(schema: dict, settings: Settings) -> dict:
         "ContentIn": ("text",),
         "ContentPart": ("text",),
         "ScoreRequest": ("text_1", "text_2"),
+        "NimContent": ("text",),
+        "MixedbreadRerankRequest": ("query", "input"),
     }
     for model, names in fields.items():
         properties = components.get(model, {}).get("properties", {})
         for name in names:
             if name in properties:
                 bound(properties[name], settings.max_text_chars)
-    for model, name in (("ContentIn", "image"), ("ImageUrl", "url")):
+    for model, name in (("ContentIn", "image"), ("ImageUrl", "url"), ("NimContent", "image")):
         image = components.get(model, {}).get("properties", {}).get(name)
         if image is not None:
             bound(image, image_chars)
@@ -336,6 +342,10 @@ class RerankService(Protocol):
 
     async def score_pairs(self, request: ScoreRequest) -> tuple[ScoreResponse, dict[str, str]]: ...
 
+    async def rank_nim(self, request: NimRankingRequest) -> tuple[NimRankingResponse, dict[str, str]]: ...
+
+    async def rerank_mixedbread(self, request: MixedbreadRerankRequest) -> tuple[MixedbreadRerankResponse, dict]: ...
+
     async def health(self) -> tuple[HealthResponse, int]: ...
 
     async def models(self) -> dict: ...
@@ -360,6 +370,7 @@ def build_api(ingress: RerankService) -> FastAPI:
     authorized = [api_key_check(settings)]
     add_schema_routes(app, settings, authorized)
     add_rerank_routes(app, ingress, authorized)
+    add_vendor_routes(app, ingress, authorized)
     add_probe_routes(app, ingress)
     add_pages(app)
     add_status_routes(app, ingress, authorized)
@@ -443,6 +454,38 @@ def add_rerank_routes(app: FastAPI, ingress: RerankService, authorized: list) ->
             responses=ERRORS,
             operation_id=f"score_{path.strip('/').replace('/', '_')}",
         )(score)
+
+
+def add_vendor_routes(app: FastAPI, ingress: RerankService, authorized: list) -> None:
+    """The dialects of hosted rerankers' clients: mixedbread and NVIDIA NIM."""
+
+    @app.post(
+        "/v1/reranking",
+        response_model=MixedbreadRerankResponse,
+        response_model_exclude_none=True,
+        dependencies=authorized,
+        responses=ERRORS,
+    )
+    async def reranking_mixedbread(request: MixedbreadRerankRequest, response: Response) -> MixedbreadRerankResponse:
+        """mixedbread shape: `input` documents (strings, records with `rank_fields`, Elasticsearch's image form),
+        `top_k`; `data` best first, each with its `input` when `return_input`."""
+        body, headers = await ingress.rerank_mixedbread(request)
+        response.headers.update(headers)
+        return body
+
+    @app.post(
+        "/v1/ranking",
+        response_model=NimRankingResponse,
+        response_model_exclude_none=True,
+        dependencies=authorized,
+        responses=ERRORS,
+    )
+    async def ranking_nim(request: NimRankingRequest, response: Response) -> NimRankingResponse:
+        """NVIDIA NIM shape (LangChain's NVIDIARerank, Haystack's NvidiaRanker): every passage by index with the
+        model's raw score as `logit`, best first."""
+        body, headers = await ingress.rank_nim(request)
+        response.headers.update(headers)
+        return body
 
 
 def add_probe_routes(app: FastAPI, ingress: RerankService) -> None:

@@ -5,12 +5,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import math
 import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import httpx
 from fastapi import FastAPI
@@ -24,10 +22,17 @@ from serve_app.catalog import SHARED, Catalog, Served, modality_counts, modality
 from serve_app.encoders import Encoders, encode_call
 from serve_app.errors import DeadlineExceeded, DeadlyInput, Overloaded, ReplicaLost, StaleTokenizer
 from serve_app.media import load_contents
-from serve_app.pool_call import Admit, CallResult, LostCalls, Sent
-from serve_app.ranking import ScoredDocument, rank
+from serve_app.pool_call import Admit, CallResult, LostCalls, Ranked, Sent
+from serve_app.ranking import rank
 from serve_app.schemas import (
     HealthResponse,
+    MixedbreadRank,
+    MixedbreadRerankRequest,
+    MixedbreadRerankResponse,
+    NimRanking,
+    NimRankingRequest,
+    NimRankingResponse,
+    RecordIn,
     RerankJob,
     RerankRequest,
     RerankResponse,
@@ -48,41 +53,6 @@ from serve_app.status import RunningReplicas, ServiceStatus
 log = logging.getLogger("ray.serve")
 # What a pool call raises when its replica died under it.
 REPLICA_GONE = (ActorDiedError, ActorUnavailableError, RayActorError)
-
-
-@dataclass
-class Ranked:
-    """A request's ranking and what it took: pairs per kind and per model, and its pool calls' costs."""
-
-    scored: list[ScoredDocument]
-    per_kind: dict[str, int]
-    per_model: dict[str, int]
-    calls: list[CallResult]
-    total_ms: float = 0.0
-    split_here: int = 0  # documents the ingress cut into windows (the pools count the ones they cut)
-    tokenize_ms: float = 0.0  # tokenizing in the ingress, before the pool calls
-
-    @property
-    def tokens(self) -> int:
-        return sum(call.tokens for call in self.calls)
-
-    @property
-    def split(self) -> int:
-        return self.split_here + sum(call.split for call in self.calls)
-
-    def headers(self) -> dict[str, str]:
-        """text-embeddings-inference's timing headers (ms). The calls run in parallel: queue, tokenization and
-        inference are those of the slowest call (the request's critical path), so queue + inference <= total."""
-        slowest = max(self.calls, key=lambda call: call.busy_ms, default=CallResult([]))
-        # Whole ms: the parts rounded down and the total up, so the sums the headers promise survive rounding.
-        return {
-            "x-total-time": str(math.ceil(self.total_ms)),
-            "x-queue-time": str(math.floor(slowest.queue_ms)),
-            "x-tokenization-time": str(math.floor(self.tokenize_ms + slowest.tokenize_ms)),
-            "x-inference-time": str(math.floor(slowest.inference_ms)),
-            "x-compute-tokens": str(self.tokens),
-            "x-compute-pairs": str(sum(call.pairs for call in self.calls)),
-        }
 
 
 @serve.deployment
@@ -167,6 +137,29 @@ class Ingress:
             for s in ranked.scored
         ]
         return ranks, ranked.headers()
+
+    async def rerank_mixedbread(self, request: MixedbreadRerankRequest) -> tuple[MixedbreadRerankResponse, dict]:
+        ranked = await self._rerank(request.to_job())
+        data = [
+            MixedbreadRank(
+                index=s.index,
+                score=s.relevance_score,
+                input=as_sent(request.input[s.index]) if request.return_input else None,
+            )
+            for s in ranked.scored
+        ]
+        usage = {"prompt_tokens": ranked.tokens, "total_tokens": ranked.tokens}
+        model = request.model or ",".join(ranked.per_model)
+        body = MixedbreadRerankResponse(
+            usage=usage, model=model, data=data, top_k=len(data), return_input=request.return_input
+        )
+        return body, ranked.headers()
+
+    async def rank_nim(self, request: NimRankingRequest) -> tuple[NimRankingResponse, dict[str, str]]:
+        ranked = await self._rerank(request.to_job())
+        rankings = sorted(ranked.scored, key=lambda s: -s.raw_score)
+        body = NimRankingResponse(rankings=[NimRanking(index=s.index, logit=s.raw_score) for s in rankings])
+        return body, ranked.headers()
 
     async def score_pairs(self, request: ScoreRequest) -> tuple[ScoreResponse, dict[str, str]]:
         """vLLM's /score: a score per pair, in the pairs' order; the pairs are one job, whatever their queries."""
@@ -387,7 +380,13 @@ class Ingress:
         return self.pools[served.key]
 
 
+def as_sent(document):
+    return document if isinstance(document, str) else document_out(document)
+
+
 def document_out(document) -> dict:
     if isinstance(document, str):
         return {"text": document}
+    if isinstance(document, RecordIn):  # as sent: its id, metadata and nulls included
+        return document.model_dump(exclude_unset=True)
     return document.model_dump(exclude_none=True)

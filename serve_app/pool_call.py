@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import pickle
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from serve_app.scoring.types import Score
+
+if TYPE_CHECKING:
+    from serve_app.ranking import ScoredDocument
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,41 @@ class CallResult:
     @property
     def busy_ms(self) -> float:
         return self.queue_ms + self.tokenize_ms + self.inference_ms
+
+
+@dataclass
+class Ranked:
+    """A request's ranking and what it took: pairs per kind and per model, and its pool calls' costs."""
+
+    scored: list[ScoredDocument]
+    per_kind: dict[str, int]
+    per_model: dict[str, int]
+    calls: list[CallResult]
+    total_ms: float = 0.0
+    split_here: int = 0  # documents the ingress cut into windows (the pools count the ones they cut)
+    tokenize_ms: float = 0.0  # tokenizing in the ingress, before the pool calls
+
+    @property
+    def tokens(self) -> int:
+        return sum(call.tokens for call in self.calls)
+
+    @property
+    def split(self) -> int:
+        return self.split_here + sum(call.split for call in self.calls)
+
+    def headers(self) -> dict[str, str]:
+        """text-embeddings-inference's timing headers (ms). The calls run in parallel: queue, tokenization and
+        inference are those of the slowest call (the request's critical path), so queue + inference <= total."""
+        slowest = max(self.calls, key=lambda call: call.busy_ms, default=CallResult([]))
+        # Whole ms: the parts rounded down and the total up, so the sums the headers promise survive rounding.
+        return {
+            "x-total-time": str(math.ceil(self.total_ms)),
+            "x-queue-time": str(math.floor(slowest.queue_ms)),
+            "x-tokenization-time": str(math.floor(self.tokenize_ms + slowest.tokenize_ms)),
+            "x-inference-time": str(math.floor(slowest.inference_ms)),
+            "x-compute-tokens": str(self.tokens),
+            "x-compute-pairs": str(sum(call.pairs for call in self.calls)),
+        }
 
 
 @dataclass

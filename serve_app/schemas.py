@@ -3,11 +3,12 @@ checks the ingress and the bulk job share."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from serve_app.errors import InputTooLarge, InvalidInput
 from serve_app.ranking import STRATEGIES, Strategy, Threshold
@@ -170,8 +171,79 @@ class ContentIn(BaseModel):
         return ContentSpec(text="\n".join(texts) if texts else None, image=images[0] if images else None)
 
 
-def _spec(value: str | ContentIn) -> ContentSpec:
-    return ContentSpec(text=value) if isinstance(value, str) else value.spec()
+class RecordIn(BaseModel):
+    """A document as a record: any fields (an id, a title, a body, metadata) beside an optional `text` and `image`.
+    The request's `rank_fields` names the fields that are scored; without it, `text`, or the record's only string
+    field. `return_documents` echoes the record as sent."""
+
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "examples": [{"id": "a1", "title": "Paris", "body": "The capital of France.", "year": 2024}]
+        },
+    )
+
+    text: Text | None = None
+    image: Text | None = Field(default=None, description="An image scored with the record's text, as in ContentIn.")
+
+    @model_validator(mode="after")
+    def _is_record(self) -> RecordIn:
+        if not self.model_extra:
+            raise ValueError("a record has fields besides `text` and `image` (else send it as {text, image})")
+        return self
+
+    def spec(self, rank_fields: list[str] | None, index: int) -> ContentSpec:
+        """The record's scored text: `name: value` lines of `rank_fields` in their order (Cohere's advice for
+        structured data; a field the record lacks is left out), else `text`, else its only string field."""
+        fields = {name: value for name, value in self.model_dump(exclude_unset=True).items() if name != "image"}
+        if rank_fields:
+            lines = [f"{name}: {_field_text(fields[name])}" for name in rank_fields if fields.get(name) is not None]
+            if not lines and self.image is None:
+                raise InvalidInput(
+                    f"documents[{index}]: the record has none of rank_fields {rank_fields}", "rank_fields"
+                )
+            return ContentSpec(text="\n".join(lines) or None, image=self.image)
+        if self.text is not None:
+            return ContentSpec(text=self.text, image=self.image)
+        strings = [value for value in fields.values() if isinstance(value, str)]
+        if not strings and self.image is not None:
+            return ContentSpec(image=self.image)
+        if len(strings) != 1:
+            raise InvalidInput(
+                f"documents[{index}]: a record without `text` and with {len(strings)} string fields: name the fields "
+                "to score in `rank_fields`",
+                "rank_fields",
+            )
+        return ContentSpec(text=strings[0], image=self.image)
+
+
+def _field_text(value: object) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _spec(value: str | ContentIn | RecordIn, rank_fields: list[str] | None = None, index: int = 0) -> ContentSpec:
+    if isinstance(value, str):
+        return ContentSpec(text=value)
+    if isinstance(value, RecordIn):
+        return value.spec(rank_fields, index)
+    return value.spec()
+
+
+def _document_form(value: object) -> str:
+    """Which form a document takes, decided by its keys so that a malformed object gets the errors of its own form:
+    an object of only `text`, `image` and `content` is content (parts included), one with other fields a record."""
+    if isinstance(value, dict):
+        return "content" if set(value) <= set(ContentIn.model_fields) else "record"
+    if isinstance(value, BaseModel):
+        return "record" if isinstance(value, RecordIn) else "content"
+    return "text"
+
+
+# A document: its text, an object of text and/or image (or content parts), or a record of any fields.
+DocumentIn = Annotated[
+    Annotated[Text, Tag("text")] | Annotated[ContentIn, Tag("content")] | Annotated[RecordIn, Tag("record")],
+    Discriminator(_document_form),
+]
 
 
 class RerankRequest(BaseModel):
@@ -206,7 +278,13 @@ class RerankRequest(BaseModel):
         "the default text model for text pairs and the default image-text model for pairs with an image.",
     )
     query: Text | ContentIn
-    documents: list[Text | ContentIn] = Field(min_length=1)
+    documents: list[DocumentIn] = Field(min_length=1)
+    rank_fields: list[Text] | None = Field(
+        default=None,
+        min_length=1,
+        description="The fields of record documents that are scored, as `name: value` lines in this order. Unset: "
+        "a record's `text`, or its only string field.",
+    )
     top_n: int | None = Field(default=None, ge=1, description="Return at most this many results; all when unset.")
     return_documents: bool | None = Field(
         default=None, description="Echo each document in its result (default: false on /v2, true on /v1)."
@@ -251,7 +329,7 @@ class RerankRequest(BaseModel):
             threshold = Threshold(self.threshold, inclusive=True)
         return RerankJob(
             query=_spec(self.query),
-            documents=[_spec(d) for d in self.documents],
+            documents=[_spec(d, self.rank_fields, i) for i, d in enumerate(self.documents)],
             top_n=self.top_n,
             threshold=threshold,
             instruction=instruction,
@@ -292,7 +370,9 @@ class ErrorResponse(BaseModel):
 
 
 class DocumentOut(BaseModel):
-    """A document as it was sent (return_documents): its text and image, or its content parts."""
+    """A document as it was sent (return_documents): its text and image, its content parts, or a record's fields."""
+
+    model_config = ConfigDict(extra="allow")
 
     text: str | None = None
     image: str | None = None
@@ -421,6 +501,115 @@ class TeiRank(BaseModel):
     index: int
     score: float
     text: str | None = None
+
+
+class NimContent(BaseModel):
+    """NVIDIA NIM's query or passage: text, and for a passage an image (base64 or a data URI), as LangChain's
+    NVIDIARerank sends a document whose metadata holds one."""
+
+    text: Text | None = None
+    image: Text | None = Field(default=None, description="Base64 image or a data:image/...;base64, URI.")
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> NimContent:
+        if self.text is None and self.image is None:
+            raise ValueError("give `text`, `image` or both")
+        return self
+
+    def spec(self) -> ContentSpec:
+        return ContentSpec(text=self.text, image=self.image)
+
+
+class NimRankingRequest(BaseModel):
+    """NVIDIA NIM `POST /v1/ranking` (LangChain's NVIDIARerank, Haystack's NvidiaRanker, LiteLLM)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"model": "rerank", "query": {"text": "which way?"}, "passages": [{"text": "north"}]}]
+        }
+    )
+
+    model: str | None = None
+    query: NimContent
+    passages: list[NimContent] = Field(min_length=1)
+    truncate: Literal["NONE", "END"] = Field(
+        default="END", description="END: cut over-long pairs; NONE: refuse them (413)."
+    )
+
+    def to_job(self) -> RerankJob:
+        return RerankJob(
+            query=self.query.spec(),
+            documents=[passage.spec() for passage in self.passages],
+            truncate=self.truncate == "END",
+            split_long_documents=False,  # NIM truncates (or refuses) a pair over the window
+            model=self.model,
+        )
+
+
+class NimRanking(BaseModel):
+    index: int
+    logit: float
+
+
+class NimRankingResponse(BaseModel):
+    """Every passage by its index, with the model's raw score, best first."""
+
+    rankings: list[NimRanking]
+    usage: dict[str, int] | None = None
+
+
+def elastic_image(document: str | ContentIn | RecordIn) -> ContentSpec | None:
+    """Elasticsearch's image form, {"type": "image", "format": "base64" | "url", "value": ...}, as an image
+    document; None for any other document."""
+    if not isinstance(document, RecordIn) or document.text is not None or document.image is not None:
+        return None
+    fields = document.model_extra or {}
+    if set(fields) != {"type", "format", "value"} or fields["type"] != "image" or not isinstance(fields["value"], str):
+        return None
+    if fields["format"] not in ("base64", "url"):
+        raise InvalidInput('an image input\'s `format` is "base64" or "url"', "input")
+    return ContentSpec(image=fields["value"])
+
+
+class MixedbreadRerankRequest(BaseModel):
+    """mixedbread `POST /v1/reranking`: documents as `input` (strings, records with `rank_fields`, or images in
+    Elasticsearch's {"type": "image", "format", "value"} form), `top_k`, `return_input`."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"query": "capital of france", "input": ["paris", "a red car"], "top_k": 1}]}
+    )
+
+    model: Text | None = None
+    query: Text
+    input: list[DocumentIn] = Field(min_length=1)
+    rank_fields: list[Text] | None = Field(default=None, min_length=1)
+    top_k: int | None = Field(default=None, ge=1, description="Return at most this many results; all when unset.")
+    return_input: bool = False
+    rewrite_query: bool = Field(default=False, description="Not offered: true is refused (422).")
+
+    def to_job(self) -> RerankJob:
+        if self.rewrite_query:
+            raise InvalidInput(
+                "rewrite_query is not offered by this service; send false or leave it out", "rewrite_query"
+            )
+        documents = [elastic_image(d) or _spec(d, self.rank_fields, i) for i, d in enumerate(self.input)]
+        return RerankJob(query=ContentSpec(text=self.query), documents=documents, top_n=self.top_k, model=self.model)
+
+
+class MixedbreadRank(BaseModel):
+    index: int
+    score: float
+    input: Any = None
+    object: Literal["rank_result"] = "rank_result"
+
+
+class MixedbreadRerankResponse(BaseModel):
+    usage: dict[str, int]
+    model: str
+    data: list[MixedbreadRank]
+    object: Literal["list"] = "list"
+    top_k: int
+    return_input: bool
 
 
 class PoolHealth(BaseModel):

@@ -223,8 +223,15 @@ def test_a_row_is_read_as_the_service_reads_a_request():
         return parse_row(row, options, settings, settings.instruction_templates(), check_images=True)
 
     # The request model's own messages, naming the field.
-    with pytest.raises(RowError, match=r"documents\.0.*txt"):
-        parse({"id": "a", "query": "q", "documents": [{"txt": "x"}]})
+    with pytest.raises(RowError, match=r"documents\.0.*text"):
+        parse({"id": "a", "query": "q", "documents": [{"text": 5}]})
+    # Records, as the service takes them: the rank_fields rendered as `name: value` lines, else the only string.
+    record = {"id": 3, "title": "Paris", "body": "the capital", "meta": {"year": 2024}}
+    parsed = parse({"id": "a", "query": "q", "documents": [record], "rank_fields": ["title", "meta"]})
+    assert parsed.job.documents[0].text == 'title: Paris\nmeta: {"year": 2024}'
+    assert parse({"id": "a", "query": "q", "documents": [{"n": 1, "txt": "x"}]}).job.documents[0].text == "x"
+    with pytest.raises(InvalidInput, match="rank_fields"):
+        parse({"id": "a", "query": "q", "documents": [record]})
     with pytest.raises(RowError, match="id"):
         parse({"query": "q", "documents": ["x"]})
     with pytest.raises(RowError, match="not both"):

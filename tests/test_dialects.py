@@ -82,6 +82,46 @@ def test_windows_of_a_cross_encoder_match_direct_forwards_of_the_same_windows(al
     assert all(window.split()[0] in before for before, window in zip(windows, windows[1:]))
 
 
+def test_nim_ranking_answers_every_passage_with_its_raw_logit_best_first(alpha, model_dirs):
+    passages = ["paris is the capital of france", "a red car", long_document(300)]
+    body = {"query": {"text": QUERY}, "passages": [{"text": p} for p in passages]}
+    rankings = rerank(alpha, body, "/v1/ranking").json()["rankings"]
+    assert sorted(r["index"] for r in rankings) == [0, 1, 2]
+    assert [r["logit"] for r in rankings] == sorted((r["logit"] for r in rankings), reverse=True)
+    expected = direct.cross_encoder(model_dirs["cross_encoder"], QUERY, passages)  # raw, the long one truncated
+    assert {r["index"]: r["logit"] for r in rankings} == {i: pytest.approx(e, abs=1e-4) for i, e in enumerate(expected)}
+    refused = alpha.post("/v1/ranking", json={**body, "truncate": "NONE"})  # NIM: NONE refuses what END cuts
+    assert refused.status_code == 413, refused.text
+    unknown = alpha.post("/v1/ranking", json={**body, "model": "nvidia/nv-rerankqa-mistral-4b-v3"})
+    assert unknown.status_code == 404 and unknown.json()["error"]["type"] == "model_not_found"
+
+
+def test_records_are_scored_by_their_rank_fields_and_come_back_as_sent(alpha):
+    """Documents as database rows: ids and metadata travel with them, the named fields are scored as `name: value`
+    lines, and the answer echoes each record as it was sent."""
+    records = [
+        {"id": "a1", "title": "Paris", "body": "paris is the capital of france", "meta": {"year": 2024, "tags": None}},
+        {"id": 7, "title": "Cars", "body": "a red car", "meta": {"year": 1999}},
+    ]
+    body = {"query": QUERY, "documents": records, "rank_fields": ["title", "body"], "raw_scores": True}
+    answer = rerank(alpha, {**body, "return_documents": True}).json()
+    echoed = {r["index"]: r["document"] for r in answer["results"]}
+    assert echoed == {0: records[0], 1: records[1]}  # ids, metadata and nulls as sent
+    rendered = [f"title: {r['title']}\nbody: {r['body']}" for r in records]
+    plain = rerank(alpha, {"query": QUERY, "documents": rendered, "raw_scores": True}).json()
+    assert raw_by_index(answer) == pytest.approx(raw_by_index(plain), abs=1e-6)
+    # Without rank_fields: a record's `text`, or its only string field; more than one is a 422 naming rank_fields.
+    only = rerank(alpha, {"query": QUERY, "documents": [{"id": 1, "body": "paris"}], "raw_scores": True}).json()
+    alone = rerank(alpha, {"query": QUERY, "documents": ["paris"], "raw_scores": True}).json()
+    assert raw_by_index(only) == pytest.approx(raw_by_index(alone), abs=1e-6)
+    refused = alpha.post("/v2/rerank", json={"query": QUERY, "documents": records})
+    assert refused.status_code == 422 and refused.json()["error"]["field"] == "rank_fields", refused.text
+    # Limits count the rendered text.
+    long = [{"id": i, "body": "x" * 60_000, "title": "y" * 60_000} for i in range(2)]
+    too_long = alpha.post("/v2/rerank", json={"query": QUERY, "documents": long, "rank_fields": ["body", "title"]})
+    assert too_long.status_code == 413 and "max_text_chars" in too_long.json()["message"], too_long.text
+
+
 def test_tei_truncates_instead(alpha, model_dirs):
     document = long_document(300)
     ranks = rerank(alpha, {"query": QUERY, "texts": [document], "raw_scores": True}, "/rerank").json()
@@ -348,3 +388,19 @@ def test_a_pairwise_score_as_large_as_the_limits_allow_is_one_request_and_answer
 
 def pool_calls(client: httpx.Client) -> int:
     return client.get("/v1/models").json()["pools"]["text"]["counters"]["calls"]
+
+
+def test_mixedbread_reranking_takes_records_strings_and_elasticsearch_images(alpha):
+    records = [{"id": "a1", "title": "Paris", "body": "paris is the capital of france"}, "a red car"]
+    body = {"query": QUERY, "input": records, "rank_fields": ["title", "body"], "top_k": 1, "return_input": True}
+    answer = rerank(alpha, body, "/v1/reranking").json()
+    assert answer["object"] == "list" and answer["top_k"] == 1 and answer["return_input"] is True
+    assert answer["usage"]["total_tokens"] > 0 and answer["model"]
+    (best,) = answer["data"]
+    both = rerank(alpha, {**body, "top_k": 2}, "/v1/reranking").json()["data"]
+    assert best == both[0] and both[0]["score"] >= both[1]["score"]
+    assert {d["index"]: d["input"] for d in both} == {0: records[0], 1: records[1]}  # as sent
+    image = {"type": "image", "format": "base64", "value": base64.b64encode(png_bytes(3)).decode()}
+    pictured = rerank(alpha, {"query": QUERY, "input": ["paris", image]}, "/v1/reranking").json()
+    assert sorted(d["index"] for d in pictured["data"]) == [0, 1]  # the image scored by the image-text pool
+    assert alpha.post("/v1/reranking", json={"query": QUERY, "input": ["a"], "rewrite_query": True}).status_code == 422

@@ -125,9 +125,16 @@ def test_document_object_with_neither_text_nor_image_is_a_validation_error():
         ContentIn()
 
 
-def test_document_object_with_unknown_field_is_a_validation_error():
-    with pytest.raises(ValidationError):
-        RerankRequest(query="q", documents=[{"text": "a", "url": "b"}])
+def test_document_object_with_other_fields_is_a_record_scored_by_its_text_or_rank_fields():
+    request = RerankRequest(query="q", documents=[{"text": "a", "url": "b"}, {"id": 7, "title": "t", "body": "b"}])
+    with pytest.raises(InvalidInput, match="rank_fields"):
+        request.to_job({})
+    job = RerankRequest(query="q", documents=[{"text": "a", "url": "b"}, {"id": 7, "body": "b"}]).to_job({})
+    assert job.documents == [ContentSpec(text="a"), ContentSpec(text="b")]
+    job = RerankRequest(
+        query="q", documents=[{"id": 7, "title": "t", "body": "b"}], rank_fields=["title", "body"]
+    ).to_job({})
+    assert job.documents == [ContentSpec(text="title: t\nbody: b")]
 
 
 def test_documents_as_strings_and_objects_become_content_specs():
