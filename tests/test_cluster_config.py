@@ -210,3 +210,23 @@ def test_a_node_without_the_token_refuses_to_set_up_and_one_with_it_exports_the_
 def test_the_rayservice_turns_ray_token_authentication_on(rayservice):
     assert rayservice["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token"}
     assert "RAY_AUTH_MODE" not in (DEPLOY_DIR / "rayservice.yaml").read_text().replace("RAY_AUTH_MODE=token", "")
+
+
+def test_the_container_image_installs_the_pins_of_pyproject_and_the_makefile():
+    """deploy/Dockerfile builds on Ray's image for the Ray pyproject.toml pins, installs the torch the Makefile
+    pins (first, as `make` does) and the project; deploy/rayservice.yaml names that image at the project's
+    version; the operations page says how to build and push it."""
+    root = Path(__file__).resolve().parent.parent
+    dockerfile = (root / "deploy" / "Dockerfile").read_text()
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", dockerfile, flags=re.MULTILINE))
+    pyproject = (root / "pyproject.toml").read_text()
+    assert re.findall(r'"ray\[[^\]]*\]==([\d.]+)"', pyproject) == [args["RAY_VERSION"]]
+    version = re.search(r'^version = "([^"]+)"', pyproject, flags=re.MULTILINE).group(1)
+    assert "FROM rayproject/ray:${RAY_VERSION}-${PYTHON}-${VARIANT}" in dockerfile
+    assert set(re.findall(r"torch==([\d.]+)", (root / "Makefile").read_text())) == {args["TORCH_VERSION"]}
+    install = dockerfile.index('pip install --no-cache-dir "torch==${TORCH_VERSION}"')
+    assert install < dockerfile.index("pip install --no-cache-dir .")  # torch first, as `make` installs it
+    images = set(re.findall(r"image: (\S+)", (root / "deploy" / "rayservice.yaml").read_text()))
+    assert images == {f"registry.example.com/serve-app:{version}"}
+    operations = (root / "docs" / "operations.md").read_text()
+    assert "docker build -f deploy/Dockerfile" in operations and "docker push" in operations
