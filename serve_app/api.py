@@ -98,7 +98,7 @@ def schema_with_limits(schema: dict, settings: Settings) -> dict:
     def bound(node: dict, max_length: int) -> None:
         if node.get("type") == "string":
             node["maxLength"] = max_length
-        for branch in node.get("anyOf", []):
+        for branch in [*node.get("anyOf", []), *node.get("oneOf", [])]:
             bound(branch, max_length)
         if node.get("type") == "array":
             node["maxItems"] = settings.max_documents_per_request

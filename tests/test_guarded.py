@@ -121,7 +121,7 @@ def test_the_schema_carries_the_limits_this_service_enforces(guarded):
     schemas = guarded.get("/openapi.json").json()["components"]["schemas"]
     documents = schemas["RerankRequest"]["properties"]["documents"]
     assert documents["maxItems"] == 5  # max_documents_per_request
-    assert {"type": "string", "maxLength": 200} in documents["items"]["anyOf"]  # max_text_chars
+    assert {"type": "string", "maxLength": 200} in documents["items"]["oneOf"]  # max_text_chars
     assert {"type": "string", "maxLength": 200} in schemas["ContentIn"]["properties"]["text"]["anyOf"]
     assert schemas["TeiRerankRequest"]["properties"]["texts"]["maxItems"] == 5
     # 2048 image bytes (max_image_bytes) in base64, with room for a data URI's header.
