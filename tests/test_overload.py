@@ -301,3 +301,76 @@ def test_load_shedding_answers_the_chosen_status_with_its_retry_after_and_other_
         lost = refused(ReplicaLost("a replica died", 20))  # the pool's state, not load: 503 either way
         assert lost.status_code == 503 and lost.headers["retry-after"] == "20"
         assert refused(PoolUnavailable("no model")).status_code == 503
+
+
+def test_fifty_clients_that_give_up_while_queued_leave_no_work_behind_and_wedge_no_batch(serve_url, model_dirs):
+    """A slow request holds the replica; 50 more queue behind it, and once all 50 are in the replica their clients
+    give up (each closes its connection). Their pairs leave the batcher unscored (the replica's pairs counter), no
+    batch is left waiting for them (Ray#50046), and the next request is answered.
+
+    The clients close their sockets themselves when the replica holds every call, not after a fixed time: on a
+    loaded machine a timed give-up may come before a call reaches the replica, or after the slow request ends."""
+    import json
+    import socket
+    from urllib.parse import urlsplit
+
+    from tests.conftest import MINILM_FORWARD_COST_TOKENS, deploy, undeploy
+
+    deploy(
+        "cancelled",
+        {
+            "text": {
+                "model": str(model_dirs["slow"]),
+                "max_batch_size": 4,
+                "forward_cost_tokens": MINILM_FORWARD_COST_TOKENS,
+            },
+            "image_text": {"enabled": False},
+            "request_timeout_s": 120,
+            "admission_wait_fraction": None,  # every call queues
+        },
+    )
+    url = f"{serve_url}/cancelled"
+    where = urlsplit(url)
+    body = json.dumps({"query": "capital of france", "documents": [LONG] * 4}).encode()
+    request = (
+        f"POST {where.path}/v2/rerank HTTP/1.1\r\nHost: {where.netloc}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+    def replica() -> dict:
+        return httpx.get(f"{url}/v1/stats", timeout=60).json()["pools"]["text"][0]
+
+    def poll(until, what: str, seconds: float = 120) -> dict:
+        deadline = time.monotonic() + seconds
+        while not until(now := replica()):
+            calls, pending = now["calls_now"], now["pending_pairs"]
+            assert time.monotonic() < deadline, f"{what}: not within {seconds} s ({calls} calls, {pending} pairs)"
+        return now
+
+    try:
+        assert httpx.post(f"{url}/v2/rerank", json={"query": "q", "documents": ["a"]}, timeout=60).status_code == 200
+        before = replica()["pairs"]
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(
+                httpx.post, f"{url}/v2/rerank", json={"query": "capital", "documents": [LONG] * 32}, timeout=120
+            )
+            poll(lambda r: r["pending_pairs"], "the slow request in the replica")
+            clients = [socket.create_connection((where.hostname, where.port), timeout=60) for _ in range(50)]
+            for client in clients:
+                client.sendall(request)
+            poll(lambda r: r["calls_now"] == 51, "the 50 calls queued in the replica")
+            for client in clients:  # the clients give up
+                client.close()
+            given_up = poll(lambda r: r["calls_now"] <= 1, "the 50 cancellations in the replica")
+            assert not slow.done(), "the slow request ended before the cancellations arrived: make it longer"
+            assert slow.result().status_code == 200
+        now = poll(lambda r: not r["pending_pairs"], "an empty queue")
+        computed = now["pairs"] - before - 32
+        done = given_up["pairs"] - before
+        print(f"\n50 clients gave up while queued: {computed} of their 200 pairs computed; {done} of 32 slow done")
+        # At most the batch that may start preparing beside the slow request's last (two batches in flight).
+        assert 0 <= computed <= 4
+        after = httpx.post(f"{url}/v2/rerank", json={"query": "q", "documents": ["a", "b"]}, timeout=60)
+        assert after.status_code == 200  # no batch left waiting for the cancelled callers
+    finally:
+        undeploy("cancelled")
