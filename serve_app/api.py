@@ -20,6 +20,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.routing import APIRoute
 
+from serve_app import embeddings
 from serve_app.errors import ModelNotFound, Overloaded, RerankError, Unauthorized
 from serve_app.schemas import (
     ErrorResponse,
@@ -112,13 +113,16 @@ def schema_with_limits(schema: dict, settings: Settings) -> dict:
         "ScoreRequest": ("text_1", "text_2"),
         "NimContent": ("text",),
         "MixedbreadRerankRequest": ("query", "input"),
+        "OpenAIEmbeddingRequest": ("input",),
+        "CohereEmbedRequest": ("texts",),
     }
     for model, names in fields.items():
         properties = components.get(model, {}).get("properties", {})
         for name in names:
             if name in properties:
                 bound(properties[name], settings.max_text_chars)
-    for model, name in (("ContentIn", "image"), ("ImageUrl", "url"), ("NimContent", "image")):
+    images = (("ContentIn", "image"), ("ImageUrl", "url"), ("NimContent", "image"), ("CohereEmbedRequest", "images"))
+    for model, name in images:
         image = components.get(model, {}).get("properties", {}).get(name)
         if image is not None:
             bound(image, image_chars)
@@ -371,6 +375,7 @@ def build_api(ingress: RerankService) -> FastAPI:
     add_schema_routes(app, settings, authorized)
     add_rerank_routes(app, ingress, authorized)
     add_vendor_routes(app, ingress, authorized)
+    add_embedding_routes(app, ingress, authorized)
     add_probe_routes(app, ingress)
     add_pages(app)
     add_status_routes(app, ingress, authorized)
@@ -486,6 +491,33 @@ def add_vendor_routes(app: FastAPI, ingress: RerankService, authorized: list) ->
         body, headers = await ingress.rank_nim(request)
         response.headers.update(headers)
         return body
+
+
+def add_embedding_routes(app: FastAPI, ingress: RerankService, authorized: list) -> None:
+    """Embeddings from the same pools (serve_app/embeddings.py): OpenAI's and Cohere's shapes."""
+
+    @app.post(
+        "/v1/embeddings",
+        response_model=embeddings.OpenAIEmbeddingResponse,
+        dependencies=authorized,
+        responses=ERRORS,
+    )
+    async def embeddings_openai(request: embeddings.OpenAIEmbeddingRequest) -> embeddings.OpenAIEmbeddingResponse:
+        """OpenAI shape (the `openai` SDK's `embeddings.create`): `data[].embedding` in input order, floats or
+        base64 float32; `usage` in tokens. 422 for a model that does not embed, naming those that do."""
+        return await embeddings.embed_openai(ingress, request)
+
+    @app.post(
+        "/v2/embed",
+        response_model=embeddings.CohereEmbedResponse,
+        response_model_exclude_none=True,
+        dependencies=authorized,
+        responses=ERRORS,
+    )
+    async def embed_cohere(request: embeddings.CohereEmbedRequest) -> embeddings.CohereEmbedResponse:
+        """Cohere shape (the `cohere` SDK's `ClientV2.embed`): `texts`, `images` or `inputs`; `embeddings` by
+        each of `embedding_types` (float, int8, uint8, binary, ubinary, base64)."""
+        return await embeddings.embed_cohere(ingress, request)
 
 
 def add_probe_routes(app: FastAPI, ingress: RerankService) -> None:

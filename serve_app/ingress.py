@@ -314,6 +314,7 @@ class Ingress:
         truncate: bool,
         windows: WindowRule | None,
         admit: Admit | None = None,
+        method: str = "score",
     ) -> CallResult:
         """One pool call. A replica that dies with it (killed, out of memory, a failed GPU, a crash in the model)
         is not given the call again: the call may be what killed it. 503 + Retry-After replica_start_s instead, as
@@ -328,7 +329,7 @@ class Ingress:
                 "documents",
             )
         await self._refuse_without_replicas(served, handle, fresh=False)
-        response = handle.score.remote(pairs, truncate, windows, admit)
+        response = getattr(handle, method).remote(pairs, truncate, windows, admit)  # score, or embed
         waiting = asyncio.ensure_future(response)
         try:
             # While the call waits, keep asking whether the pool still has a running replica: a call the router

@@ -26,6 +26,7 @@ class CallResult:
     the forward pass), in ms."""
 
     scores: list[Score]
+    embeddings: list[list[float]] | None = None  # an embedding call's vectors, one per input (scores empty)
     pairs: int = 0
     tokens: int = 0
     split: int = 0

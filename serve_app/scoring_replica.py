@@ -6,11 +6,13 @@ model a call is for."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import math
 import os
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import ray
@@ -32,6 +34,7 @@ from serve_app.resident import Part, PoolMetrics, Resident, pairs_in
 from serve_app.scoring.call import call_windows, estimated_tokens, finite
 from serve_app.scoring.text import check_ids
 from serve_app.scoring.types import (
+    Content,
     EncodedPair,
     NotFiniteScores,
     Pair,
@@ -182,6 +185,39 @@ class ScoringReplica:
         finally:
             self.calls_now -= 1
 
+    async def embed(
+        self, inputs: list[Content], truncate: bool = True, windows: None = None, admit: Admit | None = None
+    ) -> CallResult:
+        """An embedding per input, in order (`scores` empty, `embeddings` set): through the same admission and the
+        same batcher as scoring, so embedding and reranking traffic share batches. A model that does not embed
+        (its family scores pairs together) fails the call with 422."""
+        self.calls_now += 1
+        self.most_calls = max(self.most_calls, self.calls_now)
+        try:
+            arrived = time.perf_counter()
+            resident, tokens, ready = await self._arrive(admit, inputs, None)
+            with as_request_errors("input"):
+                check = functools.partial(resident.loaded.scorer.check_inputs, inputs, truncate)
+                await asyncio.get_running_loop().run_in_executor(self.prepare_thread, check)
+            checked = time.perf_counter()
+            with self._pending(resident, tokens):
+                results = await self._in_batches(resident.loaded.profile, inputs)
+            vectors = [vector for part in results for vector in part.scores]
+            if not all(math.isfinite(x) for vector in vectors for x in vector):
+                raise ModelFault(f"model {resident.name!r} gave embeddings that are not numbers")
+            last = max(results, key=lambda part: part.done)
+            return CallResult(
+                scores=[],
+                embeddings=vectors,
+                pairs=len(inputs),
+                tokens=sum(part.tokens for part in results),
+                queue_ms=(ready - arrived + last.started - checked) * 1000,
+                tokenize_ms=(checked - ready) * 1000 + last.tokenize_ms,
+                inference_ms=last.inference_ms,
+            )
+        finally:
+            self.calls_now -= 1
+
     async def _score(
         self,
         pairs: list[Pair] | list[EncodedPair],
@@ -196,25 +232,11 @@ class ScoringReplica:
         is batched. With `admit`, a call that could not be scored in time is refused at once (503, or 413 when no
         request's deadline could hold it), before its model is loaded and before its windows are cut."""
         arrived = time.perf_counter()
-        self._admit(admit)  # the queue alone: before a shared pool loads a model for this call
-        resident = await self._resident()  # in the shared pool: perhaps a load, counted as waiting
-        self._on_call()
-        ready = time.perf_counter()
-        resident.last_used = time.monotonic()
-        tokens = estimated_tokens(pairs, resident.loaded.scorer.max_length, windows)
-        self._admit(admit, resident.name, tokens)
-        resident.calls += 1
-        self.pending_tokens[resident.name] = self.pending_tokens.get(resident.name, 0) + tokens
-        try:
+        resident, tokens, ready = await self._arrive(admit, pairs, windows)
+        with self._pending(resident, tokens):
             cut = await self._checked_windows(resident, pairs, truncate, windows, counted)
             windowed = time.perf_counter()
             results = await self._in_batches(resident.loaded.profile, cut.pairs)
-        except RerankError:
-            raise
-        except Exception as exc:
-            raise self._call_error(exc) from None
-        finally:
-            self.pending_tokens[resident.name] -= tokens
         # The slowest piece is this call's critical path: its wait for a batch, its preparation, its forward.
         last = max(results, key=lambda part: part.done)
         try:  # this call's own scores: another caller's in the same batch stand or fall on their own
@@ -231,6 +253,36 @@ class ScoringReplica:
             tokenize_ms=(windowed - ready) * 1000 + last.tokenize_ms,
             inference_ms=last.inference_ms,
         )
+
+    async def _arrive(
+        self, admit: Admit | None, items: list, windows: WindowRule | None
+    ) -> tuple[Resident, int, float]:
+        """A call's admission: by the queue alone (before a shared pool loads a model for it), then by its
+        estimated tokens once its model is resident. The model, those tokens, and when the call was ready (a
+        load counted as waiting)."""
+        self._admit(admit)
+        resident = await self._resident()
+        self._on_call()
+        ready = time.perf_counter()
+        resident.last_used = time.monotonic()
+        tokens = estimated_tokens(items, resident.loaded.scorer.max_length, windows)
+        self._admit(admit, resident.name, tokens)
+        resident.calls += 1
+        return resident, tokens, ready
+
+    @contextlib.contextmanager
+    def _pending(self, resident: Resident, tokens: int) -> Iterator[None]:
+        """A call's tokens counted as pending (what admission waits behind) while it is checked and batched; any
+        failure that is not already a request error becomes one (_call_error)."""
+        self.pending_tokens[resident.name] = self.pending_tokens.get(resident.name, 0) + tokens
+        try:
+            yield
+        except RerankError:
+            raise
+        except Exception as exc:
+            raise self._call_error(exc) from None
+        finally:
+            self.pending_tokens[resident.name] -= tokens
 
     async def _checked_windows(
         self,
@@ -302,13 +354,40 @@ class ScoringReplica:
             log.exception("batch of %d calls failed; scoring them one by one", len(calls))
             return [await self._run_alone(call) for call in calls]
 
-    async def _run(self, calls: list[list[Pair]]) -> list[Part]:
+    async def _run(self, calls: list[list[Pair]] | list[list[Content]]) -> list[Part]:
         """Prepare (CPU) then forward (device), in pieces of the model's cap (a shared replica's batch may be
         larger than a small model's cap). Two batches may be in flight: one prepares while the other holds the
-        device, unless overlap_preprocessing is off."""
+        device, unless overlap_preprocessing is off. A batch may hold both scoring calls (pairs) and embedding
+        calls (inputs): each kind is prepared and forwarded as its own pieces, and every call gets its own Part."""
         resident = await self._resident()
+        scorer = resident.loaded.scorer
+        embedding = [bool(call) and isinstance(call[0], Content) for call in calls]
+        kinds = [
+            (
+                [call for call, e in zip(calls, embedding) if not e],
+                scorer.prepare,
+                scorer.forward,
+                scorer.calibrate,
+            ),
+            (
+                [call for call, e in zip(calls, embedding) if e],
+                scorer.prepare_inputs,
+                scorer.embed_inputs,
+                list,
+            ),
+        ]
+        parts = {}
+        for group, prepare, forward, finish in kinds:
+            if group:
+                for call, part in zip(group, await self._run_kind(resident, group, prepare, forward, finish)):
+                    parts[id(call)] = part
+        return [parts[id(call)] for call in calls]
+
+    async def _run_kind(self, resident: Resident, calls: list[list], prepare, forward, finish) -> list[Part]:
+        """Calls of one kind (scoring or embedding) in pieces of the model's cap: `prepare` on the prepare
+        thread, `forward` on the device thread, `finish` on its raw output (the score map, or nothing)."""
         scorer, cap = resident.loaded.scorer, resident.loaded.profile.max_batch_size
-        flat = [pair for call in calls for pair in call]
+        flat = [item for call in calls for item in call]
         loop = asyncio.get_running_loop()
         scored, real_tokens = [], 0
         started = time.perf_counter()
@@ -318,16 +397,16 @@ class ScoringReplica:
             start = time.perf_counter()
             try:
                 if resident.settings.overlap_preprocessing:
-                    prepared = await loop.run_in_executor(self.prepare_thread, scorer.prepare, piece)
+                    prepared = await loop.run_in_executor(self.prepare_thread, prepare, piece)
                     tokenized = time.perf_counter()
                     async with self.forward_lock:
                         forward_start = time.perf_counter()
-                        raw = await loop.run_in_executor(self.device_thread, scorer.forward, prepared)
+                        raw = await loop.run_in_executor(self.device_thread, forward, prepared)
                 else:
                     async with self.forward_lock:
-                        prepared = await loop.run_in_executor(self.prepare_thread, scorer.prepare, piece)
+                        prepared = await loop.run_in_executor(self.prepare_thread, prepare, piece)
                         tokenized = forward_start = time.perf_counter()
-                        raw = await loop.run_in_executor(self.device_thread, scorer.forward, prepared)
+                        raw = await loop.run_in_executor(self.device_thread, forward, prepared)
             except Exception as exc:
                 if hardware.is_device_fault(exc):
                     self.device_fault = f"{type(exc).__name__}: {str(exc)[:300]}"
@@ -340,7 +419,7 @@ class ScoringReplica:
             tokens = scorer.tokens(prepared)
             real_tokens += tokens.real
             self._record(resident, len(piece), (done - start) * 1000, tokens)
-            scored.extend(scorer.calibrate(raw))
+            scored.extend(finish(raw))
         done = self.last_busy = time.perf_counter()
         self.throughput.record(len(flat), started, done)
         drain = self.drains.setdefault(resident.name, Throughput())

@@ -75,7 +75,7 @@ LAYERS = [
     ["app"],
     ["ingress"],
     ["api", "status", "encoders"],
-    ["replica", "shared_replica", "bulk", "calibrate", "calibrate_scores"],
+    ["replica", "shared_replica", "bulk", "calibrate", "calibrate_scores", "embeddings"],
     ["scoring_replica"],
     ["resident"],
     ["pools"],

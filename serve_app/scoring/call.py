@@ -8,7 +8,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from serve_app.scoring.types import EncodedPair, NotFiniteScores, Pair, Score, Scorer, WindowRule, Windows
+from serve_app.scoring.types import Content, EncodedPair, NotFiniteScores, Pair, Score, Scorer, WindowRule, Windows
 from serve_app.settings import Settings
 
 
@@ -34,7 +34,9 @@ def window_share(rule: WindowRule | None, pairs: int, of_pairs: int, settings: S
 CHARS_PER_TOKEN = 4
 
 
-def estimated_tokens(pairs: Sequence[Pair] | Sequence[EncodedPair], max_length: int, rule: WindowRule | None) -> int:
+def estimated_tokens(
+    pairs: Sequence[Pair] | Sequence[EncodedPair] | Sequence[Content], max_length: int, rule: WindowRule | None
+) -> int:
     """What a call's pairs cost in tokens, known before any is tokenized or cut into windows: token ids as they
     are; text by its characters (CHARS_PER_TOKEN a token), a pair at most the model's window, or with a window
     `rule` at most its windows (each a full window). Admission measures a replica's rate in these same units,
@@ -44,6 +46,9 @@ def estimated_tokens(pairs: Sequence[Pair] | Sequence[EncodedPair], max_length: 
     for pair in pairs:
         if isinstance(pair, EncodedPair):
             total += (len(pair.ids) + len(pair.second or b"")) // 4
+            continue
+        if isinstance(pair, Content):  # an input to embed
+            total += min(max_length, len(pair.text or "") // CHARS_PER_TOKEN + 2)
             continue
         chars = len(pair.query_text()) + len(pair.document.text or "")
         total += min(max_length * windows, chars // CHARS_PER_TOKEN + 2)

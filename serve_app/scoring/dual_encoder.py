@@ -35,6 +35,7 @@ class DualEncoderScorer(FamilyScorer):
     """A side with text and image is embedded as the normalised mean of both embeddings."""
 
     family = "dual_encoder"
+    embeds = True  # a text, an image, or both (their normalised mean), in one space
     pair_input = False  # each text embedded alone: a long document is windowed against the model's window
     # CLIP cosines sit in a narrow band (matches ~0.3, mismatches ~0.15-0.2); this centres that band.
     default_calibration = Logistic(scale=50.0, shift=0.25)
@@ -85,7 +86,26 @@ class DualEncoderScorer(FamilyScorer):
         return groups
 
     def prepare(self, pairs: Sequence[Pair]) -> Prepared:
-        sides = self._sides(pairs)
+        return self._prepared(self._sides(pairs))
+
+    def check_inputs(self, inputs: Sequence[Content], truncate: bool) -> None:
+        for i, side in enumerate(inputs):
+            if side.text is None and side.image is None:
+                raise UnsupportedPair(f"input {i} is empty: give it text, an image or both")
+        if not truncate:
+            lengths = [
+                len(ids) for ids in self.tokenizer([s.text for s in inputs if s.text], truncation=False)["input_ids"]
+            ]
+            raise_if_too_long(lengths, self.max_length, "text")
+
+    def prepare_inputs(self, inputs: Sequence[Content]) -> Prepared:
+        self.check_inputs(inputs, True)
+        return self._prepared([Content(text=side.text or None, image=side.image) for side in inputs])
+
+    def embed_inputs(self, prepared: Prepared) -> list[list[float]]:
+        return self._vectors(prepared).tolist()
+
+    def _prepared(self, sides: list[Content]) -> Prepared:
         # Pairs of one request share the query: embed each distinct text and image once.
         texts = list(dict.fromkeys(s.text for s in sides if s.text is not None))
         images = list({id(s.image): s.image for s in sides if s.image is not None}.values())
@@ -108,8 +128,14 @@ class DualEncoderScorer(FamilyScorer):
             ],
         )
 
-    @torch.inference_mode()
     def forward(self, prepared: Prepared) -> list[float]:
+        stacked = self._vectors(prepared)  # query sides, then document sides
+        half = len(stacked) // 2
+        return (stacked[:half] * stacked[half:]).sum(-1).tolist()
+
+    @torch.inference_mode()
+    def _vectors(self, prepared: Prepared) -> torch.Tensor:
+        """A unit-length vector per side: its text's, its image's, or the normalised mean of both."""
         text_rows: list[torch.Tensor] = [torch.empty(0)] * prepared.texts
         for group, batch in prepared.text_groups:
             embedded = F.normalize(
@@ -133,9 +159,7 @@ class DualEncoderScorer(FamilyScorer):
             if image_row is not None:
                 parts.append(images[image_row])
             vectors.append(F.normalize(torch.stack(parts).mean(0), dim=-1))
-        stacked = torch.stack(vectors)
-        half = len(stacked) // 2
-        return (stacked[:half] * stacked[half:]).sum(-1).tolist()
+        return torch.stack(vectors)
 
     def tokens(self, prepared: Prepared) -> TokenCount:
         return count_tokens(prepared.text_groups)

@@ -11,11 +11,18 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel
 
-from serve_app.scoring.batching import count_tokens, padded_groups
+from serve_app.scoring.batching import count_tokens, padded_groups, to_device
 from serve_app.scoring.family import FamilyScorer, LoadOptions, load_model, model_max_length
 from serve_app.scoring.graphs import capturable_mask
 from serve_app.scoring.text import pack, raise_if_too_long, unpack
-from serve_app.scoring.types import EncodedPair, Logistic, Pair, TokenCount
+from serve_app.scoring.types import Content, EncodedPair, Logistic, Pair, TokenCount, UnsupportedPair
+
+
+def sentence_transformers_normalizes(model_dir: str) -> bool:
+    """Whether the model's sentence-transformers pipeline ends in a Normalize module (its card's embeddings are
+    unit length); a plain transformers export has no pipeline, and sentence-transformers then only pools."""
+    path = Path(model_dir) / "modules.json"
+    return path.exists() and any("Normalize" in module.get("type", "") for module in json.loads(path.read_text()))
 
 
 def sentence_transformers_max_length(model_dir: str) -> int | None:
@@ -38,6 +45,7 @@ class EmbeddingScorer(FamilyScorer):
     """Embeds each distinct text once per batch; the raw score is the cosine of query and document."""
 
     family = "embedding"
+    embeds = True
     pair_input = False  # each text embedded alone: a long document is windowed against the model's window
     # Cosine 0.5 maps to 0.5; 0.7 (a close answer for MiniLM-class models) to 0.88; 0.2 to 0.05.
     default_calibration = Logistic(scale=10.0, shift=0.5)
@@ -47,6 +55,7 @@ class EmbeddingScorer(FamilyScorer):
         self.model = load_model(AutoModel, model_dir, options)
         limit = model_max_length(self.tokenizer, getattr(self.model.config, "max_position_embeddings", None))
         self.max_length = min(limit, sentence_transformers_max_length(model_dir) or limit)
+        self.normalizes = sentence_transformers_normalizes(model_dir)
         self.set_info(model, "cosine")
         self.graphs = self.graph(self.pooled)
 
@@ -58,24 +67,56 @@ class EmbeddingScorer(FamilyScorer):
             lengths = [max(q, d) for q, d in zip(lengths[: len(pairs)], lengths[len(pairs) :])]
             raise_if_too_long(lengths, self.max_length, "pair")
 
-    def pooled(self, batch: dict[str, torch.Tensor], capturable: bool) -> torch.Tensor:
-        """Unit-length mean-pooled embeddings of a device batch's rows; `capturable`: with the attention mask in
-        the 4D form that a CUDA graph can record (graphs.capturable_mask)."""
+    def mean_pooled(self, batch: dict[str, torch.Tensor], capturable: bool) -> torch.Tensor:
+        """Mean-pooled embeddings of a device batch's rows (sentence-transformers' mean pooling); `capturable`:
+        with the attention mask in the 4D form that a CUDA graph can record (graphs.capturable_mask)."""
         mask = batch["attention_mask"]
         if capturable:
             batch = {**batch, "attention_mask": capturable_mask(mask, self.model.dtype)}
         hidden = self.model(**batch).last_hidden_state.float()
         weights = mask.unsqueeze(-1).float()
-        return F.normalize((hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9), dim=-1)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+
+    def pooled(self, batch: dict[str, torch.Tensor], capturable: bool) -> torch.Tensor:
+        """Unit-length mean-pooled embeddings (what cosine scores take)."""
+        return F.normalize(self.mean_pooled(batch, capturable), dim=-1)
 
     @torch.inference_mode()
-    def embed(self, count: int, groups: list[tuple[list[int], dict[str, torch.Tensor]]]) -> torch.Tensor:
-        """Unit-length mean-pooled embeddings, one row per text."""
+    def embed(
+        self, count: int, groups: list[tuple[list[int], dict[str, torch.Tensor]]], unit: bool = True
+    ) -> torch.Tensor:
+        """Mean-pooled embeddings, one row per text; unit length unless `unit` is false (then never graphed)."""
         rows: list[torch.Tensor] = [torch.empty(0)] * count
         for group, batch in groups:
-            for i, row in zip(group, self.run_forward(self.pooled, batch)):
+            pooled = (
+                self.run_forward(self.pooled, batch) if unit else self.mean_pooled(to_device(batch, self.device), False)
+            )
+            for i, row in zip(group, pooled):
                 rows[i] = row
         return torch.stack(rows)
+
+    def check_inputs(self, inputs: Sequence[Content], truncate: bool) -> None:
+        for i, content in enumerate(inputs):
+            if content.image is not None or not content.text:
+                raise UnsupportedPair(f"input {i}: a text embedding model embeds text only, and not empty text")
+        if not truncate:
+            lengths = [len(ids) for ids in self.tokenizer([c.text for c in inputs], truncation=False)["input_ids"]]
+            raise_if_too_long(lengths, self.max_length, "input")
+
+    def prepare_inputs(self, inputs: Sequence[Content]) -> Prepared:
+        """Each distinct text tokenized once (cut to the model's window, as sentence-transformers cuts it)."""
+        self.check_inputs(inputs, True)
+        texts = [content.text for content in inputs]
+        distinct = list(dict.fromkeys(texts))
+        encoding = self.tokenizer(distinct, truncation=True, max_length=self.max_length)
+        at = {text: i for i, text in enumerate(distinct)}
+        pad = self.tokenizer.pad_token_id or 0
+        groups = padded_groups(encoding, self.options.cuts(), pad, self.max_length)
+        return Prepared(texts=len(distinct), groups=groups, queries=[at[t] for t in texts], documents=[])
+
+    def embed_inputs(self, prepared: Prepared) -> list[list[float]]:
+        """Normalised as the model's own pipeline says (modules.json), so they equal its `encode`."""
+        return self.embed(prepared.texts, prepared.groups, unit=self.normalizes)[prepared.queries].tolist()
 
     def prepare(self, pairs: Sequence[Pair | EncodedPair]) -> Prepared:
         """Pairs are tokenized here, EncodedPairs (tokenized by the ingress, the same way) arrive as ids."""

@@ -188,6 +188,20 @@ class FamilyScorer:
     def prepare(self, pairs: Sequence[Pair]) -> Any:
         raise NotImplementedError
 
+    # Families that embed one input on its own say so and override the three below (the Scorer protocol).
+    embeds: ClassVar[bool] = False
+
+    def check_inputs(self, inputs: Sequence[Content], truncate: bool) -> None:
+        raise UnsupportedPair(
+            f"a {self.family} model scores (query, document) pairs together: it has no embedding of one input"
+        )
+
+    def prepare_inputs(self, inputs: Sequence[Content]) -> Any:
+        self.check_inputs(inputs, True)
+
+    def embed_inputs(self, prepared: Any) -> list[list[float]]:
+        raise NotImplementedError
+
     def forward(self, prepared: Any) -> list[float]:
         raise NotImplementedError
 

@@ -213,3 +213,16 @@ class Scorer(Protocol):
 
     def expand_windows(self, pairs: Sequence[Pair], rule: WindowRule) -> Windows:
         """Each text document longer than the model's window (beside its query) as overlapping windows."""
+
+    # Embedding: families that encode one input on its own (embedding models, dual encoders) set `embeds` and
+    # embed inputs the way `prepare`/`forward` score pairs; the others raise UnsupportedPair.
+    embeds: bool
+
+    def check_inputs(self, inputs: Sequence[Content], truncate: bool) -> None:
+        """Raise ScoringError when an input cannot be embedded as asked."""
+
+    def prepare_inputs(self, inputs: Sequence[Content]) -> Any:
+        """CPU tensors ready for embed_inputs()."""
+
+    def embed_inputs(self, prepared: Any) -> list[list[float]]:
+        """One embedding per input, in order (unit length where the model's own pipeline normalises)."""
