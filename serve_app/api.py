@@ -20,7 +20,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.routing import APIRoute
 
-from serve_app import embeddings
+from serve_app import embeddings, experiment
 from serve_app.errors import ModelNotFound, Overloaded, RerankError, Unauthorized
 from serve_app.schemas import (
     ErrorResponse,
@@ -42,11 +42,14 @@ from serve_app.settings import Settings
 DESCRIPTION = (
     "Scores (query, document) pairs with text and image-text models and returns a ranking. "
     "Dialects: Cohere v2 (`/v2/rerank`), Jina (`/v1/rerank`), text-embeddings-inference (`/rerank`), vLLM "
-    "(`/score`, `/v1/score`). Every rerank answer carries TEI's timing headers (x-total-time, x-queue-time, "
+    "(`/score`, `/v1/score`), NVIDIA NIM (`/v1/ranking`), mixedbread (`/v1/reranking`); embeddings in OpenAI's "
+    "(`/v1/embeddings`) and Cohere's (`/v2/embed`) shapes. "
+    "Every rerank answer carries TEI's timing headers (x-total-time, x-queue-time, "
     "x-tokenization-time, x-inference-time in ms; x-compute-tokens, x-compute-pairs). "
     "Documents may be strings or objects with `text` and/or `image` (base64, data URI, or an "
-    "allow-listed URL). Thresholds: `strategy` strict (> 0.75), balanced (>= 0.55), explore (> 0.4), "
-    "or an explicit `threshold`."
+    "allow-listed URL). Thresholds: `strategy` strict (precision >= 0.95), balanced (best F1), explore (recall "
+    ">= 0.95), each model's own threshold from its fitted score map (GET /v1/models; without one: > 0.75, >= 0.55, "
+    "> 0.4), or an explicit `threshold`."
 )
 
 
@@ -166,6 +169,8 @@ class RequestGate:
         self.max_items = settings.max_documents_per_request
         self.read_timeout_s = settings.request_read_timeout_s
         self.keys = settings.api_keys()
+        # The A/B test's key header (setting experiment.key_header): its value goes to the ingress with the request.
+        self.variant_key = settings.experiment.key_header.lower().encode() if settings.experiment else None
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -211,6 +216,9 @@ class RequestGate:
             replayed = True
             return {"type": "http.request", "body": body, "more_body": False}
 
+        if self.variant_key is not None:  # every request sets it: a task never sees another request's key
+            value = headers.get(self.variant_key)
+            experiment.KEY.set(value.decode("latin-1")[:256] if value else None)
         await self.inner(scope, replay, send)
 
     async def _read_body(self, receive, send) -> bytes | None:

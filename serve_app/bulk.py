@@ -30,7 +30,7 @@ from serve_app.catalog import Catalog, Served, modality_counts, modality_of
 from serve_app.errors import RerankError
 from serve_app.hardware import Device
 from serve_app.media import content_from, decode_base64, is_url, open_image
-from serve_app.ranking import STRATEGIES, Threshold, rank
+from serve_app.ranking import STRATEGIES, Threshold, model_strategies, per_document, rank
 from serve_app.schemas import BulkRow, ContentSpec, RerankJob, check_limits, describe_errors
 from serve_app.scoring.call import score_call, window_rule
 from serve_app.scoring.types import Content, ModelLoadError, Pair, Score, ScoringError
@@ -62,6 +62,8 @@ RECORD_SCHEMA = pa.schema(
         ("top_n", pa.int32()),  # row: its ranking
         ("threshold", pa.float64()),
         ("threshold_inclusive", pa.bool_()),
+        ("thresholds", pa.list_(pa.float64())),  # row with a strategy: each document's, by the model scoring it
+        ("thresholds_inclusive", pa.list_(pa.bool_())),
         ("query_text", pa.string()),  # pair: what is scored
         ("query_image", pa.binary()),
         ("document_text", pa.string()),
@@ -251,6 +253,7 @@ def expand(
     scores."""
     shard = Shard(**shard_item)
     records = []
+    strategies = {m.name: model_strategies(m.settings, m.name) for m in Catalog(settings).models}
     for row_index, row in enumerate(read_shard(shard)):
         base = {"shard": shard.index, "row": row_index}
         try:
@@ -263,6 +266,11 @@ def expand(
         base["id"] = parsed.id
         if branch == "rows":
             threshold = parsed.job.threshold
+            by_model: dict[str, list[int]] = {}
+            for doc_index, model in enumerate(parsed.models):
+                by_model.setdefault(model, []).append(doc_index)
+            # A strategy is each model's own threshold, as the service applies it.
+            own = per_document(parsed.job, by_model, strategies) if threshold and threshold.strategy else None
             records.append(
                 {
                     **base,
@@ -271,6 +279,8 @@ def expand(
                     "top_n": parsed.job.top_n,
                     "threshold": threshold.value if threshold else None,
                     "threshold_inclusive": threshold.inclusive if threshold else None,
+                    "thresholds": [t.value for t in own] if own else None,
+                    "thresholds_inclusive": [t.inclusive for t in own] if own else None,
                 }
             )
             continue
@@ -769,9 +779,11 @@ def commit_shard(out: Output, shard: int, result: ShardResult, seen_ids: set[str
             errors.append({"id": header["id"], "row": row, "shard": shard, "error": error})
             continue
         threshold = header["threshold"]
-        ranked = rank(
-            scores, None if threshold is None else Threshold(threshold, header["threshold_inclusive"]), header["top_n"]
-        )
+        if header["thresholds"] is not None:  # a strategy, resolved per document by the model that scored it
+            threshold = [Threshold(*t) for t in zip(header["thresholds"], header["thresholds_inclusive"])]
+        elif threshold is not None:
+            threshold = Threshold(threshold, header["threshold_inclusive"])
+        ranked = rank(scores, threshold, header["top_n"])
         rows.append(
             {
                 "id": header["id"],

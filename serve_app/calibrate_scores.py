@@ -175,6 +175,9 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> dict:
             "ece_after": result.ece_after,
             "log_loss": result.log_loss,
         },
+        # Each strategy's threshold for this model, chosen on the held-out split (null: its promise could not be
+        # kept there, and the service falls back to the fixed threshold): what /v2/rerank's `strategy` applies.
+        "thresholds": report["fitted_thresholds"],
         "fitted": datetime.date.today().isoformat(),
         "source": str(args.labels),
         "command": " ".join(["python -m serve_app.calibrate_scores", *args.argv]),
@@ -204,20 +207,31 @@ README_MARK = "calibration:text"
 
 
 def readme_lines(report_path: Path) -> str:
-    """The docs' lines on the shipped map, from its report file."""
+    """The docs' lines on the shipped map, from its report file: each strategy's fixed fallback against the
+    threshold fitted for this model, each with its precision and recall on the held-out pairs."""
     written = json.loads(report_path.read_text())
     held, report = written["held_out"], written["report"]
+
+    def cells(row: dict | None) -> str:
+        if row is None:
+            return "not reachable (the fixed one applies) | | "
+        return f"{row['threshold']} | {row['precision']:.2f} | {row['recall']:.2f}"
+
+    promises = {"strict": "precision >= 0.95", "balanced": "best F1", "explore": "recall >= 0.95"}
     rows = "".join(
-        f"| {name} | {row['threshold']} | {row['after']['precision']:.2f} | {row['after']['recall']:.2f} "
-        f"| {report['suggested'][name]} |\n"
+        f"| {written['name']} | {name} | {promises[name]} | {row['threshold']} | {row['after']['precision']:.2f} "
+        f"| {row['after']['recall']:.2f} | {cells(report['fitted_thresholds'][name])} |\n"
         for name, row in report["strategies"].items()
     )
     return (
         f"On it, the default text model ({written['model']}, real weights) gets a {written['map']['kind']} map "
         f"(`{report_path.with_name(report_path.name.replace('.report', '')).relative_to(ROOT)}`, shipped): "
         f"held-out ECE **{held['ece_before']:.3f} with the family's guess, {held['ece_after']:.3f} with the map** "
-        f"({held['rows']} held-out pairs; `{written['command']}`). On the held-out pairs, after the map:\n\n"
-        "| strategy | threshold | precision | recall | suggested threshold |\n|---|---|---|---|---|\n" + rows
+        f"({held['rows']} held-out pairs; `{written['command']}`). Each strategy's threshold for the model, fitted "
+        "on the held-out pairs, against the fixed fallback (precision and recall on the held-out pairs, after the "
+        "map):\n\n"
+        "| model | strategy | promise | fixed threshold | precision | recall | the model's threshold | precision "
+        "| recall |\n|---|---|---|---|---|---|---|---|---|\n" + rows
     )
 
 

@@ -17,13 +17,15 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from serve_app import experiment
 from serve_app.api import build_api
 from serve_app.catalog import SHARED, Catalog, Served, modality_counts, modality_of
 from serve_app.encoders import Encoders, encode_call
 from serve_app.errors import DeadlineExceeded, DeadlyInput, Overloaded, ReplicaLost, StaleTokenizer
+from serve_app.experiment import ChosenVariant, Experiments
 from serve_app.media import load_contents
-from serve_app.pool_call import Admit, CallResult, LostCalls, Ranked, Sent
-from serve_app.ranking import rank
+from serve_app.pool_call import Admit, CallResult, LostCalls, Ranked, Sent, call_size
+from serve_app.ranking import model_strategies, per_document, rank
 from serve_app.schemas import (
     HealthResponse,
     MixedbreadRank,
@@ -32,7 +34,6 @@ from serve_app.schemas import (
     NimRanking,
     NimRankingRequest,
     NimRankingResponse,
-    RecordIn,
     RerankJob,
     RerankRequest,
     RerankResponse,
@@ -42,8 +43,11 @@ from serve_app.schemas import (
     ScoreResponse,
     TeiRank,
     TeiRerankRequest,
+    as_sent,
     check_limits,
+    document_out,
 )
+from serve_app.score_cache import ScoreCache
 from serve_app.scoring.call import window_rule, window_share
 from serve_app.scoring.text import TextEncoder
 from serve_app.scoring.types import EncodedPair, Pair, Score, WindowRule, best_windows
@@ -81,6 +85,9 @@ class Ingress:
             settings, self.catalog, pools, realtime_pools, shared, self.replicas, self.pairs_sent
         )
         self.encoders = Encoders()
+        self.cache = ScoreCache(settings.score_cache_entries)
+        self.strategies = {m.name: model_strategies(m.settings, m.name) for m in self.catalog.models}
+        self.experiments = Experiments(settings.experiment, self.catalog)
         self.lost = LostCalls(settings.deadly_input_ttl_s, settings.deadly_input_deaths)
         # Tokenizing and image decoding: on a bounded set of threads, each single-threaded (the Rust tokenizer's
         # parallelism would take every core of the node for one request).
@@ -121,6 +128,7 @@ class Ingress:
                 "pairs": ranked.per_kind,
                 "models": ranked.per_model,
                 "split_documents": ranked.split,
+                **({"variant": ranked.variant} if ranked.variant else {}),
             },
             usage={"total_tokens": ranked.tokens} if api_version == "1" else None,
         )
@@ -185,7 +193,7 @@ class Ingress:
         return await self.status.models()
 
     async def stats(self) -> dict:
-        return await self.status.stats()
+        return {**await self.status.stats(), "score_cache": self.cache.stats(), "variants": self.experiments.counts}
 
     # ---- the one internal path ----------------------------------------------------------
 
@@ -197,12 +205,17 @@ class Ingress:
         try:
             started = time.perf_counter()
             deadline = time.time() + self.settings.request_timeout_s
+            variant = self.experiments.assign(experiment.KEY.get())  # an A/B test's variant: its model, its thresholds
+            job = Experiments.applied(job, variant)
             try:
-                ranked = await asyncio.wait_for(self._rank_pairs(job, deadline), self.settings.request_timeout_s)
+                ranked = await asyncio.wait_for(self._rank_pairs(job, deadline, variant), deadline - time.time())
             except StaleTokenizer as exc:  # the model behind a name changed: its pool's tokenizer, once more
                 self.encoders.forget(exc.model)
-                ranked = await asyncio.wait_for(self._rank_pairs(job, deadline), max(0.0, deadline - time.time()))
+                self.cache.forget(exc.model)
+                left = max(0.0, deadline - time.time())
+                ranked = await asyncio.wait_for(self._rank_pairs(job, deadline, variant), left)
             ranked.total_ms = (time.perf_counter() - started) * 1000
+            ranked.variant = variant.name if variant is not None else None
             return ranked
         except asyncio.TimeoutError:  # the builtin TimeoutError from 3.11 on
             raise DeadlineExceeded(
@@ -215,7 +228,7 @@ class Ingress:
                 self.settings.retry_after_s,
             ) from None
 
-    async def _rank_pairs(self, job: RerankJob, deadline: float) -> Ranked:
+    async def _rank_pairs(self, job: RerankJob, deadline: float, variant: ChosenVariant | None = None) -> Ranked:
         """The request's steps: its limits; a model per pair (before any image is fetched: a wrong name costs
         nothing); its contents; each model's pairs sent as pool calls, all in flight at once; each document's best
         window; the ranking."""
@@ -230,11 +243,13 @@ class Ingress:
         by_model: dict[str, list[int]] = {}
         for i, modality in enumerate(modalities):
             by_model.setdefault(routes[modality].name, []).append(i)
+        keys, hits = await self._cached(job, by_model, pairs)
         sent = Sent()
         try:
             admit = self._admit(deadline)
             for name, indices in by_model.items():
-                await self._send(job, self.catalog.find(name), [pairs[i] for i in indices], indices, admit, sent)
+                if indices := [i for i in indices if hits[i] is None]:  # repeated pairs are not sent again
+                    await self._send(job, self.catalog.find(name), [pairs[i] for i in indices], indices, admit, sent)
             results = await asyncio.gather(*(response for _, response in sent.calls))
         except BaseException:
             # Cancelled (deadline, client gone), or a pool or a pair failed: the other calls' pairs are not needed.
@@ -243,14 +258,24 @@ class Ingress:
             raise
         owner = [i for chunk, _ in sent.calls for i in chunk]
         best = best_windows(owner, [score for result in results for score in result.scores], len(pairs))
+        self.cache.put(keys, best)
+        best = [hit or score or Score(0.0, 0.0) for hit, score in zip(hits, best)]
+        thresholds = per_document(job, by_model, variant and variant.strategies or self.strategies)
         return Ranked(
-            scored=rank([score or Score(0.0, 0.0) for score in best], job.threshold, job.top_n),
+            scored=rank(best, thresholds, job.top_n),
             per_kind={modality: count for modality, count in counts.items() if count},
             per_model={name: len(i) for name, i in by_model.items()},
             calls=results,
             split_here=sent.split_here,
             tokenize_ms=sent.tokenize_s * 1000,
         )
+
+    async def _cached(self, job: RerankJob, by_model: dict[str, list[int]], pairs: list[Pair]) -> tuple[list, list]:
+        """Each pair's cache key (None: not cached) and its cached score (None: not held)."""
+        models = {name: self.catalog.find(name) for name in by_model} if self.cache.on else {}
+        specs = {name: getattr(await self._encoder(served), "spec", None) for name, served in models.items()}
+        tokenizers = {name: spec.fingerprint if spec is not None else None for name, spec in specs.items()}
+        return self.cache.lookup(pairs, by_model, models, tokenizers, (job.truncate, job.split_long_documents))
 
     async def _send(
         self, job: RerankJob, served: Served, items: list[Pair], owners: list[int], admit: Admit | None, sent: Sent
@@ -269,26 +294,16 @@ class Ingress:
             owners, rule = [owners[k] for k in windows.owner], None
             sent.split_here += windows.split
         self.pairs_sent[served.key] = self.pairs_sent.get(served.key, 0) + len(items)
-        step = await self._call_size(served, handle, len(items))
+        running = await self.replicas.running(handle.deployment_name) or 1
+        step = call_size(self.settings, served.placement, len(items), running)
         # At most calls_in_flight_per_replica calls per running replica: the rest wait here, not in the router's
         # queue in front of other requests' calls.
-        running = await self.replicas.running(handle.deployment_name) or 1
         gate = asyncio.Semaphore(self.settings.calls_in_flight_per_replica * running)
         for start in range(0, len(items), step):
             piece = items[start : start + step]
             share = window_share(rule, len(piece), len(job.documents), self.settings)
             call = functools.partial(self._score_call, served, handle, piece, job.truncate, share, admit)
             sent.calls.append((owners[start : start + step], asyncio.ensure_future(sent.gated(gate, call))))
-
-    async def _call_size(self, served: Served, handle: DeploymentHandle, pairs: int) -> int:
-        """Pairs per pool call: spread over the pool's running replicas (ceil(pairs / replicas)), within
-        min_pairs_per_call .. max_pairs_per_call. The shared pool's calls stay whole: a replica without the model
-        would load it."""
-        most = self.settings.max_pairs_per_call
-        if served.placement == "shared" or pairs <= self.settings.min_pairs_per_call:
-            return most
-        running = await self.replicas.running(handle.deployment_name) or 1
-        return max(min(self.settings.min_pairs_per_call, most), min(most, -(-pairs // running)))
 
     async def _encoder(self, served: Served) -> TextEncoder | None:
         """The model's TextEncoder when its pairs are tokenized here (tokenize_in=ingress, a pool of its own)."""
@@ -379,15 +394,3 @@ class Ingress:
         if priority == "realtime" and self._realtime(served) is not None:
             return self._realtime(served)
         return self.pools[served.key]
-
-
-def as_sent(document):
-    return document if isinstance(document, str) else document_out(document)
-
-
-def document_out(document) -> dict:
-    if isinstance(document, str):
-        return {"text": document}
-    if isinstance(document, RecordIn):  # as sent: its id, metadata and nulls included
-        return document.model_dump(exclude_unset=True)
-    return document.model_dump(exclude_none=True)

@@ -17,6 +17,7 @@ from serve_app.scoring.types import Score
 
 if TYPE_CHECKING:
     from serve_app.ranking import ScoredDocument
+    from serve_app.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class Ranked:
     total_ms: float = 0.0
     split_here: int = 0  # documents the ingress cut into windows (the pools count the ones they cut)
     tokenize_ms: float = 0.0  # tokenizing in the ingress, before the pool calls
+    variant: str | None = None  # the A/B test's variant that ranked it (setting experiment)
 
     @property
     def tokens(self) -> int:
@@ -71,6 +73,7 @@ class Ranked:
             "x-inference-time": str(math.floor(slowest.inference_ms)),
             "x-compute-tokens": str(self.tokens),
             "x-compute-pairs": str(sum(call.pairs for call in self.calls)),
+            **({"x-variant": self.variant} if self.variant else {}),
         }
 
 
@@ -156,3 +159,13 @@ class LostCalls:
         now = self.clock()
         while self.deaths and now - next(iter(self.deaths.values()))[1] > self.ttl_s:
             self.deaths.popitem(last=False)
+
+
+def call_size(settings: Settings, placement: str, pairs: int, running: int) -> int:
+    """Pairs per pool call: spread over the pool's `running` replicas (ceil(pairs / replicas)), within
+    min_pairs_per_call .. max_pairs_per_call. The shared pool's calls stay whole: a replica without the model
+    would load it."""
+    most = settings.max_pairs_per_call
+    if placement == "shared" or pairs <= settings.min_pairs_per_call:
+        return most
+    return max(min(settings.min_pairs_per_call, most), min(most, -(-pairs // running)))

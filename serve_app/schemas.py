@@ -292,7 +292,9 @@ class RerankRequest(BaseModel):
     max_tokens_per_doc: int | None = Field(default=None, ge=1, description="Cut each document to this many tokens.")
     strategy: Strategy | None = Field(
         default=None,
-        description="Keep results by calibrated score: strict > 0.75, balanced >= 0.55, explore > 0.4.",
+        description="Keep results by a promise, each model's own threshold (GET /v1/models, `strategies`): strict "
+        "precision >= 0.95, explore recall >= 0.95, balanced the best F1, on the labels its score map was fitted "
+        "on; a model without one: strict > 0.75, balanced >= 0.55, explore > 0.4.",
     )
     threshold: float | None = Field(default=None, ge=0, le=1, description="Keep results scoring >= this.")
     instruction: Text | None = Field(default=None, description="Free-text task instruction, put before the query.")
@@ -622,3 +624,15 @@ class HealthResponse(BaseModel):
     status: Literal["ok", "degraded", "down"]
     latency_ms: float | None
     pools: dict[str, PoolHealth]
+
+
+def as_sent(document):
+    return document if isinstance(document, str) else document_out(document)
+
+
+def document_out(document) -> dict:
+    if isinstance(document, str):
+        return {"text": document}
+    if isinstance(document, RecordIn):  # as sent: its id, metadata and nulls included
+        return document.model_dump(exclude_unset=True)
+    return document.model_dump(exclude_none=True)

@@ -28,7 +28,7 @@ PROB_FLOOR = 1e-4  # isotonic knots are kept in [PROB_FLOOR, 1 - PROB_FLOOR]: a 
 MIN_SLOPE = 1e-6  # Platt slope floor, in units of 1 / std(raw): keeps the map increasing (see platt_fit)
 THRESHOLDS = np.arange(101) / 100  # 0.00 .. 1.00; k / 100 is the same double as the literal (0.55 == 55 / 100)
 SUGGEST_PRECISION = 0.95  # strict: the smallest threshold whose precision reaches this
-SUGGEST_RECALL = 0.9  # explore: the largest threshold whose recall still reaches this
+SUGGEST_RECALL = 0.95  # explore: the largest threshold whose recall still reaches this
 
 
 def _arrays(raw: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -505,7 +505,7 @@ def _strategy_rows(
         kept = int(np.sum(probs >= threshold.value if threshold.inclusive else probs > threshold.value))
         return {"precision": _num(p), "recall": _num(r), "f1": _num(_f1(p, r)), "kept": kept}
 
-    per_strategy, suggested = {}, {}
+    per_strategy, suggested, fitted = {}, {}, {}
     for name, threshold in strategies.items():
         per_strategy[name] = {
             "threshold": threshold.value,
@@ -515,7 +515,10 @@ def _strategy_rows(
         }
         rule = SUGGEST_RULES.get(name)
         suggested[name] = None if rule is None else _suggest(after, y, threshold.inclusive, rule, THRESHOLDS)
-    return per_strategy, suggested
+        chosen = Threshold(suggested[name], threshold.inclusive) if suggested[name] is not None else None
+        fitted[name] = None if chosen is None else {"threshold": chosen.value, "inclusive": chosen.inclusive,
+                                                    "rule": rule, **at(after, chosen)}  # fmt: skip
+    return per_strategy, suggested, fitted
 
 
 def report(
@@ -533,14 +536,15 @@ def report(
     - reliability bins and ECE (and log-loss) after, and before where `before` is given;
     - each strategy's threshold (its own inclusive/exclusive rule) with precision/recall/F1/kept, before/after;
     - suggested thresholds, each under its strategy's inclusive rule: strict the smallest with precision >=
-      0.95, balanced the best F1, explore the largest with recall >= 0.9; None where unreachable.
+      0.95, balanced the best F1, explore the largest with recall >= 0.95; None where unreachable;
+    - `fitted_thresholds`: those thresholds with their precision, recall, F1 and kept count on these labels.
     """
     x, y = _arrays(raw, labels)
     after = score_map.apply(x) if isinstance(score_map, ScoreMap) else np.array([score_map(float(v)) for v in x])
     prior = None if before is None else np.array([before(float(v)) for v in x])
 
     precision, recall, f1 = _curves(after, y)
-    per_strategy, suggested = _strategy_rows(after, prior, y, strategies)
+    per_strategy, suggested, fitted = _strategy_rows(after, prior, y, strategies)
     return {
         "n": int(y.size),
         "positives": int(y.sum()),
@@ -560,6 +564,8 @@ def report(
         "log_loss": {"after": log_loss(after, y), "before": None if prior is None else log_loss(prior, y)},
         "strategies": per_strategy,
         "suggested": suggested,
+        # Each strategy's threshold for this model (the service applies these), with what it does on these labels.
+        "fitted_thresholds": fitted,
         "suggest_rules": {"strict_precision": SUGGEST_PRECISION, "explore_recall": SUGGEST_RECALL},
     }
 

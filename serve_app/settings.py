@@ -39,6 +39,54 @@ class Calibration(BaseModel):
     shift: float = Field(default=0.0, description="The raw score that maps to 0.5.")
 
 
+class Variant(BaseModel):
+    """One variant of an A/B test: a share of the requests ranked by another model, or other thresholds."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,40}$", description="What answers and metrics call it.")
+    share: float = Field(gt=0, le=1, description="The share of keys (requests without a key: of requests) it gets.")
+    model: str | None = Field(
+        default=None,
+        description="A served model that ranks this variant's requests when they name no `model` (a request naming "
+        "one keeps it). Unset: the same models.",
+    )
+    thresholds: dict[Literal["strict", "balanced", "explore"], float] | None = Field(
+        default=None,
+        description="Each strategy's threshold in this variant (0..1, for every model; inclusive as the fixed one is). "
+        "Unset: each model's own.",
+    )
+
+    @field_validator("thresholds")
+    @classmethod
+    def _in_range(cls, value: dict | None) -> dict | None:
+        if value and not all(0 <= v <= 1 for v in value.values()):
+            raise ValueError("a threshold is a calibrated score: give one in 0..1")
+        return value
+
+
+class Experiment(BaseModel):
+    """An A/B test on a slice of traffic: each request is assigned a variant by a hash of a caller-chosen key (a user
+    id: the same key always gets the same variant), the rest get `control`. Each answer names its variant (header
+    x-variant, Cohere's `meta.variant`) so that callers can join it with their click logs."""
+
+    key_header: str = Field(
+        default="x-user-id",
+        pattern=r"^[A-Za-z0-9-]{1,64}$",
+        description="The request header whose value assigns the variant (sticky); without it a request's variant "
+        "is drawn at random with the same shares.",
+    )
+    salt: str = Field(default="", description="Changes every key's variant (a new experiment on the same users).")
+    variants: list[Variant] = Field(min_length=1, description="The variants besides control; their shares sum to <= 1.")
+
+    @model_validator(mode="after")
+    def _shares(self) -> Experiment:
+        if sum(v.share for v in self.variants) > 1 + 1e-9:
+            raise ValueError("the variants' shares sum to more than 1")
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names) or "control" in names:
+            raise ValueError("give each variant its own name, not `control` (the requests no variant gets)")
+        return self
+
+
 class Autoscaling(BaseModel):
     """Serve's autoscaling_config for one deployment: replicas follow ongoing requests per replica."""
 
@@ -413,6 +461,10 @@ class Settings(BaseSettings):
         description="More models, each picked by its `name` (or an alias) in a request's `model` field "
         "(env: a JSON list).",
     )
+    experiment: Experiment | None = Field(
+        default=None,
+        description="An A/B test of models or thresholds on a share of requests (see `experiment`). Unset: none.",
+    )
     shared_pool: SharedPoolSettings = Field(
         default=SharedPoolSettings(), description="Replicas of the models placed `shared`; deployed only if any is."
     )
@@ -606,6 +658,15 @@ class Settings(BaseSettings):
         "calls wait in the ingress, so that one large request does not fill the queue in front of other "
         "requests' calls.",
         json_schema_extra=ADVANCED,
+    )
+    score_cache_entries: int = Field(
+        default=0,
+        ge=0,
+        description="Repeated pairs never scored twice: the ingress keeps the scores of this many text pairs (least "
+        "recently used out; about 200 bytes each) keyed by the model, its scoring settings and score map, and the "
+        "pair as the model reads it; a hit skips the pool (x-compute-pairs counts only what was computed; /v1/stats "
+        "counts hits and misses). Per ingress replica; a settings change redeploys the ingress and starts it empty. "
+        "0: off.",
     )
     max_pairs_per_call: int = Field(
         default=128,
@@ -822,7 +883,7 @@ def markdown() -> str:
         group, _, name = path.rpartition(".")
         field = groups["PoolSettings" if group else "Settings"].model_fields[name]
         start.append(f"- `{path}` (`{env_name(*path.split('.'))}`): {_one_line(field.description)}")
-    pool = ("text", "image_text", "models", "shared_pool", "ingress")
+    pool = ("text", "image_text", "models", "shared_pool", "ingress", "experiment")
     out = [SETTINGS_INTRO, "", "## Start here", "", *start, ""]
     out += _tables("The service", ["setting", "default", "what"], _rows(Settings, skip=pool))
     out += _tables(
@@ -855,6 +916,10 @@ def markdown() -> str:
         _rows(Autoscaling),
     )
     out += _tables("A score map by hand: a pool's `calibration`", ["setting", "default", "what"], _rows(Calibration))
+    out += _tables(
+        "An A/B test: `experiment`", ["setting", "default", "what"], _rows(Experiment), _one_line(Experiment.__doc__)
+    )
+    out += _tables("A variant of the test: `experiment.variants[]`", ["setting", "default", "what"], _rows(Variant))
     sections = [line[3:] for line in out if line.startswith("## ")]
     toc = [f"- [{title}](#{_anchor(title)})" for title in sections]
     return "\n".join([out[0], "", *toc, "", *out[1:]]).rstrip("\n") + "\n"

@@ -14,6 +14,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.catalog import SHARED, Catalog, Served
 from serve_app.errors import Overloaded, PoolUnavailable
+from serve_app.ranking import model_strategies
 from serve_app.schemas import HealthResponse, PoolHealth
 from serve_app.settings import Settings
 
@@ -136,6 +137,8 @@ class ServiceStatus:
             "pool": served.key,
             "model": served.settings.model,
             "family": served.settings.family,
+            # Each strategy's threshold for this model: fitted on labels (its score map) or the fixed fallback.
+            "strategies": model_strategies(served.settings, served.name),
         }
         if served.placement == "own":
             return {

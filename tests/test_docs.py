@@ -33,7 +33,7 @@ def test_side_by_side_tables_match_their_result_files(mark):
     assert rendered_block(result) == (mark, pages.block(mark)), f"run: python -m bench.compare --readme {result}"
 
 
-@pytest.mark.parametrize("module", ["admission", "tokenize"])
+@pytest.mark.parametrize("module", ["admission", "tokenize", "cache"])
 def test_admission_and_tokenize_tables_match_their_result_files(module):
     bench = importlib.import_module(f"bench.{module}")
     named = results_named_in(bench.README_MARK)
