@@ -149,8 +149,8 @@ def warm_rate(admitting) -> float:
 
 
 # The admitting application's share of a fresh request's deadline for scoring: request_timeout_s (4) x
-# admission_wait_fraction (0.4).
-ADMISSION_S = 4 * 0.4
+# admission_wait_fraction (0.5).
+ADMISSION_S = 4 * 0.5
 
 
 def test_a_request_no_deadline_could_hold_gets_413_at_once_not_a_503_no_retry_could_meet(admitting):
@@ -192,10 +192,11 @@ def test_a_request_behind_a_queue_gets_503_at_once_saying_why_and_what_to_change
 
 def test_a_spike_gets_200s_and_fast_503s_never_504(admitting):
     rate = warm_rate(admitting)
-    # Ten clients at once, each asking for ~25% of the deadline's work: the first fits in the admission's 40% of
-    # it (the app's admission_wait_fraction), the rest cannot. Admitted work stays at about a quarter of the
-    # deadline, so a 504 means the estimate was off by 4x, not by the noise of a shared machine.
-    documents = max(4, min(100, int(rate * 4 * 0.25)))
+    # Ten clients at once, each asking for ~20% of the deadline's work: the first two fit in the admission's 50%
+    # of it (the app's admission_wait_fraction), the rest cannot. Admitted work stays at about 40% of the deadline,
+    # so a 504 means the estimate was off by 2.5x; and a lone request (20%) fits the 50% even if the burst made the
+    # replica measure a 2.5x lower rate.
+    documents = max(4, min(100, int(rate * 4 * 0.2)))
     body = {"query": "capital of france", "documents": [LONG] * documents}
     with ThreadPoolExecutor(10) as pool:
         answers = list(pool.map(lambda _: timed_post(admitting, body), range(10)))
