@@ -145,6 +145,7 @@ def raw_over_http(rows: list[dict], served: Served, url: str, api_key: str | Non
 
 def run(args: argparse.Namespace, settings: Settings | None = None) -> dict:
     settings = settings or Settings()
+    score_fit.load_sklearn()  # before any pair is scored: without the `fit` extra the fit would fail at the end
     rows = read_labels(args.labels)
     served = choose_model(rows, args.model, Catalog(settings))
     if args.url:
@@ -269,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         run(args)
-    except (LabelError, RerankError) as exc:
+    except (LabelError, RerankError, score_fit.FitExtraMissing) as exc:
         print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return 2
     return 0

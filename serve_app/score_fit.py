@@ -1,7 +1,9 @@
 """Calibration from labels: fit a monotone raw -> 0..1 map to labelled (raw score, relevant?) pairs and report
 how well it is calibrated.
 
-Pure numpy (matplotlib only inside `plot_report`). Two candidate maps:
+The map (`ScoreMap`, which the serving path applies) is numpy only. The fits and the log-loss are
+scikit-learn's, imported inside the functions that use them (`load_sklearn`; the `fit` extra), and matplotlib
+only inside `plot_report`. Two candidate maps:
 
 - Platt: p = sigmoid(scale * (raw - shift)), the form `Settings.calibration` and `scoring.types.Logistic` take.
 - isotonic: a non-decreasing piecewise-linear map through knots (pool-adjacent-violators), for when there are
@@ -18,6 +20,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -62,8 +65,27 @@ def _logit(p: float) -> float:
 # The two fits
 
 
+class FitExtraMissing(ImportError):
+    """scikit-learn, which fits the maps, is not installed."""
+
+
+def load_sklearn() -> ModuleType:
+    """scikit-learn's fitting modules, imported here and not at the top: the serving path imports this module for
+    ScoreMap and must not load them. Raises FitExtraMissing, naming the extra to install, where it is missing."""
+    try:
+        import sklearn.isotonic
+        import sklearn.linear_model
+        import sklearn.metrics
+    except ImportError as exc:
+        raise FitExtraMissing(
+            f"fitting a score map needs scikit-learn ({exc}): install the `fit` extra, "
+            'pip install -e ".[fit]" (`make install` does)'
+        ) from exc
+    return sklearn
+
+
 def platt_fit(raw: Any, labels: Any, ridge: float = 1e-3, max_iter: int = 100) -> tuple[float, float]:
-    """(scale, shift) of p = sigmoid(scale * (raw - shift)) by Newton's method on the log-loss.
+    """(scale, shift) of p = sigmoid(scale * (raw - shift)): scikit-learn's logistic regression on the log-loss.
 
     Platt's smoothed targets ((n+ + 1) / (n+ + 2) for a positive, 1 / (n- + 2) for a negative) keep separable
     data from driving the slope to infinity; a tiny L2 ridge on the slope (raw standardised first) keeps the
@@ -78,6 +100,7 @@ def platt_fit(raw: Any, labels: Any, ridge: float = 1e-3, max_iter: int = 100) -
 
 def _platt(x: np.ndarray, y: np.ndarray, ridge: float = 1e-3, max_iter: int = 100) -> tuple[float, float, bool]:
     """platt_fit's (scale, shift) and whether the slope was floored."""
+    sklearn = load_sklearn()
     n_pos = float(y.sum())
     n_neg = float(y.size - n_pos)
     t = np.where(y == 1, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
@@ -86,40 +109,12 @@ def _platt(x: np.ndarray, y: np.ndarray, ridge: float = 1e-3, max_iter: int = 10
     if not sd > 1e-12 * max(1.0, abs(mu)):
         sd = 1.0
     z = (x - mu) / sd
-
-    # w = (slope, intercept) on standardised z; start at the intercept-only optimum.
-    w = np.array([0.0, _logit(float(t.mean()))])
-
-    def loss(w: np.ndarray) -> float:
-        s = w[0] * z + w[1]
-        # -[t log p + (1 - t) log(1 - p)] = log(1 + e^s) - t s, stably
-        return float(np.sum(np.logaddexp(0.0, s) - t * s) + 0.5 * ridge * w[0] ** 2)
-
-    current = loss(w)
-    for _ in range(max_iter):
-        p = _sigmoid(w[0] * z + w[1])
-        r = p - t
-        grad = np.array([r @ z + ridge * w[0], r.sum()])
-        v = p * (1 - p)
-        hess = np.array([[v @ (z * z) + ridge, v @ z], [v @ z, v.sum() + 1e-12]])
-        try:
-            step = np.linalg.solve(hess, grad)
-        except np.linalg.LinAlgError:
-            step = grad / (np.diag(hess) + 1e-12)
-        lr = 1.0
-        while lr > 1e-10:  # backtracking: Newton's step may overshoot far from the optimum
-            candidate = w - lr * step
-            new = loss(candidate)
-            if new <= current + 1e-12:
-                break
-            lr /= 2
-        else:
-            break
-        w, previous, current = candidate, current, new
-        if np.max(np.abs(lr * step)) < 1e-10 or previous - current < 1e-12 * max(1.0, abs(current)):
-            break
-
-    slope, intercept = float(w[0]), float(w[1])
+    # A soft target t is the score once as a positive of weight t and once as a negative of weight 1 - t: the
+    # same log-loss. C = 1 / ridge: scikit-learn penalises (1 / 2C) slope^2 against the summed weighted loss and
+    # leaves the intercept free. Newton's method (newton-cholesky) on two parameters converges in a few steps.
+    model = sklearn.linear_model.LogisticRegression(C=1 / ridge, solver="newton-cholesky", tol=1e-10, max_iter=max_iter)
+    model.fit(np.concatenate([z, z])[:, None], np.repeat([1, 0], z.size), sample_weight=np.concatenate([t, 1 - t]))
+    slope, intercept = float(model.coef_[0, 0]), float(model.intercept_[0])
     floored = slope <= MIN_SLOPE
     if floored:
         slope, intercept = MIN_SLOPE, _logit(float(t.mean()))
@@ -128,44 +123,17 @@ def _platt(x: np.ndarray, y: np.ndarray, ridge: float = 1e-3, max_iter: int = 10
 
 
 def isotonic_fit(raw: Any, labels: Any) -> tuple[list[float], list[float]]:
-    """Knots (xs, ys) of the non-decreasing least-squares fit of labels on raw (pool-adjacent-violators).
+    """Knots (xs, ys) of the non-decreasing least-squares fit of labels on raw: scikit-learn's isotonic regression
+    (pool-adjacent-violators; equal raw scores are pooled first, so they share one value).
 
     xs strictly increasing, ys non-decreasing and clipped to [PROB_FLOOR, 1 - PROB_FLOOR]; evaluate with
     `numpy.interp(raw, xs, ys)`, which holds the end values outside the range (linear between blocks). Each
-    pooled block contributes its lowest and highest raw score (one knot where they are equal).
+    pooled block contributes its lowest and highest raw score (one knot where they are equal; the inner knots
+    of a run of equal values are left out).
     """
     x, y = _arrays(raw, labels)
-    order = np.argsort(x, kind="stable")
-    x, y = x[order], y[order]
-    # Equal raw scores form one block first: the map must give them one value.
-    ux, start, counts = np.unique(x, return_index=True, return_counts=True)
-    sums = np.add.reduceat(y, start)
-    # PAV over the blocks: a stack of (sum, weight, lowest x, highest x).
-    b_sum: list[float] = []
-    b_w: list[float] = []
-    b_lo: list[float] = []
-    b_hi: list[float] = []
-    for value, s, c in zip(ux.tolist(), sums.tolist(), counts.tolist()):
-        b_sum.append(s)
-        b_w.append(c)
-        b_lo.append(value)
-        b_hi.append(value)
-        while len(b_sum) > 1 and b_sum[-2] / b_w[-2] >= b_sum[-1] / b_w[-1]:
-            s_last, w_last, hi_last = b_sum.pop(), b_w.pop(), b_hi.pop()
-            b_lo.pop()
-            b_sum[-1] += s_last
-            b_w[-1] += w_last
-            b_hi[-1] = hi_last
-    xs: list[float] = []
-    ys: list[float] = []
-    for s, c, lo, hi in zip(b_sum, b_w, b_lo, b_hi):
-        value = min(max(s / c, PROB_FLOOR), 1 - PROB_FLOOR)
-        xs.append(lo)
-        ys.append(value)
-        if hi > lo:
-            xs.append(hi)
-            ys.append(value)
-    return xs, ys
+    model = load_sklearn().isotonic.IsotonicRegression(y_min=PROB_FLOOR, y_max=1 - PROB_FLOOR).fit(x, y)
+    return model.X_thresholds_.tolist(), model.y_thresholds_.tolist()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -253,10 +221,9 @@ def _probs_labels(probs: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def log_loss(probs: Any, labels: Any, eps: float = 1e-12) -> float:
-    """Mean negative log-likelihood of the labels, probabilities clipped to [eps, 1 - eps]."""
+    """Mean negative log-likelihood of the labels (scikit-learn's), probabilities clipped to [eps, 1 - eps]."""
     p, y = _probs_labels(probs, labels)
-    p = np.clip(p, eps, 1 - eps)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+    return float(load_sklearn().metrics.log_loss(y, np.clip(p, eps, 1 - eps), labels=[0, 1]))
 
 
 def _bin_index(p: np.ndarray, bins: int) -> np.ndarray:
@@ -264,8 +231,12 @@ def _bin_index(p: np.ndarray, bins: int) -> np.ndarray:
 
 
 def reliability(probs: Any, labels: Any, bins: int = 10) -> list[dict[str, Any]]:
-    """Equal-width bins over 0..1 (1.0 in the last): each bin's bounds, count, mean probability and fraction of
-    positives (None for an empty bin)."""
+    """Equal-width bins over 0..1, each [lo, hi) (1.0 in the last): each bin's bounds, count, mean probability and
+    fraction of positives (None for an empty bin).
+
+    Our own count, not scikit-learn's `calibration_curve`: that gives no counts (ECE and the report need them),
+    leaves out empty bins and closes its bins on the right, which would move a probability on an edge (an
+    isotonic block of 1 in 2 positives is 0.5) into the row below."""
     p, y = _probs_labels(probs, labels)
     index = _bin_index(p, bins)
     out = []

@@ -4,6 +4,7 @@ and the bulk job, and the label file's errors."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -175,3 +176,13 @@ def test_an_api_key_is_never_taken_as_a_flag_which_the_map_would_record(capsys):
     with pytest.raises(SystemExit):
         calibrate_scores.parse_args(["--labels", str(LABELS / "text.jsonl"), "--url", "http://x", "--api-key", "k"])
     assert "RERANK_API_KEY" in capsys.readouterr().err
+
+
+def test_without_scikit_learn_the_command_stops_before_scoring_naming_the_extra(monkeypatch, capsys):
+    for module in ("sklearn", "sklearn.isotonic", "sklearn.linear_model", "sklearn.metrics"):
+        monkeypatch.setitem(sys.modules, module, None)  # `import sklearn...` raises ImportError
+    scored = []
+    monkeypatch.setattr(calibrate_scores, "raw_in_process", lambda *args: scored.append(args))
+    assert calibrate_scores.main(["--labels", str(LABELS / "text.jsonl")]) == 2
+    assert 'pip install -e ".[fit]"' in capsys.readouterr().err
+    assert not scored

@@ -38,6 +38,13 @@ def test_the_bulk_driver_and_its_row_tasks_load_no_torch():
     assert not {"torch", "transformers", "serve_app.pools"} & loaded
 
 
+def test_the_serving_path_loads_no_scikit_learn():
+    # pools applies the fitted map (score_fit.ScoreMap); only fitting one (calibrate_scores) needs the `fit` extra.
+    loaded = modules_after_import("serve_app.pools")
+    assert "serve_app.score_fit" in loaded
+    assert "sklearn" not in loaded
+
+
 FAMILIES = ["cross_encoder", "embedding", "dual_encoder", "blip_itm"]
 
 

@@ -1,5 +1,5 @@
-"""serve_app.score_fit: the Platt and isotonic fits, the map, the metrics, the split, fit and report (numpy only,
-no Ray, no model)."""
+"""serve_app.score_fit: the Platt and isotonic fits (scikit-learn's), the map, the metrics, the split, fit and report
+(no Ray, no model)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from serve_app.score_fit import (
     platt_fit,
     plot_report,
     precision_recall_at,
+    reliability,
     report,
     split,
 )
@@ -122,6 +123,25 @@ def test_ece_and_log_loss_by_hand():
     expected = -(math.log(0.95) + math.log(0.15) + math.log(0.85) + math.log(0.95)) / 4
     assert log_loss(probs, labels) == pytest.approx(expected)
     assert math.isfinite(log_loss([0.0, 1.0], [1, 0]))
+
+
+def test_reliability_rows_are_scikit_learns_calibration_curve_with_the_empty_bins_kept():
+    from sklearn.calibration import calibration_curve
+
+    rng = np.random.default_rng(10)
+    probs = np.concatenate([rng.uniform(0.02, 0.28, 300), rng.uniform(0.61, 0.99, 300)])  # bins 3, 4, 5 empty
+    labels = (rng.random(600) < probs).astype(int)
+    rows = reliability(probs, labels)
+    assert [(row["lo"], row["hi"]) for row in rows] == [(b / 10, (b + 1) / 10) for b in range(10)]
+    filled = [row for row in rows if row["count"]]
+    assert [rows.index(row) for row in rows if not row["count"]] == [3, 4, 5]
+    assert all(row["mean_prob"] is None and row["frac_pos"] is None for row in rows if not row["count"])
+    frac_pos, mean_prob = calibration_curve(labels, probs, n_bins=10)
+    assert [row["frac_pos"] for row in filled] == pytest.approx(frac_pos.tolist())
+    assert [row["mean_prob"] for row in filled] == pytest.approx(mean_prob.tolist())
+    # A probability on an edge opens its bin (calibration_curve's bins close on the right instead); 1.0 is in the last.
+    edges = reliability([0.5, 0.5, 1.0], [1, 0, 1])
+    assert edges[5]["count"] == 2 and edges[4]["count"] == 0 and edges[9]["count"] == 1
 
 
 def test_precision_recall_is_a_direct_count_and_ties_matter():
