@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from serve_app.errors import DeadlineExceeded, InputTooLarge, InvalidInput
 from serve_app.media import RequestImages, load_image
 from serve_app.pool_call import CallResult
+from serve_app.pool_queues import admission
 from serve_app.schemas import ContentPart, ContentSpec, Text
 from serve_app.scoring.types import Content
 
@@ -259,7 +260,7 @@ async def embed_inputs(ingress: Ingress, job: EmbedJob) -> Embedded:
     handle = ingress._handle(served, settings.default_priority)
     running = await ingress.replicas.running(handle.deployment_name) or 1
     gate = asyncio.Semaphore(settings.calls_in_flight_per_replica * running)
-    admit = ingress._admit(time.time() + settings.request_timeout_s)
+    admit = admission(settings, time.time() + settings.request_timeout_s)
     step = settings.max_pairs_per_call
 
     async def call(piece: list[Content]) -> CallResult:

@@ -25,6 +25,7 @@ from serve_app.errors import DeadlineExceeded, DeadlyInput, Overloaded, ReplicaL
 from serve_app.experiment import ChosenVariant, Experiments
 from serve_app.media import load_contents
 from serve_app.pool_call import Admit, CallResult, LostCalls, Ranked, Sent, call_size
+from serve_app.pool_queues import PoolQueues, admission
 from serve_app.ranking import model_strategies, per_document, rank
 from serve_app.schemas import (
     HealthResponse,
@@ -89,6 +90,7 @@ class Ingress:
         self.strategies = {m.name: model_strategies(m.settings, m.name) for m in self.catalog.models}
         self.experiments = Experiments(settings.experiment, self.catalog)
         self.lost = LostCalls(settings.deadly_input_ttl_s, settings.deadly_input_deaths)
+        self.queues = PoolQueues(settings)
         # Tokenizing and image decoding: on a bounded set of threads, each single-threaded (the Rust tokenizer's
         # parallelism would take every core of the node for one request).
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -193,7 +195,12 @@ class Ingress:
         return await self.status.models()
 
     async def stats(self) -> dict:
-        return {**await self.status.stats(), "score_cache": self.cache.stats(), "variants": self.experiments.counts}
+        return {
+            **await self.status.stats(),
+            "score_cache": self.cache.stats(),
+            "variants": self.experiments.counts,
+            **self.queues.stats(),
+        }
 
     # ---- the one internal path ----------------------------------------------------------
 
@@ -246,7 +253,7 @@ class Ingress:
         keys, hits = await self._cached(job, by_model, pairs)
         sent = Sent()
         try:
-            admit = self._admit(deadline)
+            admit = admission(self.settings, deadline)
             for name, indices in by_model.items():
                 if indices := [i for i in indices if hits[i] is None]:  # repeated pairs are not sent again
                     await self._send(job, self.catalog.find(name), [pairs[i] for i in indices], indices, admit, sent)
@@ -256,6 +263,8 @@ class Ingress:
             for _, response in sent.calls:
                 response.cancel()
             raise
+        finally:
+            self.queues.release(sent.held)
         owner = [i for chunk, _ in sent.calls for i in chunk]
         best = best_windows(owner, [score for result in results for score in result.scores], len(pairs))
         self.cache.put(keys, best)
@@ -285,6 +294,8 @@ class Ingress:
         over the calls; otherwise the replica cuts them."""
         handle = self._handle(served, job.priority or self.settings.default_priority)
         rule = window_rule(self.settings) if job.split_long_documents and job.truncate else None
+        running = await self.replicas.running(handle.deployment_name) or 1
+        self.queues.admit(served, items, rule, admit, running, sent.held)  # before tokenizing: a 503 costs little
         encoder = await self._encoder(served)
         if encoder is not None:
             start = time.perf_counter()
@@ -294,7 +305,6 @@ class Ingress:
             owners, rule = [owners[k] for k in windows.owner], None
             sent.split_here += windows.split
         self.pairs_sent[served.key] = self.pairs_sent.get(served.key, 0) + len(items)
-        running = await self.replicas.running(handle.deployment_name) or 1
         step = call_size(self.settings, served.placement, len(items), running)
         # At most calls_in_flight_per_replica calls per running replica: the rest wait here, not in the router's
         # queue in front of other requests' calls.
@@ -311,15 +321,6 @@ class Ingress:
             return None
         handle = self.pools.get(served.key)
         return None if handle is None else await self.encoders.get(served.name, handle)
-
-    def _admit(self, deadline: float) -> Admit | None:
-        """Admission of the request's pool calls: scores expected by the admission fraction of the time it has
-        left, and within that fraction of a whole fresh deadline. None: admission by estimated wait is off."""
-        fraction = self.settings.admission_wait_fraction
-        if fraction is None:
-            return None
-        now = time.time()
-        return Admit(now + max(0.0, deadline - now) * fraction, self.settings.request_timeout_s * fraction)
 
     async def _score_call(
         self,
@@ -351,6 +352,7 @@ class Ingress:
             # holds for a replica that is not there yet is refused within a second or two.
             while not (await asyncio.wait({waiting}, timeout=RunningReplicas.REFRESH_S))[0]:
                 await self._refuse_without_replicas(served, handle, fresh=False)
+            self.queues.seen(served.key, waiting.result().rate)
             return waiting.result()
         except REPLICA_GONE as exc:
             if getattr(exc, "preempted", False):  # its node was taken away: the call is not at fault

@@ -21,6 +21,17 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class PoolRate:
+    """How fast a pool replica drains one model's calls, as it said when it answered one: work per second of busy
+    time (stats.Drain), and what the ingress needs to count a request's work as the replica does."""
+
+    work_per_s: float | None  # None: not measured yet
+    max_length: int
+    cap: int  # pairs per forward
+    forward_tokens: int  # a forward's fixed cost in tokens
+
+
+@dataclass(frozen=True)
 class CallResult:
     """One pool call's scores and what they cost: the pairs and real tokens computed (windows included),
     documents split into windows, and the times of its slowest piece (waiting for a batch, preparing,
@@ -34,6 +45,7 @@ class CallResult:
     queue_ms: float = 0.0
     tokenize_ms: float = 0.0
     inference_ms: float = 0.0
+    rate: PoolRate | None = None  # the replica's rate for this call's model, as it answered
 
     @property
     def busy_ms(self) -> float:
@@ -83,6 +95,7 @@ class Sent:
     before sending them: documents it cut into windows, seconds it spent tokenizing."""
 
     calls: list[tuple[list[int], asyncio.Future]] = field(default_factory=list)
+    held: list[tuple[str, int]] = field(default_factory=list)  # work held against pools (pool_queues.py)
     split_here: int = 0
     tokenize_s: float = 0.0
 

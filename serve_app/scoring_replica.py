@@ -29,7 +29,7 @@ from serve_app.errors import (
     as_request_errors,
     scoring_error,
 )
-from serve_app.pool_call import Admit, CallResult
+from serve_app.pool_call import Admit, CallResult, PoolRate
 from serve_app.resident import Part, PoolMetrics, Resident, pairs_in
 from serve_app.scoring.call import call_windows, estimated_tokens, finite
 from serve_app.scoring.text import check_ids
@@ -44,7 +44,7 @@ from serve_app.scoring.types import (
     Windows,
 )
 from serve_app.settings import PoolSettings
-from serve_app.stats import Throughput
+from serve_app.stats import Drain, Throughput
 
 log = logging.getLogger("ray.serve")
 
@@ -78,9 +78,9 @@ class ScoringReplica:
         self.lower_cap: int | None = None  # a lower cap waiting for the queued pieces to drain
         self.last_busy = time.perf_counter()  # when the last batch finished: the forward-cost re-probe waits for quiet
         self.throughput = Throughput()  # pairs/s under load, as /v1/stats shows it
-        # Per model: the tokens/s the queue drains at (estimated_tokens of the batches scored), and the tokens of
-        # the calls admitted and not yet answered. Admission estimates waits with them.
-        self.drains: dict[str, Throughput] = {}
+        # Per model: the work/s the queue drains at (stats.Drain: estimated tokens plus each forward's fixed
+        # cost), and the work of the calls admitted and not yet answered. Admission estimates waits with them.
+        self.drains: dict[str, Drain] = {}
         self.pending_tokens: dict[str, int] = {}
         self.refused = 0
         self.calls_now = self.most_calls = 0  # callers' calls here at once, now and at most
@@ -132,39 +132,46 @@ class ScoringReplica:
             raise Overloaded(f"a {pool} replica's GPU failed and it is being replaced; retry shortly", 1)
 
     def _queued_s(self) -> float:
-        """Seconds of work admitted here and not yet answered, each model's tokens at its own measured rate (a
+        """Seconds of work admitted here and not yet answered, each model's work at its own measured rate (a
         model without a measurement yet counts nothing)."""
         total = 0.0
-        for name, tokens in self.pending_tokens.items():
-            wait = self.drains[name].wait_s(tokens) if name in self.drains else None
+        for name, work in self.pending_tokens.items():
+            wait = self.drains[name].wait_s(work) if name in self.drains else None
             total += wait or 0.0
         return total
 
-    def _admit(self, admit: Admit | None, model: str | None = None, tokens: int = 0) -> None:
-        """Refuse at once a call that could not be scored by `admit.by` at the rates this replica measured under
-        load: its `tokens` (of `model`) behind the work already admitted here (without a model: the queue alone,
-        checked before a model is loaded for it). 413 when the call alone takes longer than a fresh request's
-        whole time (`admit.fresh_s`): no retry could meet it. 503 otherwise, Retry-After when the queue will
-        have drained enough. No measurement yet: admitted."""
+    def _admit(self, admit: Admit | None, model: str | None = None, work: int = 0) -> None:
+        """Refuse at once a call that could not be scored by `admit.by`: its `work` (of `model`; Drain.work)
+        behind the work already admitted here, at the rates this replica measured under load (without a model:
+        the queue alone, checked before a model is loaded for it). 413 when the call alone takes longer than a
+        fresh request's whole time (`admit.fresh_s`) even at the best rate the replica has shown: no retry could
+        meet it. 503 otherwise, Retry-After when the queue will have drained enough. Admitted: a call on an
+        empty queue (it starts at once; a refusal there could never be met by a retry, and a rate measured under
+        a burst's load would refuse every call after it and never be measured again), and any call before the
+        replica has a measurement."""
         if admit is None or self.realtime:
             return
-        rate = self.drains[model].pairs_per_s() if model in self.drains else None
-        alone = tokens / rate if rate else 0.0
-        if alone > admit.fresh_s:
+        drain = self.drains.get(model) if model is not None else None
+        rate = drain.pairs_per_s() if drain is not None else None
+        if drain is not None and drain.best and work / drain.best > admit.fresh_s:
             raise InputTooLarge(
-                f"this call's ~{tokens} tokens take about {alone:.1f} s at the {rate:.0f} tokens/s this replica "
-                f"scores {model!r} at, more than the {admit.fresh_s:.1f} s any request has for scoring (settings "
-                "request_timeout_s x admission_wait_fraction): send fewer or shorter documents per request",
+                f"this call's ~{work} tokens take about {work / drain.best:.1f} s even at the best "
+                f"{drain.best:.0f} tokens/s this replica scored {model!r} at, more than the {admit.fresh_s:.1f} s "
+                "any request has for scoring (settings request_timeout_s x admission_wait_fraction): send fewer or "
+                "shorter documents per request",
                 "documents",
             )
+        if not any(self.pending_tokens.values()):
+            return
         queued = self._queued_s()
+        alone = work / rate if rate else 0.0
         wait, left = queued + alone, admit.by - time.time()
         if wait <= left:
             return
         self.refused += 1
         self.metrics.refused.inc()
         raise Overloaded(
-            f"this replica's queue holds about {queued:.1f} s of work, and this call ~{alone:.1f} s more (~{tokens} "
+            f"this replica's queue holds about {queued:.1f} s of work, and this call ~{alone:.1f} s more (~{work} "
             f"tokens at {rate or 0.0:.0f} tokens/s): more than the {max(left, 0.0):.1f} s the request has before "
             "its deadline (settings request_timeout_s, admission_wait_fraction); retry after the Retry-After "
             "seconds, or send fewer documents",
@@ -214,6 +221,7 @@ class ScoringReplica:
                 queue_ms=(ready - arrived + last.started - checked) * 1000,
                 tokenize_ms=(checked - ready) * 1000 + last.tokenize_ms,
                 inference_ms=last.inference_ms,
+                rate=self._rate(resident),
             )
         finally:
             self.calls_now -= 1
@@ -252,6 +260,7 @@ class ScoringReplica:
             queue_ms=(ready - arrived + last.started - windowed) * 1000,
             tokenize_ms=(windowed - ready) * 1000 + last.tokenize_ms,
             inference_ms=last.inference_ms,
+            rate=self._rate(resident),
         )
 
     async def _arrive(
@@ -265,10 +274,23 @@ class ScoringReplica:
         self._on_call()
         ready = time.perf_counter()
         resident.last_used = time.monotonic()
-        tokens = estimated_tokens(items, resident.loaded.scorer.max_length, windows)
+        rate = self._rate(resident)
+        tokens = Drain.work(
+            estimated_tokens(items, rate.max_length, windows), len(items), rate.cap, rate.forward_tokens
+        )
         self._admit(admit, resident.name, tokens)
         resident.calls += 1
         return resident, tokens, ready
+
+    def _rate(self, resident: Resident) -> PoolRate:
+        """The rate this replica drains the model's calls at, and how it counts a call's work (Drain.work)."""
+        drain, scorer = self.drains.get(resident.name), resident.loaded.scorer
+        return PoolRate(
+            drain.pairs_per_s() if drain is not None else None,
+            scorer.max_length,
+            resident.loaded.profile.max_batch_size,
+            scorer.options.forward_cost_tokens,
+        )
 
     @contextlib.contextmanager
     def _pending(self, resident: Resident, tokens: int) -> Iterator[None]:
@@ -422,8 +444,10 @@ class ScoringReplica:
             scored.extend(finish(raw))
         done = self.last_busy = time.perf_counter()
         self.throughput.record(len(flat), started, done)
-        drain = self.drains.setdefault(resident.name, Throughput())
-        drain.record(estimated_tokens(flat, scorer.max_length, None), started, done)
+        work = Drain.work(
+            estimated_tokens(flat, scorer.max_length, None), len(flat), cap, scorer.options.forward_cost_tokens
+        )
+        self.drains.setdefault(resident.name, Drain()).record(work, started, done)
         out, offset = [], 0
         for call in calls:
             # A batch's tokens are shared out by pairs: exact when the batch is one caller's.
@@ -468,9 +492,11 @@ class ScoringReplica:
         """What admission by estimated wait sees: the measured rates, the queue's wait, the calls refused."""
         rate = self.throughput.pairs_per_s()
         tokens = {name: drain.pairs_per_s() for name, drain in self.drains.items()}
+        best = {name: drain.best for name, drain in self.drains.items()}
         return {
             "pairs_per_s_under_load": None if rate is None else round(rate, 2),
             "tokens_per_s_under_load": {name: None if r is None else round(r, 1) for name, r in tokens.items()},
+            "tokens_per_s_best": {name: None if r is None else round(r, 1) for name, r in best.items()},
             "estimated_wait_s": round(self._queued_s(), 3),
             "refused_calls": self.refused,
             "calls_now": self.calls_now,

@@ -530,11 +530,13 @@ class Settings(BaseSettings):
         gt=0,
         le=1,
         description="Admission by estimated wait: a pool replica refuses a call at once (503, Retry-After computed "
-        "from the estimate) when the work admitted before it, plus its own, at the replica's measured tokens/s "
-        "per model would take longer than this fraction of the time the request has left before "
-        "request_timeout_s; a call that alone takes longer than this fraction of a whole request_timeout_s is a 413 "
-        "(no retry could meet it). Checked before a shared pool loads a model and before documents are cut into "
-        "windows. null: admit every call (it may then wait in the queue until the deadline, and get 504).",
+        "from the estimate) when the work admitted before it, plus its own, at the rate the replica drains each "
+        "model at (estimated tokens plus each forward's fixed cost, per second of busy time) would take longer "
+        "than this fraction of the time the request has left before request_timeout_s. A call on an empty queue is "
+        "admitted. A call that alone takes longer than this fraction of a whole request_timeout_s, even at the "
+        "best rate the replica has shown, is a 413 (no retry could meet it). Checked before a shared pool loads a "
+        "model and before documents are cut into windows. null: admit every call (it may then wait in the queue "
+        "until the deadline, and get 504).",
         json_schema_extra=ADVANCED,
     )
 

@@ -88,7 +88,7 @@ LAYERS = [
     ["pools"],
     ["scoring.loading"],
     ["scoring.cross_encoder", "scoring.embedding", "scoring.dual_encoder", "scoring.blip_itm", "scoring.yes_no"],
-    ["scoring.family", "hardware", "score_fit", "score_cache", "experiment"],
+    ["scoring.family", "hardware", "score_fit", "score_cache", "experiment", "pool_queues"],
     ["scoring.batching", "scoring.call", "scoring.graphs", "schemas", "media", "catalog"],
     ["scoring.text", "errors", "ranking", "pool_call"],
     ["scoring.types", "settings", "stats", "ports", "scoring", "local_ray", "routing"],

@@ -132,6 +132,9 @@ def test_throughput_counts_busy_time_once_and_not_idle_time():
     rate.record(20, started=10.0, done=11.0)  # after 8 s idle: the idle time is not service time
     assert rate.pairs_per_s() == pytest.approx(40 / 3)
     assert rate.wait_s(80) == pytest.approx(6.0)
+    for second in range(20, 30):  # the machine slows down: 10 s of batches at 5 pairs/s
+        rate.record(5, started=second, done=second + 1)
+    assert rate.pairs_per_s() == pytest.approx(5.0)  # the latest 10 s of busy time, not the whole window
 
 
 def admitting_stats(admitting) -> dict:
@@ -154,8 +157,13 @@ ADMISSION_S = 4 * 0.5
 
 
 def test_a_request_no_deadline_could_hold_gets_413_at_once_not_a_503_no_retry_could_meet(admitting):
-    rate = warm_rate(admitting)
+    warm_rate(admitting)
     before = admitting_stats(admitting)
+    # The 413 takes the best rate the replica has shown: in pairs/s, its best work/s over the work per pair of
+    # the batches measured (the same batches, the same service time).
+    (name,) = before["tokens_per_s_best"]
+    work_per_pair = before["tokens_per_s_under_load"][name] / before["pairs_per_s_under_load"]
+    rate = before["tokens_per_s_best"][name] / work_per_pair
     documents = int(rate * ADMISSION_S * 1.5) + 8  # one and a half times what a whole fresh deadline holds
     assert documents <= 1000, f"the slow model scores {rate} pairs/s here: too fast for this test's deadline"
     started = time.monotonic()
@@ -173,6 +181,7 @@ def test_a_request_behind_a_queue_gets_503_at_once_saying_why_and_what_to_change
     documents = max(4, int(rate * ADMISSION_S * 0.7))  # fits a fresh deadline alone, not behind another one
     body = {"query": "capital of france", "documents": [LONG] * documents}
     before = admitting_stats(admitting)
+    refused_here = admitting.get("/v1/stats").json()["ingress_refused"]
     with ThreadPoolExecutor(1) as pool:
         first = pool.submit(timed_post, admitting, body)
         deadline = time.monotonic() + 30
@@ -187,15 +196,18 @@ def test_a_request_behind_a_queue_gets_503_at_once_saying_why_and_what_to_change
     error = response.json()["error"]
     assert error["type"] == "overloaded"
     assert "admission_wait_fraction" in error["message"] and "tokens/s" in error["message"]
-    assert admitting_stats(admitting)["refused_calls"] > before["refused_calls"]
+    # Refused by the ingress before tokenizing (its own request in flight leaves no time), not by the replica.
+    stats = admitting.get("/v1/stats").json()
+    assert stats["ingress_refused"] == refused_here + 1
+    assert stats["pools"]["text"][0]["refused_calls"] == before["refused_calls"]
 
 
 def test_a_spike_gets_200s_and_fast_503s_never_504(admitting):
     rate = warm_rate(admitting)
     # Ten clients at once, each asking for ~20% of the deadline's work: the first two fit in the admission's 50%
     # of it (the app's admission_wait_fraction), the rest cannot. Admitted work stays at about 40% of the deadline,
-    # so a 504 means the estimate was off by 2.5x; and a lone request (20%) fits the 50% even if the burst made the
-    # replica measure a 2.5x lower rate.
+    # so a 504 means the estimate was off by 2.5x. After the burst, a lone request on the drained queue is
+    # admitted whatever rate the burst made the replica measure.
     documents = max(4, min(100, int(rate * 4 * 0.2)))
     body = {"query": "capital of france", "documents": [LONG] * documents}
     with ThreadPoolExecutor(10) as pool:
@@ -223,12 +235,12 @@ def test_admission_counts_tokens_per_model_checks_the_queue_before_a_load_and_re
     from serve_app.errors import InputTooLarge, Overloaded
     from serve_app.pool_call import Admit
     from serve_app.scoring_replica import ScoringReplica
-    from serve_app.stats import Throughput
+    from serve_app.stats import Drain
 
     replica = object.__new__(ScoringReplica)  # its admission alone: no model, no Serve
     replica.realtime, replica.refused = False, 0
     replica.metrics = SimpleNamespace(refused=SimpleNamespace(inc=lambda: None))
-    replica.drains = {"fast": Throughput(), "slow": Throughput()}
+    replica.drains = {"fast": Drain(), "slow": Drain()}
     for start in range(3):
         replica.drains["fast"].record(1000, start, start + 1)  # 1,000 tokens/s
         replica.drains["slow"].record(100, start, start + 1)  # 100 tokens/s
@@ -247,6 +259,34 @@ def test_admission_counts_tokens_per_model_checks_the_queue_before_a_load_and_re
     replica._admit(Admit(now + 60, 9), "unmeasured", 10**6)  # no measurement: admitted
     replica._admit(None, "slow", 10**6)  # admission off
     assert replica.refused == 2
+
+    # A burst's load made the slow model's rate drop to 40 tokens/s; its best stays 100 tokens/s.
+    for start in range(3, 35):
+        replica.drains["slow"].record(40, start, start + 1)
+    assert replica.drains["slow"].pairs_per_s() == pytest.approx(40) and replica.drains["slow"].best == 100
+    replica._admit(Admit(now + 60, 9), "slow", 800)  # 8 s at its best: not too large, though 20 s at 40/s
+    with pytest.raises(Overloaded):  # behind a queue, the rate measured under load counts: 5 s + 5 s > 6 s
+        replica._admit(Admit(now + 6, 9), "slow", 200)
+    # Once the queue drained, a call is admitted even if it would not fit at the rate measured under load (a
+    # retry could never meet such a refusal, and the replica would never measure its rate again).
+    replica.pending_tokens = {"fast": 0, "slow": 0}
+    replica._admit(Admit(now + 6, 9), "slow", 400)  # 10 s at 40/s, 4 s at its best: admitted
+    replica._admit(Admit(now + 6, 9))  # the queue alone, empty
+    assert replica.refused == 3
+
+
+def test_a_drain_counts_each_forwards_fixed_cost_so_a_lone_batch_implies_the_rate_of_a_full_one():
+    from serve_app.stats import Drain
+
+    # A forward costs 100 tokens' time plus 1 ms a token (1,000 tokens/s of work); cap 32 pairs.
+    lone, full = Drain(min_batches=1), Drain(min_batches=1)
+    lone.record(Drain.work(50, 1, 32, 100), 0.0, 0.150)  # one pair of 50 tokens: 150 ms
+    full.record(Drain.work(1600, 32, 32, 100), 0.0, 1.700)  # 32 pairs of 50 tokens: 1.7 s
+    assert lone.pairs_per_s() == pytest.approx(1000) and full.pairs_per_s() == pytest.approx(1000)
+    assert Drain.work(1600, 33, 32, 100) == 1800  # 33 pairs: two forwards
+    tokens_only = Drain(min_batches=1)  # without the fixed cost, the lone batch says 333 tokens/s: 3x too slow
+    tokens_only.record(50, 0.0, 0.150)
+    assert tokens_only.pairs_per_s() == pytest.approx(333.3, rel=1e-3)
 
 
 def test_a_large_request_keeps_at_most_two_calls_per_replica_in_flight(serve_url, model_dirs):
@@ -375,3 +415,46 @@ def test_fifty_clients_that_give_up_while_queued_leave_no_work_behind_and_wedge_
         assert after.status_code == 200  # no batch left waiting for the cancelled callers
     finally:
         undeploy("cancelled")
+
+
+def test_the_ingress_refuses_before_tokenizing_what_its_own_requests_in_flight_leave_no_time_for():
+    from types import SimpleNamespace
+
+    from serve_app.errors import Overloaded
+    from serve_app.pool_call import Admit, PoolRate
+    from serve_app.pool_queues import PoolQueues
+    from serve_app.scoring.types import Content, Pair
+    from serve_app.settings import Settings
+
+    queues = PoolQueues(Settings())
+    served = SimpleNamespace(key="text", placement="own")
+    pairs = [Pair(Content(text="q" * 34), Content(text="d" * 360)) for _ in range(10)]  # 100 tokens each
+    now = time.time()
+    held: list = []
+    queues.admit(served, pairs, None, Admit(now + 1, 27), 1, held)  # no rate answered yet: left to the replicas
+    assert held == [] and queues.in_flight == {}
+    queues.seen("text", PoolRate(None, 512, 32, 0))  # not measured yet: ignored
+    queues.seen("text", PoolRate(500.0, 512, 32, 24))  # 500 tokens/s; a forward costs 24 tokens' time
+    first, second, third = [], [], []
+    queues.admit(served, pairs, None, Admit(now + 1, 27), 1, first)  # an empty queue: admitted, 2.05 s alone
+    assert first == [("text", 1024)]
+    queues.admit(served, pairs, None, Admit(now + 10, 27), 1, second)  # 2 s queued + 2 s: within 10 s
+    with pytest.raises(Overloaded) as refused:
+        queues.admit(served, pairs, None, Admit(now + 5, 27), 1, third)  # 4.1 s queued + 2 s > 5 s
+    assert third == [] and refused.value.retry_after_s >= 1 and "Retry-After" in refused.value.message
+    queues.admit(served, pairs, None, Admit(now + 5, 27), 2, third)  # two replicas drain it twice as fast
+    assert queues.stats()["ingress_refused"] == 1 and queues.in_flight["text"] == 3 * 1024
+    # Refused requests are told to come back one after the other: each behind those refused before it.
+    with pytest.raises(Overloaded) as later:
+        queues.admit(served, pairs, None, Admit(now + 5, 5), 1, [])
+    with pytest.raises(Overloaded) as latest:
+        queues.admit(served, pairs, None, Admit(now + 5, 5), 1, [])
+    assert latest.value.retry_after_s >= later.value.retry_after_s + 2  # its 2 s of work promised to `later`
+    for held in (first, second, third):
+        queues.release(held)
+    assert queues.in_flight["text"] == 0 and first == []
+    # A request of 8 calls of 128 pairs, 2 in flight at once: a quarter of its work is ahead of later requests.
+    big: list = []
+    queues.admit(served, pairs * 100, None, Admit(now + 60, 27), 1, big)
+    assert big == [("text", round((100_000 + 32 * 24) / 4))]
+    queues.admit(served, pairs, None, None, 1, [])  # admission off: held, never refused
