@@ -7,6 +7,7 @@ what the replicas would refuse later, counting no other ingress replica's work."
 
 from __future__ import annotations
 
+import heapq
 import math
 import time
 from collections.abc import Sequence
@@ -22,6 +23,9 @@ if TYPE_CHECKING:
     from serve_app.catalog import Served
     from serve_app.settings import Settings
 
+# Refused requests whose work a pool's Retry-After counts, at most (the earliest due are dropped first).
+MAX_PROMISES = 4096
+
 
 class PoolQueues:
     """Per pool key: the latest PoolRate any of its replicas answered with, and the work of this ingress
@@ -33,8 +37,10 @@ class PoolQueues:
         self.settings = settings
         self.rates: dict[str, PoolRate] = {}
         self.in_flight: dict[str, int] = {}
-        # Per pool: (when, work) of the requests refused here and told to come back then.
+        # Per pool: (when, work) of the requests refused here and told to come back then (a heap, earliest
+        # first), and their work's sum.
         self.promised: dict[str, list[tuple[float, int]]] = {}
+        self.promised_work: dict[str, int] = {}
         self.refused = 0
 
     def seen(self, key: str, rate: PoolRate | None) -> None:
@@ -80,11 +86,14 @@ class PoolQueues:
         is promised until then). Refused requests of a burst come back one after the other, not all at once to
         be refused again."""
         now = time.time()
-        promised = [(due, w) for due, w in self.promised.get(key, []) if due > now]
-        ahead = sum(w for _, w in promised) / rate
+        promised = self.promised.setdefault(key, [])
+        # Past promises, and beyond MAX_PROMISES the earliest (a flood of refusals costs O(log n) each): gone.
+        while promised and (promised[0][0] <= now or len(promised) >= MAX_PROMISES):
+            self.promised_work[key] -= heapq.heappop(promised)[1]
+        ahead = self.promised_work.get(key, 0) / rate
         retry_after = max(1, math.ceil(queued + ahead + alone - fresh_s))
-        promised.append((now + retry_after, work))
-        self.promised[key] = promised
+        heapq.heappush(promised, (now + retry_after, work))
+        self.promised_work[key] = self.promised_work.get(key, 0) + work
         return Overloaded(
             f"this service's requests in flight to the {key} pool hold about {queued:.1f} s of work, and this one "
             f"~{alone:.1f} s more (~{work} tokens at the {rate:.0f} tokens/s of its {max(1, running)} running "

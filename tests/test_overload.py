@@ -417,7 +417,7 @@ def test_fifty_clients_that_give_up_while_queued_leave_no_work_behind_and_wedge_
         undeploy("cancelled")
 
 
-def test_the_ingress_refuses_before_tokenizing_what_its_own_requests_in_flight_leave_no_time_for():
+def test_the_ingress_refuses_before_tokenizing_what_its_own_requests_in_flight_leave_no_time_for(monkeypatch):
     from types import SimpleNamespace
 
     from serve_app.errors import Overloaded
@@ -458,3 +458,16 @@ def test_the_ingress_refuses_before_tokenizing_what_its_own_requests_in_flight_l
     queues.admit(served, pairs * 100, None, Admit(now + 60, 27), 1, big)
     assert big == [("text", round((100_000 + 32 * 24) / 4))]
     queues.admit(served, pairs, None, None, 1, [])  # admission off: held, never refused
+
+    # A flood of refusals: the promises kept stay bounded, and go once due.
+    from serve_app import pool_queues
+
+    monkeypatch.setattr(pool_queues, "MAX_PROMISES", 100)
+    for _ in range(1000):
+        with pytest.raises(Overloaded):
+            queues.admit(served, pairs, None, Admit(now + 1, 1), 1, [])
+    assert len(queues.promised["text"]) <= 100 and queues.promised_work["text"] <= 100 * 1024
+    monkeypatch.setattr(pool_queues, "time", SimpleNamespace(time=lambda: now + 10**6))  # all of them due
+    with pytest.raises(Overloaded):
+        queues.admit(served, pairs, None, Admit(now + 10**6 + 1, 1), 1, [])
+    assert len(queues.promised["text"]) == 1 and queues.promised_work["text"] == 1024
