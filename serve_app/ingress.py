@@ -295,7 +295,8 @@ class Ingress:
         handle = self._handle(served, job.priority or self.settings.default_priority)
         rule = window_rule(self.settings) if job.split_long_documents and job.truncate else None
         running = await self.replicas.running(handle.deployment_name) or 1
-        self.queues.admit(served, items, rule, admit, running, sent.held)  # before tokenizing: a 503 costs little
+        realtime = handle is self._realtime(served)  # its variant admits every call
+        self.queues.admit(served, items, rule, admit, running, sent.held, realtime)  # before tokenizing: 503s are cheap
         encoder = await self._encoder(served)
         if encoder is not None:
             start = time.perf_counter()

@@ -55,13 +55,15 @@ class PoolQueues:
         admit: Admit | None,
         running: int,
         held: list[tuple[str, int]],
+        realtime: bool = False,
     ) -> None:
         """Hold the pairs' work against their pool (in the request's `held`, until `release`), or refuse them (503).
         A request holds what stays ahead of later requests: all of its work when its calls are in flight at once,
-        a share when calls_in_flight_per_replica holds some back (later requests' calls go out between them)."""
+        a share when calls_in_flight_per_replica holds some back (later requests' calls go out between them).
+        A request for a pool's realtime variant is neither held nor refused: that variant admits every call."""
         key = served.key
         rate = self.rates.get(key)
-        if rate is None:
+        if rate is None or realtime:
             return
         tokens = estimated_tokens(items, rate.max_length, rule)
         work = Drain.work(tokens, len(items), rate.cap, rate.forward_tokens)

@@ -221,7 +221,7 @@ class ScoringReplica:
                 queue_ms=(ready - arrived + last.started - checked) * 1000,
                 tokenize_ms=(checked - ready) * 1000 + last.tokenize_ms,
                 inference_ms=last.inference_ms,
-                rate=self._rate(resident),
+                rate=None if self.realtime else self._rate(resident),  # realtime: admits every call
             )
         finally:
             self.calls_now -= 1
@@ -260,7 +260,7 @@ class ScoringReplica:
             queue_ms=(ready - arrived + last.started - windowed) * 1000,
             tokenize_ms=(windowed - ready) * 1000 + last.tokenize_ms,
             inference_ms=last.inference_ms,
-            rate=self._rate(resident),
+            rate=None if self.realtime else self._rate(resident),  # realtime: admits every call
         )
 
     async def _arrive(

@@ -458,6 +458,9 @@ def test_the_ingress_refuses_before_tokenizing_what_its_own_requests_in_flight_l
     queues.admit(served, pairs * 100, None, Admit(now + 60, 27), 1, big)
     assert big == [("text", round((100_000 + 32 * 24) / 4))]
     queues.admit(served, pairs, None, None, 1, [])  # admission off: held, never refused
+    realtime: list = []
+    queues.admit(served, pairs * 100, None, Admit(now + 1, 1), 1, realtime, realtime=True)  # never refused here
+    assert realtime == []
 
     # A flood of refusals: the promises kept stay bounded, and go once due.
     from serve_app import pool_queues
