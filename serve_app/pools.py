@@ -3,6 +3,7 @@ load options, derived cap, warm-up and the measured cost of one more forward pas
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -228,19 +229,22 @@ def measure_forward_cost_tokens(
     """The fixed cost of a forward (one short pair) over the cost per token (many pairs of `words`). With
     `interrupted`, asked before each forward: None as soon as it says yes (a replica's callers come first)."""
 
+    # One forward per measurement: no cuts while measuring what a cut costs. On a copy of the scorer (the same
+    # model), so that callers reading the scorer's forward cost meanwhile (admission) never see this one.
+    probe = copy.copy(scorer)
+    probe.options = replace(scorer.options, forward_cost_tokens=1 << 30)
+
     def best_time(pairs: list[Pair]) -> tuple[float, int]:
-        prepared = scorer.prepare(pairs)
+        prepared = probe.prepare(pairs)
         times = []
         for _ in range(repeats):
             if interrupted is not None and interrupted():
                 raise Interrupted
             start = time.perf_counter()
-            scorer.forward(prepared)  # returns Python floats: the device has finished
+            probe.forward(prepared)  # returns Python floats: the device has finished
             times.append(time.perf_counter() - start)
-        return min(times), scorer.tokens(prepared).padded
+        return min(times), probe.tokens(prepared).padded
 
-    # One forward per measurement: no cuts while measuring what a cut costs.
-    options, scorer.options = scorer.options, replace(scorer.options, forward_cost_tokens=1 << 30)
     try:
         small_s, small_tokens = best_time(synthetic_pairs("text", 1, 4))
         # A full batch: on a large GPU anything smaller is still launch-bound and shows no per-token cost.
@@ -250,8 +254,6 @@ def measure_forward_cost_tokens(
         big_s, big_tokens = best_time([replace(p, query=Content(text=f"query {i}")) for i, p in enumerate(pairs)])
     except Interrupted:
         return None
-    finally:
-        scorer.options = options
     per_token = (big_s - small_s) / max(1, big_tokens - small_tokens)
     if per_token <= 0:
         return 0
