@@ -83,12 +83,17 @@ def test_a_measurement_stops_at_the_next_forward_when_work_arrives(model_dirs):
     before = scorer.options.forward_cost_tokens
     asked = []
 
+    seen = []
+
     def after_three() -> bool:
         asked.append(1)
+        seen.append(scorer.options.forward_cost_tokens)  # what admission reads while the measurement runs
         return len(asked) > 3
 
     assert measure_forward_cost_tokens(scorer, 4, interrupted=after_three) is None
     assert len(asked) == 4  # asked before each forward, stopped at the fourth
-    assert scorer.options.forward_cost_tokens == before  # the options it swapped for the probe are back
+    # The probe's own options (one forward, no cuts) are never the scorer's: admission counted calls that arrived
+    # during a re-measurement at its 1<<30-token forward cost and refused them (413).
+    assert set(seen) == {before} and scorer.options.forward_cost_tokens == before
     cost = measure_forward_cost_tokens(scorer, 4, interrupted=lambda: False)
     assert isinstance(cost, int) and cost >= 0
