@@ -5,6 +5,7 @@ score map never serves an old score."""
 from __future__ import annotations
 
 import httpx
+import pytest
 
 from serve_app.catalog import Catalog
 from serve_app.score_cache import ScoreCache
@@ -79,7 +80,9 @@ def test_repeated_pairs_skip_the_pool_and_a_new_score_map_is_never_served_from_t
         redeployed, computed = rerank(DOCUMENTS)
         assert computed == 4 and cache()["hits"] == 0  # a fresh ingress, an empty cache
         for document in DOCUMENTS:
-            assert redeployed[document][0] == first[document][0]  # the same raw score ...
+            # The same raw score, up to what batching changes (a fresh replica may cut the 4 pairs into other
+            # forwards, and float32 sums move: 1.2e-7 seen in a CI-like run) ...
+            assert redeployed[document][0] == pytest.approx(first[document][0], abs=1e-5)
             if abs(first[document][0]) > 1e-3:
                 assert redeployed[document][1] != first[document][1]  # ... through the new map
     finally:
