@@ -151,7 +151,7 @@ def deploy_all(specs: dict[str, dict]) -> None:
 @pytest.fixture(scope="session")
 def apps(serve_url, model_dirs, tmp_path_factory) -> dict[str, str]:
     """The session's applications, deployed side by side: each an ingress with a text and (most) an image-text
-    pool."""
+    pool. Those one module alone reads are in module_specs."""
     specs = {
         # Tiny cross-encoder and CLIP.
         "alpha": {
@@ -187,6 +187,30 @@ def apps(serve_url, model_dirs, tmp_path_factory) -> dict[str, str]:
             },
             "image_text": {"model": str(model_dirs["clip"]), "num_gpus": 0.5, "accelerator_type": "RTX3060"},
         },
+        # A text replica that no test but tests/test_forward_cost.py calls: its idle re-measurements of the
+        # forward cost, started by one call right after start-up, are not interrupted by other tests' calls.
+        "remeasure": {
+            "text": {"model": str(model_dirs["cross_encoder"]), "num_cpus": 0.25},
+            "image_text": {"enabled": False},
+        },
+    }
+    deploy_all(specs)
+    urls = {name: f"{serve_url}/{name}" for name in specs}
+    # The remeasuring replica's first call, made now: its measurements then run 1, 5 and 15 s from here while
+    # other tests run, and tests/test_forward_cost.py reads them later instead of waiting 21 s for them.
+    replicas = httpx.get(f"{urls['remeasure']}/v1/models", timeout=60).json()["pools"]["text"]["replicas"]
+    REMEASURE_BEFORE_FIRST_CALL.extend(replicas)
+    first = {"query": "capital?", "documents": ["paris"]}
+    answer = httpx.post(f"{urls['remeasure']}/v2/rerank", json=first, timeout=60)
+    assert answer.status_code == 200, answer.text
+    return urls
+
+
+def module_specs(model_dirs) -> dict[str, dict]:
+    """Applications that one test module alone reads: deployed for that module and deleted after it, so that
+    their replicas do not idle (each costs ~1% of a core of Ray's and Serve's loops) through the rest of the
+    run."""
+    return {
         # Yes/no rerankers in both pools: a Qwen3 causal LM for text, a Qwen2-VL for image pairs.
         "yes_no": {
             "text": {"model": str(model_dirs["qwen3"])},
@@ -227,23 +251,16 @@ def apps(serve_url, model_dirs, tmp_path_factory) -> dict[str, str]:
             "admission_wait_fraction": 0.5,
             "max_pairs_per_call": 1000,  # one replica, one call per request: a request's size is its call's
         },
-        # A text replica that no test but tests/test_forward_cost.py calls: its idle re-measurements of the
-        # forward cost, started by one call right after start-up, are not interrupted by other tests' calls.
-        "remeasure": {
-            "text": {"model": str(model_dirs["cross_encoder"]), "num_cpus": 0.25},
-            "image_text": {"enabled": False},
-        },
     }
-    deploy_all(specs)
-    urls = {name: f"{serve_url}/{name}" for name in specs}
-    # The remeasuring replica's first call, made now: its measurements then run 1, 5 and 15 s from here while
-    # other tests run, and tests/test_forward_cost.py reads them later instead of waiting 21 s for them.
-    replicas = httpx.get(f"{urls['remeasure']}/v1/models", timeout=60).json()["pools"]["text"]["replicas"]
-    REMEASURE_BEFORE_FIRST_CALL.extend(replicas)
-    first = {"query": "capital?", "documents": ["paris"]}
-    answer = httpx.post(f"{urls['remeasure']}/v2/rerank", json=first, timeout=60)
-    assert answer.status_code == 200, answer.text
-    return urls
+
+
+def module_app(name: str, model_dirs, serve_url: str) -> Iterator[httpx.Client]:
+    deploy(name, module_specs(model_dirs)[name])
+    try:
+        with httpx.Client(base_url=f"{serve_url}/{name}", timeout=60) as http:
+            yield http
+    finally:
+        undeploy(name)
 
 
 # The remeasure application's replicas as /v1/models showed them before their first call (set by `apps`).
@@ -268,22 +285,19 @@ def pinned(apps) -> Iterator[httpx.Client]:
         yield client
 
 
-@pytest.fixture(scope="session")
-def yes_no(apps) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=apps["yes_no"], timeout=60) as client:
-        yield client
+@pytest.fixture(scope="module")
+def yes_no(serve_url, model_dirs) -> Iterator[httpx.Client]:
+    yield from module_app("yes_no", model_dirs, serve_url)
 
 
-@pytest.fixture(scope="session")
-def tight(apps) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=apps["tight"], timeout=60) as client:
-        yield client
+@pytest.fixture(scope="module")
+def tight(serve_url, model_dirs) -> Iterator[httpx.Client]:
+    yield from module_app("tight", model_dirs, serve_url)
 
 
-@pytest.fixture(scope="session")
-def admitting(apps) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=apps["admitting"], timeout=60) as client:
-        yield client
+@pytest.fixture(scope="module")
+def admitting(serve_url, model_dirs) -> Iterator[httpx.Client]:
+    yield from module_app("admitting", model_dirs, serve_url)
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ generated requests and for strings holding lone surrogates and control character
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -12,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from tests.conftest import deploy
+from tests.conftest import deploy, undeploy
 
 FUZZ_KEY = "fuzz-key-0123456789abcdef"
 HEADERS = {"X-API-Key": FUZZ_KEY}
@@ -20,8 +21,8 @@ EXAMPLES = 60  # per operation: 3 rerank routes, 2 score routes, 3 GET routes
 
 
 @pytest.fixture(scope="module")
-def fuzz_url(serve_url, model_dirs) -> str:
-    """A small application for the fuzzer: tiny models, small limits, a key."""
+def fuzz_url(serve_url, model_dirs) -> Iterator[str]:
+    """A small application for the fuzzer: tiny models, small limits, a key; deleted after the module."""
     deploy(
         "fuzz",
         {
@@ -35,7 +36,10 @@ def fuzz_url(serve_url, model_dirs) -> str:
             "request_timeout_s": 20,
         },
     )
-    return f"{serve_url}/fuzz"
+    try:
+        yield f"{serve_url}/fuzz"
+    finally:
+        undeploy("fuzz")
 
 
 def test_generated_requests_get_no_5xx_and_answers_inside_the_schema(fuzz_url):
