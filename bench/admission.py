@@ -183,7 +183,8 @@ def retry_afters(values: list[float]) -> str | None:
 def table(phases: list[dict]) -> str:
     head = (
         "| admission | statuses | answered pairs | x off | answered pairs/s | 200 p50 s | 200 p95 s | 503 p50 s | "
-        "slowest 503 s | fastest 504 s | Retry-After s | most tries |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "slowest 503 s | fastest 504 s | Retry-After s | most tries |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     off = next((p["pairs_answered"] for p in phases if p["admission_wait_fraction"] is None), None)
     rows = []

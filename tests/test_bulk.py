@@ -137,36 +137,25 @@ def kill_and_reap(pids: list[int]) -> None:
         time.sleep(0.1)
 
 
-def test_submitted_job_writes_every_row_once_and_its_errors(jobs, model_dirs, tmp_path):
-    """A folder of two files: 60 generated rows, and the shipped example (whose image document is a file in the
-    job's working directory, and whose q4 has an empty query)."""
-    (tmp_path / "in").mkdir()
-    ids = write_rows(tmp_path / "in" / "generated.jsonl", 60, bad=(5, 6, 41))
-    example = ROOT / "examples" / "bulk" / "queries.jsonl"
-    (tmp_path / "in" / "example.jsonl").write_bytes(example.read_bytes())
-    ids += ["q1", "q2", "q3", "q4"]
-    out = tmp_path / "out"
-    job = submit(jobs, model_dirs, ["--input", str(tmp_path / "in"), "--output", str(out), "--shard-rows", "16"])
-    assert wait_for(jobs, job, {"SUCCEEDED", "FAILED", "STOPPED"}) == "SUCCEEDED", jobs.get_job_logs(job)[-3000:]
-    assert_exactly_once(out, ids, ["row-5", "row-6", "row-41", "q4"])
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["rows_in"] == 64 and summary["rows_out"] == 60 and summary["errors"] == 4
-    assert summary["pairs"] == 57 * 5 + 3 + 3 + 2 and summary["pairs_per_s"] > 0
-    results = {r["id"]: r["results"] for p in out.glob("part-*.parquet") for r in pq.read_table(p).to_pylist()}
-    assert len(results["q3"]) == 2  # its image document was read from the working directory
-    logs = jobs.get_job_logs(job)
-    assert "rows 64/64" in logs or "done:" in logs
+def committed_shards(out: Path) -> set[int]:
+    return {int(p.stem.removeprefix("part-")) for p in out.glob("part-*.parquet")}
 
 
-def test_a_stopped_job_resumes_and_a_killed_scoring_actor_is_restarted_without_duplicates_or_gaps(
+def test_a_submitted_job_writes_every_row_once_resumes_when_stopped_and_survives_a_killed_scoring_actor(
     jobs, model_dirs, tmp_path
 ):
-    """One input, two submitted jobs: the first is stopped after two shards; the second resumes it, and its
-    scoring actor is SIGKILLed mid-job: Ray Data restarts it and the job still writes every row once. Each job's
-    scoring actor is frozen (SIGSTOP) before the test acts on the job, so neither can finish first."""
-    ids = write_rows(tmp_path / "in.jsonl", 800, documents=6, bad=(7,))
+    """One input folder of two files: the shipped example (whose image document is a file in the job's working
+    directory, and whose q4 has an empty query) and 800 generated rows (row-6 an empty query, row-7 a broken
+    image). Two submitted jobs: the first is stopped after two shards; the second resumes it, and its scoring
+    actor is SIGKILLed mid-job: Ray Data restarts it and the job still writes every row once, its errors kept.
+    Each job's scoring actor is frozen (SIGSTOP) before the test acts on the job, so neither can finish first."""
+    (tmp_path / "in").mkdir()
+    example = ROOT / "examples" / "bulk" / "queries.jsonl"
+    (tmp_path / "in" / "example.jsonl").write_bytes(example.read_bytes())  # shard 0: files are read in name order
+    ids = ["q1", "q2", "q3", "q4"] + write_rows(tmp_path / "in" / "generated.jsonl", 800, documents=6, bad=(6, 7))
     out = tmp_path / "out"
-    args = ["--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--shard-rows", "25"]
+    args = ["--input", str(tmp_path / "in"), "--output", str(out), "--shard-rows", "25"]
+    pairs = {0: 3 + 3 + 2} | {s: (25 - len({6, 7} & set(range(25 * s - 25, 25 * s)))) * 6 for s in range(1, 33)}
     others = set(processes_naming(SCORER))  # none expected; never touched
 
     first = submit(jobs, model_dirs, args)
@@ -176,11 +165,11 @@ def test_a_stopped_job_resumes_and_a_killed_scoring_actor_is_restarted_without_d
     jobs.stop_job(first)
     assert wait_for(jobs, first, {"STOPPED", "FAILED", "SUCCEEDED"}) == "STOPPED"
     kill_and_reap(frozen)  # a stopped process may not take the job's own stop signal
-    committed = len(list(out.glob("part-*.parquet")))
-    assert 2 <= committed < 32
+    committed = committed_shards(out)
+    assert 2 <= len(committed) < len(pairs)
 
     second = submit(jobs, model_dirs, args)
-    wait_for_shards(out, committed + 1, jobs, second)  # the resumed job is scoring
+    wait_for_shards(out, len(committed) + 1, jobs, second)  # the resumed job is scoring
     frozen = freeze_scorers(others)
     assert frozen, "no scoring actor alive mid-job"
     assert str(jobs.get_job_status(second).value) == "RUNNING"  # and it cannot finish while they are stopped
@@ -188,8 +177,16 @@ def test_a_stopped_job_resumes_and_a_killed_scoring_actor_is_restarted_without_d
     for pid in frozen[1:]:
         os.kill(pid, signal.SIGCONT)
     assert wait_for(jobs, second, {"SUCCEEDED", "FAILED", "STOPPED"}) == "SUCCEEDED", jobs.get_job_logs(second)[-3000:]
-    assert_exactly_once(out, ids, ["row-7"])
-    assert json.loads((out / "summary.json").read_text())["shards_resumed"] >= committed
+    assert_exactly_once(out, ids, ["q4", "row-6", "row-7"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rows_in"] == 804 and summary["rows_out"] == 801 and summary["errors"] == 3
+    assert summary["shards"] == len(pairs) and summary["shards_resumed"] == len(committed)
+    # The resumed job scores the pairs of the shards the first left, and only those.
+    assert summary["pairs"] == sum(n for s, n in pairs.items() if s not in committed) and summary["pairs_per_s"] > 0
+    results = {r["id"]: r["results"] for p in out.glob("part-*.parquet") for r in pq.read_table(p).to_pylist()}
+    assert len(results["q3"]) == 2  # its image document was read from the working directory
+    logs = jobs.get_job_logs(second)
+    assert "rows 804/804" in logs or "done:" in logs
 
 
 def test_a_rerun_with_other_options_is_refused(bulk_job: BulkJob, model_dirs):

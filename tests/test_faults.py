@@ -7,13 +7,14 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import httpx
+import pytest
 
 from serve_app.pool_call import LostCalls
 from serve_app.scoring.types import Content, EncodedPair, Pair
-from tests.conftest import MINILM_FORWARD_COST_TOKENS, deploy, undeploy
+from tests.conftest import MINILM_FORWARD_COST_TOKENS, deploy, module_apps, undeploy
 
 BODY = {"query": "what is the capital of france", "documents": ["paris is the capital", "a red car", "the dog"]}
 # How long Serve may take to notice a killed replica: its next health check (Serve asks every health_check_period_s,
@@ -22,6 +23,39 @@ BODY = {"query": "what is the capital of france", "documents": ["paris is the ca
 HEALTH_S = 2
 NOTICED_S = 8
 Answer = tuple[float, int, float, str | None]  # (sent at, status, seconds, Retry-After)
+
+
+@pytest.fixture(scope="module")
+def fault_apps(serve_url, model_dirs) -> Iterator[dict[str, str]]:
+    """The applications whose replicas the tests kill, deployed at once (the late model's has its own test: its
+    replica is replaced every few seconds until the model appears)."""
+    cross_encoder = str(model_dirs["cross_encoder"])
+    specs = {
+        "faults": {
+            "text": {"model": cross_encoder, "num_replicas": 2, "num_cpus": 0.5},
+            "image_text": {"enabled": False},
+            "request_timeout_s": 10,
+        },
+        "lone": {
+            "text": {"model": cross_encoder, "num_cpus": 0.5, "health_check_period_s": HEALTH_S},
+            "image_text": {"enabled": False},
+            "request_timeout_s": 4,
+        },
+        "deadly": {
+            "text": {
+                "model": str(model_dirs["slow"]),
+                "num_replicas": 2,
+                "num_cpus": 0.5,
+                "max_batch_size": 4,
+                "forward_cost_tokens": MINILM_FORWARD_COST_TOKENS,
+            },
+            "image_text": {"enabled": False},
+            "request_timeout_s": 60,
+            "deadly_input_deaths": 1,
+        },
+    }
+    with module_apps(specs, serve_url) as urls:
+        yield urls
 
 
 def load_and_kill(
@@ -67,26 +101,16 @@ def served_again(answers: list[Answer], killed_at: float, in_a_row: int) -> bool
     return len(later) >= in_a_row and all(a[1] == 200 for a in later)
 
 
-def test_a_killed_replica_costs_at_most_a_retry_and_no_request_waits_for_the_deadline(serve_url, model_dirs):
-    deploy(
-        "faults",
-        {
-            "text": {"model": str(model_dirs["cross_encoder"]), "num_replicas": 2, "num_cpus": 0.5},
-            "image_text": {"enabled": False},
-            "request_timeout_s": 10,
-        },
+def test_a_killed_replica_costs_at_most_a_retry_and_no_request_waits_for_the_deadline(fault_apps):
+    # Observed for NOTICED_S at least, the window in which Serve notices the death, then until the pool
+    # serves again.
+    answers, killed_at = load_and_kill(
+        fault_apps["faults"],
+        4,
+        lambda seen, at: time.monotonic() - at > NOTICED_S and served_again(seen, at, 20),
+        limit_s=30,
     )
-    try:
-        # Observed for NOTICED_S at least, the window in which Serve notices the death, then until the pool
-        # serves again.
-        answers, killed_at = load_and_kill(
-            f"{serve_url}/faults",
-            4,
-            lambda seen, at: time.monotonic() - at > NOTICED_S and served_again(seen, at, 20),
-            limit_s=30,
-        )
-    finally:
-        undeploy("faults")
+    undeploy("faults")  # its replacement replica need not start beside the next test
     after = [a for a in answers if a[0] >= killed_at]
     failed = [a for a in after if a[1] != 200]
     recovered_s = max((a[0] + a[2] - killed_at for a in failed), default=0.0)
@@ -101,21 +125,9 @@ def test_a_killed_replica_costs_at_most_a_retry_and_no_request_waits_for_the_dea
     assert recovered_s < 10
 
 
-def test_with_one_replica_killed_requests_are_refused_fast_until_its_replacement_runs(serve_url, model_dirs):
-    deploy(
-        "lone",
-        {
-            "text": {"model": str(model_dirs["cross_encoder"]), "num_cpus": 0.5, "health_check_period_s": HEALTH_S},
-            "image_text": {"enabled": False},
-            "request_timeout_s": 4,
-        },
-    )
-    try:
-        answers, killed_at = load_and_kill(
-            f"{serve_url}/lone", 2, lambda seen, at: served_again(seen, at, 10), limit_s=90
-        )
-    finally:
-        undeploy("lone")
+def test_with_one_replica_killed_requests_are_refused_fast_until_its_replacement_runs(fault_apps):
+    answers, killed_at = load_and_kill(fault_apps["lone"], 2, lambda seen, at: served_again(seen, at, 10), limit_s=90)
+    undeploy("lone")
     after = [a for a in answers if a[0] >= killed_at]
     failed = [a for a in after if a[1] != 200]
     last_failure = max((a[0] for a in failed), default=killed_at)
@@ -161,56 +173,36 @@ def test_pairs_lost_with_replicas_are_deadly_after_the_set_count_and_forgotten_a
     assert not LostCalls(ttl_s=None).deadly("text", [a]) and LostCalls(ttl_s=None).record("text", [a], "r") == 1
 
 
-def test_a_call_on_a_replica_that_dies_is_not_sent_again_and_its_pairs_are_then_refused(serve_url, model_dirs):
-    deploy(
-        "deadly",
-        {
-            "text": {
-                "model": str(model_dirs["slow"]),
-                "num_replicas": 2,
-                "num_cpus": 0.5,
-                "max_batch_size": 4,
-                "forward_cost_tokens": MINILM_FORWARD_COST_TOKENS,
-            },
-            "image_text": {"enabled": False},
-            "request_timeout_s": 60,
-            "deadly_input_deaths": 1,
-        },
-    )
-    url = f"{serve_url}/deadly"
+def test_a_call_on_a_replica_that_dies_is_not_sent_again_and_its_pairs_are_then_refused(fault_apps):
+    url = fault_apps["deadly"]
     # 32 documents of the model's whole window: calls on both replicas, each busy for seconds.
     body = {"query": "which one", "documents": [" ".join(f"w{i}x{j}" for j in range(300)) for i in range(32)]}
-    try:
-        pids = {
-            r["replica"]: r["pid"]
-            for r in httpx.get(f"{url}/v1/models", timeout=60).json()["pools"]["text"]["replicas"]
-        }
-        answer: list[httpx.Response] = []
-        sender = threading.Thread(target=lambda: answer.append(httpx.post(f"{url}/v2/rerank", json=body, timeout=90)))
-        sender.start()
-        deadline = time.monotonic() + 60
-        busy = None
-        while busy is None and sender.is_alive() and time.monotonic() < deadline:
-            replicas = httpx.get(f"{url}/v1/stats", timeout=30).json()["pools"]["text"]
-            busy = next((r["replica"] for r in replicas if r["pending_pairs"]), None)
-        assert busy is not None, "no replica was seen scoring the request"
-        os.kill(pids[busy], signal.SIGKILL)
-        sender.join(timeout=90)
-        first = answer[0]
-        # Not resent to the other replica (it would have answered 200): the call may be what killed its replica.
-        assert first.status_code == 503, first.text
-        assert first.json()["error"]["type"] == "replica_lost" and first.headers["retry-after"] == "20"
-        started = time.monotonic()
-        again = httpx.post(f"{url}/v2/rerank", json=body, timeout=90)
-        assert again.status_code == 422 and again.json()["error"]["type"] == "deadly_input", again.text
-        assert "deadly_input_ttl_s" in again.json()["message"]
-        print(f"\nthe same documents again: 422 in {time.monotonic() - started:.2f} s")
-        other = httpx.post(
-            f"{url}/v2/rerank", json={"query": "another", "documents": body["documents"][:2]}, timeout=90
-        )
-        assert other.status_code in (200, 503), other.text  # other pairs are not refused as deadly
-    finally:
-        undeploy("deadly")
+    pids = {
+        r["replica"]: r["pid"] for r in httpx.get(f"{url}/v1/models", timeout=60).json()["pools"]["text"]["replicas"]
+    }
+    answer: list[httpx.Response] = []
+    sender = threading.Thread(target=lambda: answer.append(httpx.post(f"{url}/v2/rerank", json=body, timeout=90)))
+    sender.start()
+    deadline = time.monotonic() + 60
+    busy = None
+    while busy is None and sender.is_alive() and time.monotonic() < deadline:
+        replicas = httpx.get(f"{url}/v1/stats", timeout=30).json()["pools"]["text"]
+        busy = next((r["replica"] for r in replicas if r["pending_pairs"]), None)
+    assert busy is not None, "no replica was seen scoring the request"
+    os.kill(pids[busy], signal.SIGKILL)
+    sender.join(timeout=90)
+    first = answer[0]
+    # Not resent to the other replica (it would have answered 200): the call may be what killed its replica.
+    assert first.status_code == 503, first.text
+    assert first.json()["error"]["type"] == "replica_lost" and first.headers["retry-after"] == "20"
+    started = time.monotonic()
+    again = httpx.post(f"{url}/v2/rerank", json=body, timeout=90)
+    assert again.status_code == 422 and again.json()["error"]["type"] == "deadly_input", again.text
+    assert "deadly_input_ttl_s" in again.json()["message"]
+    print(f"\nthe same documents again: 422 in {time.monotonic() - started:.2f} s")
+    other = httpx.post(f"{url}/v2/rerank", json={"query": "another", "documents": body["documents"][:2]}, timeout=90)
+    assert other.status_code in (200, 503), other.text  # other pairs are not refused as deadly
+    undeploy("deadly")
 
 
 def test_a_model_that_appears_after_start_up_is_loaded_by_a_replacement_replica(serve_url, model_dirs, tmp_path):

@@ -4,12 +4,60 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
 LONG = " ".join(["the capital city of france is paris"] * 50)  # ~350 tokens: slow on the slow model
+
+
+def overload_specs(model_dirs) -> dict[str, dict]:
+    """The module's applications besides tight and admitting (conftest's module_specs)."""
+    from tests.conftest import MINILM_FORWARD_COST_TOKENS
+
+    return {
+        # One replica, calls of 8 pairs: test_a_large_request_keeps_at_most_two_calls_per_replica_in_flight.
+        "bounded": {
+            "text": {"model": str(model_dirs["cross_encoder"]), "num_cpus": 0.5},
+            "image_text": {"enabled": False},
+            "max_pairs_per_call": 8,
+        },
+        # The slow model, every call queued, a long deadline: test_fifty_clients_that_give_up_while_queued_...
+        "cancelled": {
+            "text": {
+                "model": str(model_dirs["slow"]),
+                "max_batch_size": 4,
+                "forward_cost_tokens": MINILM_FORWARD_COST_TOKENS,
+            },
+            "image_text": {"enabled": False},
+            "request_timeout_s": 120,
+            "admission_wait_fraction": None,  # every call queues
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def overload_apps(serve_url, model_dirs) -> Iterator[dict[str, str]]:
+    """The module's applications, deployed at once (test_a_new_config_deployed_under_load_... deploys its own)."""
+    from tests.conftest import module_apps, module_specs
+
+    specs = {name: module_specs(model_dirs)[name] for name in ("tight", "admitting")}
+    with module_apps(specs | overload_specs(model_dirs), serve_url) as urls:
+        yield urls
+
+
+@pytest.fixture(scope="module")
+def tight(overload_apps) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=overload_apps["tight"], timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def admitting(overload_apps) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=overload_apps["admitting"], timeout=60) as client:
+        yield client
 
 
 def timed_post(client, body: dict) -> tuple[int, dict, float]:
@@ -289,29 +337,16 @@ def test_a_drain_counts_each_forwards_fixed_cost_so_a_lone_batch_implies_the_rat
     assert tokens_only.pairs_per_s() == pytest.approx(333.3, rel=1e-3)
 
 
-def test_a_large_request_keeps_at_most_two_calls_per_replica_in_flight(serve_url, model_dirs):
+def test_a_large_request_keeps_at_most_two_calls_per_replica_in_flight(overload_apps):
     """256 documents in calls of 8 (32 calls) to one replica: at most calls_in_flight_per_replica (2) of them are
     in the pool at once; the rest wait in the ingress, not in the router's queue in front of other requests."""
-    from tests.conftest import deploy, undeploy
-
-    deploy(
-        "bounded",
-        {
-            "text": {"model": str(model_dirs["cross_encoder"]), "num_cpus": 0.5},
-            "image_text": {"enabled": False},
-            "max_pairs_per_call": 8,
-        },
-    )
-    try:
-        url = f"{serve_url}/bounded"
-        documents = [f"document {i} about the capital of france" for i in range(256)]
-        response = httpx.post(f"{url}/v2/rerank", json={"query": "capital", "documents": documents}, timeout=60)
-        assert response.status_code == 200 and len(response.json()["results"]) == 256
-        (replica,) = httpx.get(f"{url}/v1/stats", timeout=30).json()["pools"]["text"]
-        print(f"\n32 calls of one request: at most {replica['most_calls_at_once']} at once in the replica")
-        assert 1 <= replica["most_calls_at_once"] <= 2 and replica["calls_now"] == 0
-    finally:
-        undeploy("bounded")
+    url = overload_apps["bounded"]
+    documents = [f"document {i} about the capital of france" for i in range(256)]
+    response = httpx.post(f"{url}/v2/rerank", json={"query": "capital", "documents": documents}, timeout=60)
+    assert response.status_code == 200 and len(response.json()["results"]) == 256
+    (replica,) = httpx.get(f"{url}/v1/stats", timeout=30).json()["pools"]["text"]
+    print(f"\n32 calls of one request: at most {replica['most_calls_at_once']} at once in the replica")
+    assert 1 <= replica["most_calls_at_once"] <= 2 and replica["calls_now"] == 0
 
 
 @pytest.mark.parametrize("overload_status", [503, 429])
@@ -344,7 +379,7 @@ def test_load_shedding_answers_the_chosen_status_with_its_retry_after_and_other_
         assert refused(PoolUnavailable("no model")).status_code == 503
 
 
-def test_fifty_clients_that_give_up_while_queued_leave_no_work_behind_and_wedge_no_batch(serve_url, model_dirs):
+def test_fifty_clients_that_give_up_while_queued_leave_no_work_behind_and_wedge_no_batch(overload_apps):
     """A slow request holds the replica; 50 more queue behind it, and once all 50 are in the replica their clients
     give up (each closes its connection). Their pairs leave the batcher unscored (the replica's pairs counter), no
     batch is left waiting for them (Ray#50046), and the next request is answered.
@@ -355,22 +390,7 @@ def test_fifty_clients_that_give_up_while_queued_leave_no_work_behind_and_wedge_
     import socket
     from urllib.parse import urlsplit
 
-    from tests.conftest import MINILM_FORWARD_COST_TOKENS, deploy, undeploy
-
-    deploy(
-        "cancelled",
-        {
-            "text": {
-                "model": str(model_dirs["slow"]),
-                "max_batch_size": 4,
-                "forward_cost_tokens": MINILM_FORWARD_COST_TOKENS,
-            },
-            "image_text": {"enabled": False},
-            "request_timeout_s": 120,
-            "admission_wait_fraction": None,  # every call queues
-        },
-    )
-    url = f"{serve_url}/cancelled"
+    url = overload_apps["cancelled"]
     where = urlsplit(url)
     body = json.dumps({"query": "capital of france", "documents": [LONG] * 4}).encode()
     request = (
@@ -388,33 +408,30 @@ def test_fifty_clients_that_give_up_while_queued_leave_no_work_behind_and_wedge_
             assert time.monotonic() < deadline, f"{what}: not within {seconds} s ({calls} calls, {pending} pairs)"
         return now
 
-    try:
-        assert httpx.post(f"{url}/v2/rerank", json={"query": "q", "documents": ["a"]}, timeout=60).status_code == 200
-        before = replica()["pairs"]
-        with ThreadPoolExecutor(1) as pool:
-            slow = pool.submit(
-                httpx.post, f"{url}/v2/rerank", json={"query": "capital", "documents": [LONG] * 32}, timeout=120
-            )
-            poll(lambda r: r["pending_pairs"], "the slow request in the replica")
-            clients = [socket.create_connection((where.hostname, where.port), timeout=60) for _ in range(50)]
-            for client in clients:
-                client.sendall(request)
-            poll(lambda r: r["calls_now"] == 51, "the 50 calls queued in the replica")
-            for client in clients:  # the clients give up
-                client.close()
-            given_up = poll(lambda r: r["calls_now"] <= 1, "the 50 cancellations in the replica")
-            assert not slow.done(), "the slow request ended before the cancellations arrived: make it longer"
-            assert slow.result().status_code == 200
-        now = poll(lambda r: not r["pending_pairs"], "an empty queue")
-        computed = now["pairs"] - before - 32
-        done = given_up["pairs"] - before
-        print(f"\n50 clients gave up while queued: {computed} of their 200 pairs computed; {done} of 32 slow done")
-        # At most the batch that may start preparing beside the slow request's last (two batches in flight).
-        assert 0 <= computed <= 4
-        after = httpx.post(f"{url}/v2/rerank", json={"query": "q", "documents": ["a", "b"]}, timeout=60)
-        assert after.status_code == 200  # no batch left waiting for the cancelled callers
-    finally:
-        undeploy("cancelled")
+    assert httpx.post(f"{url}/v2/rerank", json={"query": "q", "documents": ["a"]}, timeout=60).status_code == 200
+    before = replica()["pairs"]
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(
+            httpx.post, f"{url}/v2/rerank", json={"query": "capital", "documents": [LONG] * 32}, timeout=120
+        )
+        poll(lambda r: r["pending_pairs"], "the slow request in the replica")
+        clients = [socket.create_connection((where.hostname, where.port), timeout=60) for _ in range(50)]
+        for client in clients:
+            client.sendall(request)
+        poll(lambda r: r["calls_now"] == 51, "the 50 calls queued in the replica")
+        for client in clients:  # the clients give up
+            client.close()
+        given_up = poll(lambda r: r["calls_now"] <= 1, "the 50 cancellations in the replica")
+        assert not slow.done(), "the slow request ended before the cancellations arrived: make it longer"
+        assert slow.result().status_code == 200
+    now = poll(lambda r: not r["pending_pairs"], "an empty queue")
+    computed = now["pairs"] - before - 32
+    done = given_up["pairs"] - before
+    print(f"\n50 clients gave up while queued: {computed} of their 200 pairs computed; {done} of 32 slow done")
+    # At most the batch that may start preparing beside the slow request's last (two batches in flight).
+    assert 0 <= computed <= 4
+    after = httpx.post(f"{url}/v2/rerank", json={"query": "q", "documents": ["a", "b"]}, timeout=60)
+    assert after.status_code == 200  # no batch left waiting for the cancelled callers
 
 
 def test_the_ingress_refuses_before_tokenizing_what_its_own_requests_in_flight_leave_no_time_for(monkeypatch):
