@@ -304,7 +304,8 @@ def run_spike(
             load = Load(url, clients, load_s)
             samples = load.run(app_name)
         finally:
-            serve.delete(app_name)
+            # On the caller's Serve (a test's), not waited for: its replicas stop on their own meanwhile.
+            serve.delete(app_name, _blocking=started_ray)
             if started_ray:
                 serve.shutdown()
                 ray.shutdown()

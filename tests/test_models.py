@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pyarrow.parquet as pq
@@ -18,7 +20,7 @@ from serve_app.catalog import Catalog
 from serve_app.errors import InvalidInput, ModelNotFound, PoolUnavailable
 from serve_app.settings import Settings
 from tests import direct
-from tests.conftest import b64, deploy, node_with, noise_image, undeploy
+from tests.conftest import b64, module_apps, node_with, noise_image
 
 QUERY = "what is the capital of france"
 DOCUMENTS = ["paris is the capital of france", "a red car in the rain", "the dog", "berlin is in germany"]
@@ -69,44 +71,68 @@ def test_without_a_default_for_a_kind_of_pair_the_refusal_names_the_models_that_
     }
 
 
-@pytest.fixture(scope="module")
-def many(serve_url, model_dirs) -> httpx.Client:
-    deploy(
-        "many",
-        {
-            "text": {"model": str(model_dirs["cross_encoder"]), "name": "small", "aliases": ["rerank-v3.5"]},
-            "image_text": {"model": str(model_dirs["clip"]), "name": "clip", "aliases": ["jina-reranker-m0"]},
-            "models": [
-                # Its own pool, pinned to a GPU kind (declared by a test node; the model runs on its CPU). No CPU
-                # asked for here or for the shared pool: the declared-GPU nodes' CPUs go to every other test's
-                # actors too, and a replica asking for one could wait for it forever.
-                {
-                    "name": "large",
-                    "model": str(model_dirs["cross_encoder_2"]),
-                    "num_cpus": 0,
-                    "num_gpus": 0.5,
-                    "accelerator_type": "B200",
-                },
-                {"name": "tail-a", "model": str(model_dirs["cross_encoder"]), "placement": "shared"},
-                {"name": "tail-b", "model": str(model_dirs["embedding"]), "placement": "shared"},
-                # MiniLM-sized: its load (and the forward cost measured with it) takes seconds.
-                {"name": "tail-slow", "model": str(model_dirs["slow"]), "placement": "shared"},
-            ],
-            # A call that loads a model on first use waits for the load: on a loaded 2-core machine, the MiniLM-
-            # sized load beside a stream of calls for another model took more than the default 30 s (one CI run).
-            "request_timeout_s": 120,
-            "shared_pool": {
-                "max_models_per_replica": 2,
-                "keep_resident_s": None,  # eviction as it happens: the thrash protections have their own test
+def many_spec(model_dirs) -> dict:
+    return {
+        "text": {"model": str(model_dirs["cross_encoder"]), "name": "small", "aliases": ["rerank-v3.5"]},
+        "image_text": {"model": str(model_dirs["clip"]), "name": "clip", "aliases": ["jina-reranker-m0"]},
+        "models": [
+            # Its own pool, pinned to a GPU kind (declared by a test node; the model runs on its CPU). No CPU
+            # asked for here or for the shared pool: the declared-GPU nodes' CPUs go to every other test's
+            # actors too, and a replica asking for one could wait for it forever.
+            {
+                "name": "large",
+                "model": str(model_dirs["cross_encoder_2"]),
                 "num_cpus": 0,
                 "num_gpus": 0.5,
-                "accelerator_type": "RTX3060",
+                "accelerator_type": "B200",
             },
+            {"name": "tail-a", "model": str(model_dirs["cross_encoder"]), "placement": "shared"},
+            {"name": "tail-b", "model": str(model_dirs["embedding"]), "placement": "shared"},
+            # MiniLM-sized: its load (and the forward cost measured with it) takes seconds.
+            {"name": "tail-slow", "model": str(model_dirs["slow"]), "placement": "shared"},
+        ],
+        # A call that loads a model on first use waits for the load: on a loaded 2-core machine, the MiniLM-
+        # sized load beside a stream of calls for another model took more than the default 30 s (one CI run).
+        "request_timeout_s": 120,
+        "shared_pool": {
+            "max_models_per_replica": 2,
+            "keep_resident_s": None,  # eviction as it happens: the thrash protections have their own test
+            "num_cpus": 0,
+            "num_gpus": 0.5,
+            "accelerator_type": "RTX3060",
         },
-    )
-    with httpx.Client(base_url=f"{serve_url}/many", timeout=180) as client:
+    }
+
+
+def thrash_spec(model_dirs, broken: Path) -> dict:
+    shared = {"placement": "shared"}
+    return {
+        "text": {"model": str(model_dirs["cross_encoder"])},
+        "image_text": {"enabled": False},
+        "models": [
+            {"name": "t-a", "model": str(model_dirs["cross_encoder"]), **shared},
+            {"name": "t-b", "model": str(model_dirs["embedding"]), **shared},
+            {"name": "t-c", "model": str(model_dirs["cross_encoder_2"]), **shared},
+            {"name": "t-broken", "model": str(broken), **shared},
+            {"name": "t-hub", "model": "some-org/a-model-this-node-never-fetched", **shared},
+        ],
+        "shared_pool": {"max_models_per_replica": 2, "keep_resident_s": 600, "load_backoff_s": 600},
+    }
+
+
+@pytest.fixture(scope="module")
+def model_apps(serve_url, model_dirs, tmp_path_factory) -> Iterator[dict[str, str]]:
+    """The module's two applications, deployed at once."""
+    broken = tmp_path_factory.mktemp("broken")
+    (broken / "config.json").write_text("{}")  # no architectures: the load fails
+    with module_apps({"many": many_spec(model_dirs), "thrash": thrash_spec(model_dirs, broken)}, serve_url) as urls:
+        yield urls
+
+
+@pytest.fixture(scope="module")
+def many(model_apps) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=model_apps["many"], timeout=180) as client:
         yield client
-    undeploy("many")
 
 
 def rerank(client: httpx.Client, body: dict) -> dict:
@@ -314,55 +340,33 @@ def test_the_bulk_job_scores_each_row_with_its_model(model_dirs, tmp_path, clust
     assert error["id"] == "unknown" and "not found" in error["error"] and "large" in error["error"]
 
 
-def test_the_shared_pool_cannot_be_made_to_thrash_nor_to_pull_from_a_hub(serve_url, model_dirs, tmp_path):
+def test_the_shared_pool_cannot_be_made_to_thrash_nor_to_pull_from_a_hub(model_apps):
     """A model that served recently is not evicted (503 + Retry-After instead), a failed load is not tried again
     on every call (backoff), and a model that is not on the node is refused before anything is evicted."""
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "config.json").write_text("{}")  # no architectures: the load fails
-    shared = {"placement": "shared"}
-    deploy(
-        "thrash",
-        {
-            "text": {"model": str(model_dirs["cross_encoder"])},
-            "image_text": {"enabled": False},
-            "models": [
-                {"name": "t-a", "model": str(model_dirs["cross_encoder"]), **shared},
-                {"name": "t-b", "model": str(model_dirs["embedding"]), **shared},
-                {"name": "t-c", "model": str(model_dirs["cross_encoder_2"]), **shared},
-                {"name": "t-broken", "model": str(broken), **shared},
-                {"name": "t-hub", "model": "some-org/a-model-this-node-never-fetched", **shared},
-            ],
-            "shared_pool": {"max_models_per_replica": 2, "keep_resident_s": 600, "load_backoff_s": 600},
-        },
-    )
-    try:
-        with httpx.Client(base_url=f"{serve_url}/thrash", timeout=120) as client:
+    with httpx.Client(base_url=model_apps["thrash"], timeout=120) as client:
 
-            def post(model: str) -> httpx.Response:
-                return client.post("/v2/rerank", json={"model": model, "query": QUERY, "documents": DOCUMENTS})
+        def post(model: str) -> httpx.Response:
+            return client.post("/v2/rerank", json={"model": model, "query": QUERY, "documents": DOCUMENTS})
 
-            def replica() -> dict:
-                (info,) = client.get("/v1/models").json()["pools"]["shared"]["replicas"]
-                return info
+        def replica() -> dict:
+            (info,) = client.get("/v1/models").json()["pools"]["shared"]["replicas"]
+            return info
 
-            failed = post("t-broken")
-            assert failed.status_code == 503 and failed.json()["error"]["type"] == "pool_unavailable", failed.text
-            assert replica()["failed_loads"] == 1
-            again = post("t-broken")  # not loaded again on every call: refused until load_backoff_s has passed
-            assert again.status_code == 503 and 0 < int(again.headers["retry-after"]) <= 600, again.text
-            assert "load_backoff_s" in again.json()["message"] and replica()["failed_loads"] == 1
+        failed = post("t-broken")
+        assert failed.status_code == 503 and failed.json()["error"]["type"] == "pool_unavailable", failed.text
+        assert replica()["failed_loads"] == 1
+        again = post("t-broken")  # not loaded again on every call: refused until load_backoff_s has passed
+        assert again.status_code == 503 and 0 < int(again.headers["retry-after"]) <= 600, again.text
+        assert "load_backoff_s" in again.json()["message"] and replica()["failed_loads"] == 1
 
-            hub = post("t-hub")  # never fetched at request time
-            assert hub.status_code == 503 and "not on this node" in hub.json()["message"], hub.text
-            assert replica()["failed_loads"] == 2 and replica()["loads"] == 0
+        hub = post("t-hub")  # never fetched at request time
+        assert hub.status_code == 503 and "not on this node" in hub.json()["message"], hub.text
+        assert replica()["failed_loads"] == 2 and replica()["loads"] == 0
 
-            assert post("t-a").status_code == 200 and post("t-b").status_code == 200
-            refused = post("t-c")  # would evict t-a, which served a moment ago
-            assert refused.status_code == 503 and refused.json()["error"]["type"] == "model_unavailable", refused.text
-            assert 0 < int(refused.headers["retry-after"]) <= 600 and "keep_resident_s" in refused.json()["message"]
-            info = replica()
-            assert [m["name"] for m in info["loaded"]] == ["t-a", "t-b"] and info["evictions"] == 0
-            assert post("t-a").status_code == 200  # and the resident models still serve
-    finally:
-        undeploy("thrash")
+        assert post("t-a").status_code == 200 and post("t-b").status_code == 200
+        refused = post("t-c")  # would evict t-a, which served a moment ago
+        assert refused.status_code == 503 and refused.json()["error"]["type"] == "model_unavailable", refused.text
+        assert 0 < int(refused.headers["retry-after"]) <= 600 and "keep_resident_s" in refused.json()["message"]
+        info = replica()
+        assert [m["name"] for m in info["loaded"]] == ["t-a", "t-b"] and info["evictions"] == 0
+        assert post("t-a").status_code == 200  # and the resident models still serve

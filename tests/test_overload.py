@@ -18,6 +18,11 @@ def overload_specs(model_dirs) -> dict[str, dict]:
     from tests.conftest import MINILM_FORWARD_COST_TOKENS
 
     return {
+        # The config test_a_new_config_deployed_under_load_completes_every_request replaces.
+        "rolling": {
+            "text": {"model": str(model_dirs["cross_encoder"]), "max_batch_size": 8},
+            "image_text": {"enabled": False},
+        },
         # One replica, calls of 8 pairs: test_a_large_request_keeps_at_most_two_calls_per_replica_in_flight.
         "bounded": {
             "text": {"model": str(model_dirs["cross_encoder"]), "num_cpus": 0.5},
@@ -40,7 +45,7 @@ def overload_specs(model_dirs) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def overload_apps(serve_url, model_dirs) -> Iterator[dict[str, str]]:
-    """The module's applications, deployed at once (test_a_new_config_deployed_under_load_... deploys its own)."""
+    """The module's applications, deployed at once."""
     from tests.conftest import module_apps, module_specs
 
     specs = {name: module_specs(model_dirs)[name] for name in ("tight", "admitting")}
@@ -124,11 +129,11 @@ def test_a_client_that_disconnects_cancels_its_pairs(tight):
     assert wait_until_idle(tight)["pairs"] - before < 50  # the rest left the batcher unscored
 
 
-def test_a_new_config_deployed_under_load_completes_every_request(serve_url, model_dirs):
+def test_a_new_config_deployed_under_load_completes_every_request(overload_apps, serve_url, model_dirs):
+    """The "rolling" application (overload_specs) gets a new config while a steady load runs."""
     from tests.conftest import deploy, undeploy
 
     model = str(model_dirs["cross_encoder"])
-    deploy("rolling", {"text": {"model": model, "max_batch_size": 8}, "image_text": {"enabled": False}})
     stop, statuses = threading.Event(), []
 
     def client() -> None:

@@ -8,7 +8,7 @@ from bench.spike import run_spike
 
 
 def test_a_spike_scales_the_text_pool_up_and_back_down_without_losing_requests(serve_url, tmp_path):
-    result = run_spike(clients=16, load_s=12, app_name="spike_test", out_dir=tmp_path, serve_url=serve_url)
+    result = run_spike(clients=16, load_s=8, app_name="spike_test", out_dir=tmp_path, serve_url=serve_url)
     summary, timeline = result["summary"], result["timeline"]
     # The autoscaler adds replicas while the load is on (a new replica takes seconds to load its model, so on a
     # busy machine it may only reach RUNNING once the load has stopped).

@@ -7,7 +7,9 @@ answered when it tokenized the text itself (tokenize_in=pool).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import httpx
 import pytest
@@ -51,6 +53,28 @@ def scorers(model_dirs, tmp_path_factory):
 
 
 NAMES = ["cross_encoder", "cross_encoder_2", "embedding", "minilm"]
+
+
+@pytest.fixture(scope="module")
+def tokenize_apps(serve_url, model_dirs, tmp_path_factory) -> Iterator[dict[str, str]]:
+    """The module's applications, deployed at once: "textual" tokenizes in its pool; "swap" serves a copy of the
+    tiny cross-encoder that test_the_ingress_fetches_a_changed_tokenizer_... changes in place."""
+    import shutil
+
+    from tests.conftest import module_apps
+
+    served = tmp_path_factory.mktemp("swap") / "model"
+    shutil.copytree(model_dirs["cross_encoder"], served)
+    specs = {
+        "textual": {
+            "text": {"model": str(model_dirs["cross_encoder"]), "num_replicas": 2},
+            "image_text": {"enabled": False},
+            "tokenize_in": "pool",
+        },
+        "swap": {"text": {"model": str(served)}, "image_text": {"enabled": False}},
+    }
+    with module_apps(specs, serve_url) as urls:
+        yield {**urls, "swap_model": str(served)}
 
 
 def encoder_of(scorer) -> TextEncoder:
@@ -183,41 +207,28 @@ def test_long_documents_cut_in_the_ingress_spread_over_calls_and_merge_to_their_
     assert [raw[0], raw[1]] == pytest.approx(expected, abs=1e-5)
 
 
-def test_tokenize_in_pool_sends_text_and_scores_the_same(serve_url, model_dirs, alpha):
-    from tests.conftest import deploy, undeploy
-
-    deploy(
-        "textual",
-        {
-            "text": {"model": str(model_dirs["cross_encoder"]), "num_replicas": 2},
-            "image_text": {"enabled": False},
-            "tokenize_in": "pool",
-        },
-    )
-    try:
-        with httpx.Client(base_url=f"{serve_url}/textual", timeout=60) as textual:
-            body = {"query": "capital of france?", "documents": DOCUMENTS + [LONG + " " + LONG], "raw_scores": True}
-            before, calls_before = replicas(textual), calls(textual)
-            there = textual.post("/v2/rerank", json=body)
-            after = replicas(textual)
-            tokenized = {r: after[r]["tokenized_pairs"] - before[r]["tokenized_pairs"] for r in after}
-            assert sum(tokenized.values()) == len(body["documents"])
-            assert all(r["encoded_pairs"] == 0 for r in after.values())
-            # 11 pairs over 2 running replicas: two calls, of 8 (min_pairs_per_call) and 3, which Serve's router
-            # may give to both replicas at once.
-            assert calls(textual) - calls_before == 2
-            here = alpha.post("/v2/rerank", json=body)
-            assert there.status_code == here.status_code == 200
-            assert there.json()["meta"]["split_documents"] == here.json()["meta"]["split_documents"] == 3
-            by_index = [{r["index"]: r["raw_score"] for r in a.json()["results"]} for a in (there, here)]
-            # Equal up to what batching changes: the pairs may share a batch (and its padding) with other pairs
-            # on one path and not on the other, and float32 sums move by ~1e-6 (1.2e-6 seen in CI). That the
-            # ingress and the pool make the same token ids is exact, in the test above.
-            assert [by_index[0][i] for i in range(len(body["documents"]))] == pytest.approx(
-                [by_index[1][i] for i in range(len(body["documents"]))], abs=1e-5
-            )
-    finally:
-        undeploy("textual")
+def test_tokenize_in_pool_sends_text_and_scores_the_same(tokenize_apps, alpha):
+    with httpx.Client(base_url=tokenize_apps["textual"], timeout=60) as textual:
+        body = {"query": "capital of france?", "documents": DOCUMENTS + [LONG + " " + LONG], "raw_scores": True}
+        before, calls_before = replicas(textual), calls(textual)
+        there = textual.post("/v2/rerank", json=body)
+        after = replicas(textual)
+        tokenized = {r: after[r]["tokenized_pairs"] - before[r]["tokenized_pairs"] for r in after}
+        assert sum(tokenized.values()) == len(body["documents"])
+        assert all(r["encoded_pairs"] == 0 for r in after.values())
+        # 11 pairs over 2 running replicas: two calls, of 8 (min_pairs_per_call) and 3, which Serve's router
+        # may give to both replicas at once.
+        assert calls(textual) - calls_before == 2
+        here = alpha.post("/v2/rerank", json=body)
+        assert there.status_code == here.status_code == 200
+        assert there.json()["meta"]["split_documents"] == here.json()["meta"]["split_documents"] == 3
+        by_index = [{r["index"]: r["raw_score"] for r in a.json()["results"]} for a in (there, here)]
+        # Equal up to what batching changes: the pairs may share a batch (and its padding) with other pairs
+        # on one path and not on the other, and float32 sums move by ~1e-6 (1.2e-6 seen in CI). That the
+        # ingress and the pool make the same token ids is exact, in the test above.
+        assert [by_index[0][i] for i in range(len(body["documents"]))] == pytest.approx(
+            [by_index[1][i] for i in range(len(body["documents"]))], abs=1e-5
+        )
 
 
 def test_a_too_long_pair_is_refused_by_the_ingress_with_413(alpha):
@@ -327,44 +338,37 @@ def test_a_pool_refuses_ids_from_another_tokenizer_and_ids_beyond_its_vocabulary
 
 
 def test_the_ingress_fetches_a_changed_tokenizer_and_resends_once_after_the_model_behind_a_name_changed(
-    serve_url, model_dirs, tmp_path
+    tokenize_apps,
 ):
     """The model's directory changes under a running service (a volume updated in place) and its pool replica is
     replaced: the ingress still holds the old tokenizer. The pool refuses its ids (stale_tokenizer); the ingress
     fetches the pool's tokenizer again and resends within the request: the caller gets the new model's scores."""
     import json
     import os
-    import shutil
     import signal
 
     from tests import direct
-    from tests.conftest import deploy, undeploy
 
-    served = tmp_path / "model"
-    shutil.copytree(model_dirs["cross_encoder"], served)
-    deploy("swap", {"text": {"model": str(served)}, "image_text": {"enabled": False}})
-    url = f"{serve_url}/swap"
+    url = tokenize_apps["swap"]
+    served = Path(tokenize_apps["swap_model"])
     # 51 tokens with the query: one window at 64 tokens, windows at 32.
     body = {"query": "capital of france", "documents": ["paris is the capital", " ".join(["paris"] * 45)]}
-    try:
-        first = httpx.post(f"{url}/v2/rerank", json=body, timeout=60)  # the ingress holds the tokenizer now
-        assert first.status_code == 200 and first.json()["meta"]["split_documents"] == 0
-        config = served / "tokenizer_config.json"
-        config.write_text(json.dumps({**json.loads(config.read_text()), "model_max_length": 32}))  # a new window
-        (replica,) = httpx.get(f"{url}/v1/models", timeout=60).json()["pools"]["text"]["replicas"]
-        os.kill(replica["pid"], signal.SIGKILL)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # until the replacement runs with the new tokenizer
-            replicas = httpx.get(f"{url}/v1/models", timeout=60).json()["pools"]["text"]["replicas"]
-            if [r["max_length"] for r in replicas if r["pid"] != replica["pid"] and r["available"]] == [32]:
-                break
-            time.sleep(0.2)
-        else:
-            raise AssertionError("the replaced pool replica never ran")
-        answer = httpx.post(f"{url}/v2/rerank", json={**body, "raw_scores": True}, timeout=60)
-        assert answer.status_code == 200, answer.text  # not a 503 stale_tokenizer: refetched and resent
-        assert answer.json()["meta"]["split_documents"] == 1  # cut by the new tokenizer's window in the ingress
-        raw = {r["index"]: r["raw_score"] for r in answer.json()["results"]}
-        assert raw[0] == pytest.approx(direct.cross_encoder(served, body["query"], body["documents"][:1])[0], abs=1e-4)
-    finally:
-        undeploy("swap")
+    first = httpx.post(f"{url}/v2/rerank", json=body, timeout=60)  # the ingress holds the tokenizer now
+    assert first.status_code == 200 and first.json()["meta"]["split_documents"] == 0
+    config = served / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "model_max_length": 32}))  # a new window
+    (replica,) = httpx.get(f"{url}/v1/models", timeout=60).json()["pools"]["text"]["replicas"]
+    os.kill(replica["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # until the replacement runs with the new tokenizer
+        replicas = httpx.get(f"{url}/v1/models", timeout=60).json()["pools"]["text"]["replicas"]
+        if [r["max_length"] for r in replicas if r["pid"] != replica["pid"] and r["available"]] == [32]:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the replaced pool replica never ran")
+    answer = httpx.post(f"{url}/v2/rerank", json={**body, "raw_scores": True}, timeout=60)
+    assert answer.status_code == 200, answer.text  # not a 503 stale_tokenizer: refetched and resent
+    assert answer.json()["meta"]["split_documents"] == 1  # cut by the new tokenizer's window in the ingress
+    raw = {r["index"]: r["raw_score"] for r in answer.json()["results"]}
+    assert raw[0] == pytest.approx(direct.cross_encoder(served, body["query"], body["documents"][:1])[0], abs=1e-4)
