@@ -170,7 +170,10 @@ def fill(driver: webdriver.Chrome, query: str, documents: list[str]) -> None:
 
 
 def model_options(driver: webdriver.Chrome) -> list[str]:
-    return [option.get_attribute("value") for option in Select(driver.find_element(By.ID, "model")).options]
+    """The model list's values, read in one script: the page replaces the options each time a fetch of /v1/models
+    answers (one per change of the key, so several may be in flight), and an option read one by one from here may
+    be gone before its value is (a StaleElementReferenceException, seen in a busy CI run)."""
+    return driver.execute_script("return [...document.getElementById('model').options].map((o) => o.value);")
 
 
 def test_without_key_the_401_message_shows(browser, server):
