@@ -10,16 +10,52 @@ from pathlib import Path
 
 import pytest
 
+FAMILIES = ["cross_encoder", "embedding", "dual_encoder", "blip_itm"]
+# What each check imports in a fresh interpreter (this process has imported everything).
+IMPORTS = {
+    "ingress": ["serve_app.ingress", "serve_app.api", "serve_app.schemas"],
+    "bulk": ["serve_app.bulk"],
+    "pools": ["serve_app.pools"],
+    "loading": ["serve_app.scoring.loading"],
+}
 
-def modules_after_import(*modules: str) -> set[str]:
-    """sys.modules of a fresh interpreter after importing `modules` (this process has imported everything)."""
-    code = f"import sys, json\nfor m in {list(modules)!r}: __import__(m)\nprint(json.dumps(sorted(sys.modules)))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
-    return set(json.loads(out.stdout))
+
+def sys_modules_code(modules: list[str]) -> str:
+    return f"import sys, json\nfor m in {modules!r}: __import__(m)\nprint(json.dumps(sorted(sys.modules)))"
 
 
-def test_the_ingress_api_and_schemas_load_no_torch():
-    loaded = modules_after_import("serve_app.ingress", "serve_app.api", "serve_app.schemas")
+# sys.modules after importing each family in turn, in one interpreter (torch is imported once, not once a family:
+# ~3 s of CPU each). A module a family brings in is in its set and every later one's, so a family that loads Ray
+# (or the registry) fails first, by name.
+FAMILIES_CODE = (
+    "import sys, json\n"
+    f"sets = {{}}\nfor f in {FAMILIES!r}:\n"
+    "    __import__('serve_app.scoring.' + f)\n    sets[f] = sorted(sys.modules)\n"
+    "print(json.dumps(sets))"
+)
+
+
+@pytest.fixture(scope="module")
+def imported() -> dict:
+    """Each check's fresh interpreter, all started at once (each imports for seconds on one core): sys.modules
+    after its imports, by check name, and the families' sets under "families"."""
+    codes = {name: sys_modules_code(modules) for name, modules in IMPORTS.items()} | {"families": FAMILIES_CODE}
+    started = {
+        name: subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for name, code in codes.items()
+    }
+    found = {}
+    for name, process in started.items():
+        out, err = process.communicate(timeout=180)
+        assert process.returncode == 0, f"{name}: {err[-3000:]}"
+        found[name] = json.loads(out)
+    return {name: set(modules) for name, modules in found.items() if name != "families"} | {
+        "families": {family: set(modules) for family, modules in found["families"].items()}
+    }
+
+
+def test_the_ingress_api_and_schemas_load_no_torch(imported):
+    loaded = imported["ingress"]
     assert "serve_app.ingress" in loaded  # the import itself worked
     assert not {"torch", "transformers"} & loaded
     replicas = ("serve_app.replica", "serve_app.shared_replica", "serve_app.scoring_replica", "serve_app.resident")
@@ -30,49 +66,31 @@ def test_the_ingress_api_and_schemas_load_no_torch():
     }
 
 
-def test_the_bulk_driver_and_its_row_tasks_load_no_torch():
+def test_the_bulk_driver_and_its_row_tasks_load_no_torch(imported):
     # Each row-reading task's worker imports serve_app.bulk: with torch that cost ~3 s of CPU a worker.
     # Only the scoring actors load torch (serve_app.pools, in PairScorer).
-    loaded = modules_after_import("serve_app.bulk")
+    loaded = imported["bulk"]
     assert "serve_app.bulk" in loaded and "serve_app.hardware" in loaded
     assert not {"torch", "transformers", "serve_app.pools"} & loaded
 
 
-def test_the_serving_path_loads_no_scikit_learn():
+def test_the_serving_path_loads_no_scikit_learn(imported):
     # pools applies the fitted map (score_fit.ScoreMap); only fitting one (calibrate_scores) needs the `fit` extra.
-    loaded = modules_after_import("serve_app.pools")
+    loaded = imported["pools"]
     assert "serve_app.score_fit" in loaded
     assert "sklearn" not in loaded
 
 
-FAMILIES = ["cross_encoder", "embedding", "dual_encoder", "blip_itm"]
-
-
-@pytest.fixture(scope="module")
-def loaded_by_family() -> dict[str, set[str]]:
-    """sys.modules after importing each family in turn, in one fresh interpreter (torch is imported once, not
-    once a family: ~3 s of CPU each). A module a family brings in is in its set and every later one's, so a
-    family that loads Ray (or the registry) fails first, by name."""
-    code = (
-        "import sys, json\n"
-        f"sets = {{}}\nfor f in {FAMILIES!r}:\n"
-        "    __import__('serve_app.scoring.' + f)\n    sets[f] = sorted(sys.modules)\n"
-        "print(json.dumps(sets))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
-    return {family: set(modules) for family, modules in json.loads(out.stdout).items()}
-
-
 @pytest.mark.parametrize("family", FAMILIES)
-def test_a_family_loads_neither_ray_nor_the_family_registry(family, loaded_by_family):
-    loaded = loaded_by_family[family]
+def test_a_family_loads_neither_ray_nor_the_family_registry(family, imported):
+    loaded = imported["families"][family]
     assert f"serve_app.scoring.{family}" in loaded and "torch" in loaded
     assert "ray" not in loaded and "fastapi" not in loaded
     assert "serve_app.scoring.loading" not in loaded
 
 
-def test_the_registry_loads_a_family_only_when_a_model_of_it_loads():
-    loaded = modules_after_import("serve_app.scoring.loading")
+def test_the_registry_loads_a_family_only_when_a_model_of_it_loads(imported):
+    loaded = imported["loading"]
     assert not {f"serve_app.scoring.{f}" for f in ("cross_encoder", "embedding", "dual_encoder", "blip_itm")} & loaded
 
 

@@ -6,6 +6,7 @@ shell, each so that the test cannot disturb the session's cluster or the machine
 - HOME is a temporary directory, so the token lands there (`~/.ray/auth_token`), not in the real home;
 - `ray start --head` gets its own ports and temporary directory, and `--block`: the test stops that head
   itself, because the block's `ray stop` would stop every Ray process on the machine, the session's too;
+- the bulk job and `serve deploy` start at once (the job's scoring actors start beside the service's replicas);
 - the bulk job's output directory is a temporary one; HF_HUB_OFFLINE=1 (no hub here).
 """
 
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -35,7 +37,6 @@ from tests.conftest import processes_naming
 ROOT = Path(__file__).resolve().parent.parent
 BASH_BLOCK = re.compile(r"```bash\n(.*?)```", re.DOTALL)
 OUTPUT = "/tmp/rerank-out"
-STOP_GRACE_S = 5
 SERVE_URL = "http://127.0.0.1:8000"  # deploy/serve_config.yaml's http_options, the README's curl
 STATUS_EVERY_S = 15
 
@@ -73,7 +74,8 @@ class Head:
             "--object-manager-port": free_port(),
         }
         extra = " ".join(f"{flag}={port}" for flag, port in ports.items())
-        self.command = f"{command} {extra} --temp-dir={temp_dir} --num-cpus=4 --disable-usage-stats --block"
+        # 8 CPUs: the service (3 CPUs) and the bulk job's scoring actors (1.5) run side by side.
+        self.command = f"{command} {extra} --temp-dir={temp_dir} --num-cpus=8 --disable-usage-stats --block"
         self.log = open(log, "w")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             ["bash", "-c", self.command], env=env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
@@ -95,15 +97,9 @@ class Head:
         raise AssertionError(f"the head's dashboard did not come up:\n{Path(self.log.name).read_text()[-3000:]}")
 
     def stop(self) -> None:
-        """SIGTERM to the head's process group, SIGKILL after STOP_GRACE_S (a graceful `--block` stop took 34 s
-        here), then SIGKILL to any process of this head that left the group (its command line names the
-        head's temporary directory): nothing of it outlives the module."""
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                pass
+        """SIGKILL to the head's process group (a graceful `--block` stop took 34 s here, and nothing of this head
+        outlives the module: its temporary directory goes too), then to any process of this head that left the
+        group (its command line names the head's temporary directory)."""
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(timeout=60)
@@ -195,12 +191,24 @@ def test_the_readme_block_is_what_this_test_runs(session):
     assert token.stat().st_size > 0 and token.stat().st_mode & 0o077 == 0  # readable by its owner alone
 
 
-def test_bulk_job_submitted_with_the_token_writes_every_id_once(session, tmp_path):
+@pytest.fixture(scope="module")
+def launched(session, tmp_path_factory) -> Iterator[dict]:
+    """The block's bulk job and `serve deploy`, started at once: the job scores while the service's replicas
+    start (each is seconds of one core importing torch; side by side they use both of a 2-core machine's)."""
     command = the(session["commands"], "ray job submit")
     assert OUTPUT in command
-    run(command.replace(OUTPUT, str(tmp_path / "out")), session["env"])
-    rows = [json.loads(line) for p in sorted((tmp_path / "out").glob("part-*.jsonl")) for line in p.open()]
-    errors = [json.loads(line) for p in sorted((tmp_path / "out" / "errors").glob("part-*.jsonl")) for line in p.open()]
+    out = tmp_path_factory.mktemp("rt-out") / "out"
+    with ThreadPoolExecutor(1) as pool:
+        job = pool.submit(run, command.replace(OUTPUT, str(out)), session["env"])
+        run(the(session["commands"], "serve deploy"), session["env"])
+        yield {"job": job, "out": out}
+
+
+def test_bulk_job_submitted_with_the_token_writes_every_id_once(launched):
+    launched["job"].result()  # `run` asserts that it exited 0
+    out = launched["out"]
+    rows = [json.loads(line) for p in sorted(out.glob("part-*.jsonl")) for line in p.open()]
+    errors = [json.loads(line) for p in sorted((out / "errors").glob("part-*.jsonl")) for line in p.open()]
     ids = [json.loads(line)["id"] for line in (ROOT / "examples" / "bulk" / "queries.jsonl").open() if line.strip()]
     assert sorted([r["id"] for r in rows] + [e["id"] for e in errors]) == sorted(ids)
     assert {r["id"] for r in rows} >= {"q1", "q2"}
@@ -208,9 +216,8 @@ def test_bulk_job_submitted_with_the_token_writes_every_id_once(session, tmp_pat
     assert "query is empty" in empty["error"]  # as the HTTP API says it
 
 
-def test_serve_deploy_status_rerank_and_shutdown_with_the_token(session):
+def test_serve_deploy_status_rerank_and_shutdown_with_the_token(session, launched):
     env, commands = session["env"], session["commands"]
-    run(the(commands, "serve deploy"), env)
     # Until Serve's HTTP answers, asked of the port itself: each `serve status` is a CLI start (about 2 s of CPU,
     # which a 2-core machine takes from the deployment it waits for); it is run every STATUS_EVERY_S meanwhile,
     # to fail at once on DEPLOY_FAILED, then until it reads RUNNING.

@@ -71,7 +71,8 @@ def tokenize_apps(serve_url, model_dirs, tmp_path_factory) -> Iterator[dict[str,
             "image_text": {"enabled": False},
             "tokenize_in": "pool",
         },
-        "swap": {"text": {"model": str(served)}, "image_text": {"enabled": False}},
+        # Health-checked every second: its killed replica is noticed (and replaced) within ~1 s, not Serve's 10 s.
+        "swap": {"text": {"model": str(served), "health_check_period_s": 1}, "image_text": {"enabled": False}},
     }
     with module_apps(specs, serve_url) as urls:
         yield {**urls, "swap_model": str(served)}
