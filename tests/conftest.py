@@ -138,14 +138,18 @@ def undeploy(name: str) -> None:
     serve.delete(name, _blocking=False)
 
 
-def deploy_all(specs: dict[str, dict]) -> None:
-    """Deploy applications at once (their replicas load side by side) and wait until every one runs."""
+def deploy_all(specs: dict[str, dict], root: str | None = None) -> None:
+    """Deploy applications at once (their replicas load side by side) and wait until every one runs; each at
+    /<name>, `root` at /."""
     from ray import serve
 
     from serve_app.app import build_app
 
     serve.run_many(
-        [serve.RunTarget(build_app(args), name=name, route_prefix=f"/{name}") for name, args in specs.items()]
+        [
+            serve.RunTarget(build_app(args), name=name, route_prefix="/" if name == root else f"/{name}")
+            for name, args in specs.items()
+        ]
     )
 
 
@@ -154,9 +158,10 @@ def apps(serve_url, model_dirs, tmp_path_factory) -> dict[str, str]:
     """The session's applications, deployed side by side: each an ingress with a text and (most) an image-text
     pool. Those one module alone reads are in module_specs."""
     specs = {
-        # Tiny cross-encoder and CLIP.
+        # Tiny cross-encoder and CLIP, at the root path (as `make run` serves: tests/test_clients.py's libraries
+        # need it), the text model answering to "ranker" too.
         "alpha": {
-            "text": {"model": str(model_dirs["cross_encoder"])},
+            "text": {"model": str(model_dirs["cross_encoder"]), "aliases": ["ranker"]},
             "image_text": {"model": str(model_dirs["clip"])},
         },
         # The real default text model (packaged, unpacked into a fresh cache) and tiny BLIP.
@@ -195,8 +200,8 @@ def apps(serve_url, model_dirs, tmp_path_factory) -> dict[str, str]:
             "image_text": {"enabled": False},
         },
     }
-    deploy_all(specs)
-    urls = {name: f"{serve_url}/{name}" for name in specs}
+    deploy_all(specs, root="alpha")
+    urls = {name: serve_url if name == "alpha" else f"{serve_url}/{name}" for name in specs}
     # The remeasuring replica's first call, made now: its measurements then run 1, 5 and 15 s from here while
     # other tests run, and tests/test_forward_cost.py reads them later instead of waiting 21 s for them.
     replicas = httpx.get(f"{urls['remeasure']}/v1/models", timeout=60).json()["pools"]["text"]["replicas"]
@@ -299,6 +304,22 @@ def pinned(apps) -> Iterator[httpx.Client]:
 @pytest.fixture(scope="module")
 def yes_no(serve_url, model_dirs) -> Iterator[httpx.Client]:
     yield from module_app("yes_no", model_dirs, serve_url)
+
+
+@pytest.fixture(scope="session")
+def spread(serve_url, model_dirs) -> Iterator[httpx.Client]:
+    """Two text replicas that tokenize in their pool: one request's calls land on both (tests/test_routing.py), and
+    its text is tokenized there (tests/test_tokenize.py). Deployed on first use, kept to the end of the run."""
+    deploy(
+        "spread",
+        {
+            "text": {"model": str(model_dirs["cross_encoder"]), "num_replicas": 2, "num_cpus": 0.25},
+            "image_text": {"enabled": False},
+            "tokenize_in": "pool",
+        },
+    )
+    with httpx.Client(base_url=f"{serve_url}/spread", timeout=60) as client:
+        yield client
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,6 @@ HTTP: the client parsed what the service said, in the order it said it."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import httpx
 import pytest
 
@@ -15,17 +13,11 @@ DOCUMENTS = ["paris is the capital of france", "a red car", "berlin is the capit
 
 
 @pytest.fixture(scope="module")
-def root(serve_url, model_dirs) -> Iterator[str]:
-    """The service at the root path, as `make run` serves it: Haystack's ranker joins "/rerank" to its URL as an
-    absolute path, so it reaches no service under a prefix."""
-    from ray import serve
-
-    from serve_app.app import build_app
-
-    args = {"text": {"model": str(model_dirs["cross_encoder"]), "name": "ranker"}, "image_text": {"enabled": False}}
-    serve.run(build_app(args), name="clients", route_prefix="/")
-    yield serve_url
-    serve.delete("clients", _blocking=False)
+def root(apps) -> str:
+    """The service at the root path, as `make run` serves it (the session's alpha application, whose text model
+    answers to "ranker" too): Haystack's ranker joins "/rerank" to its URL as an absolute path, so it reaches no
+    service under a prefix."""
+    return apps["alpha"]
 
 
 def plain(url: str, path: str, body: dict) -> dict | list:

@@ -12,25 +12,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.conftest import deploy, undeploy
-
 DOCUMENTS = [f"document {i} about paris, the capital of france" for i in range(16)]
-
-
-@pytest.fixture(scope="module")
-def spread(serve_url, model_dirs):
-    deploy(
-        "spread",
-        {
-            "text": {"model": str(model_dirs["cross_encoder"]), "num_replicas": 2, "num_cpus": 0.25},
-            "image_text": {"enabled": False},
-        },
-    )
-    try:
-        with httpx.Client(base_url=f"{serve_url}/spread", timeout=60) as client:
-            yield client
-    finally:
-        undeploy("spread")
 
 
 def pairs_by_replica(client: httpx.Client) -> dict[str, int]:

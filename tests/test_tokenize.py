@@ -57,8 +57,9 @@ NAMES = ["cross_encoder", "cross_encoder_2", "embedding", "minilm"]
 
 @pytest.fixture(scope="module")
 def tokenize_apps(serve_url, model_dirs, tmp_path_factory) -> Iterator[dict[str, str]]:
-    """The module's applications, deployed at once: "textual" tokenizes in its pool; "swap" serves a copy of the
-    tiny cross-encoder that test_the_ingress_fetches_a_changed_tokenizer_... changes in place."""
+    """The module's application: "swap" serves a copy of the tiny cross-encoder that
+    test_the_ingress_fetches_a_changed_tokenizer_... changes in place (the session's `spread` tokenizes in its
+    pool)."""
     import shutil
 
     from tests.conftest import module_apps
@@ -66,11 +67,6 @@ def tokenize_apps(serve_url, model_dirs, tmp_path_factory) -> Iterator[dict[str,
     served = tmp_path_factory.mktemp("swap") / "model"
     shutil.copytree(model_dirs["cross_encoder"], served)
     specs = {
-        "textual": {
-            "text": {"model": str(model_dirs["cross_encoder"]), "num_replicas": 2},
-            "image_text": {"enabled": False},
-            "tokenize_in": "pool",
-        },
         # Health-checked every second: its killed replica is noticed (and replaced) within ~1 s, not Serve's 10 s.
         "swap": {"text": {"model": str(served), "health_check_period_s": 1}, "image_text": {"enabled": False}},
     }
@@ -208,28 +204,28 @@ def test_long_documents_cut_in_the_ingress_spread_over_calls_and_merge_to_their_
     assert [raw[0], raw[1]] == pytest.approx(expected, abs=1e-5)
 
 
-def test_tokenize_in_pool_sends_text_and_scores_the_same(tokenize_apps, alpha):
-    with httpx.Client(base_url=tokenize_apps["textual"], timeout=60) as textual:
-        body = {"query": "capital of france?", "documents": DOCUMENTS + [LONG + " " + LONG], "raw_scores": True}
-        before, calls_before = replicas(textual), calls(textual)
-        there = textual.post("/v2/rerank", json=body)
-        after = replicas(textual)
-        tokenized = {r: after[r]["tokenized_pairs"] - before[r]["tokenized_pairs"] for r in after}
-        assert sum(tokenized.values()) == len(body["documents"])
-        assert all(r["encoded_pairs"] == 0 for r in after.values())
-        # 11 pairs over 2 running replicas: two calls, of 8 (min_pairs_per_call) and 3, which Serve's router
-        # may give to both replicas at once.
-        assert calls(textual) - calls_before == 2
-        here = alpha.post("/v2/rerank", json=body)
-        assert there.status_code == here.status_code == 200
-        assert there.json()["meta"]["split_documents"] == here.json()["meta"]["split_documents"] == 3
-        by_index = [{r["index"]: r["raw_score"] for r in a.json()["results"]} for a in (there, here)]
-        # Equal up to what batching changes: the pairs may share a batch (and its padding) with other pairs
-        # on one path and not on the other, and float32 sums move by ~1e-6 (1.2e-6 seen in CI). That the
-        # ingress and the pool make the same token ids is exact, in the test above.
-        assert [by_index[0][i] for i in range(len(body["documents"]))] == pytest.approx(
-            [by_index[1][i] for i in range(len(body["documents"]))], abs=1e-5
-        )
+def test_tokenize_in_pool_sends_text_and_scores_the_same(spread, alpha):
+    textual = spread  # tokenize_in: pool
+    body = {"query": "capital of france?", "documents": DOCUMENTS + [LONG + " " + LONG], "raw_scores": True}
+    before, calls_before = replicas(textual), calls(textual)
+    there = textual.post("/v2/rerank", json=body)
+    after = replicas(textual)
+    tokenized = {r: after[r]["tokenized_pairs"] - before[r]["tokenized_pairs"] for r in after}
+    assert sum(tokenized.values()) == len(body["documents"])
+    assert all(r["encoded_pairs"] == 0 for r in after.values())
+    # 11 pairs over 2 running replicas: two calls, of 8 (min_pairs_per_call) and 3, which Serve's router
+    # may give to both replicas at once.
+    assert calls(textual) - calls_before == 2
+    here = alpha.post("/v2/rerank", json=body)
+    assert there.status_code == here.status_code == 200
+    assert there.json()["meta"]["split_documents"] == here.json()["meta"]["split_documents"] == 3
+    by_index = [{r["index"]: r["raw_score"] for r in a.json()["results"]} for a in (there, here)]
+    # Equal up to what batching changes: the pairs may share a batch (and its padding) with other pairs
+    # on one path and not on the other, and float32 sums move by ~1e-6 (1.2e-6 seen in CI). That the
+    # ingress and the pool make the same token ids is exact, in the test above.
+    assert [by_index[0][i] for i in range(len(body["documents"]))] == pytest.approx(
+        [by_index[1][i] for i in range(len(body["documents"]))], abs=1e-5
+    )
 
 
 def test_a_too_long_pair_is_refused_by_the_ingress_with_413(alpha):
