@@ -93,15 +93,16 @@ def cluster() -> Iterator:
 
 
 @pytest.fixture(scope="session")
-def serve_url(cluster) -> Iterator[str]:
-    """One Serve HTTP proxy on 127.0.0.1 for the whole session."""
+def serve_url(cluster) -> str:
+    """One Serve HTTP proxy on 127.0.0.1 for the whole session. Not shut down at the end: `cluster` then stops every
+    process of the cluster, Serve's too, at once (serve.shutdown first waited 7.5 s for each replica's graceful
+    stop)."""
     from ray import serve
 
     port = free_port()
     # One proxy, on the head: the declared-GPU nodes share this machine, and a proxy each would only cost CPU.
     serve.start(http_options={"host": "127.0.0.1", "port": port, "location": "HeadOnly"})
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
+    return f"http://127.0.0.1:{port}"
 
 
 def processes_naming(text: str) -> list[int]:
