@@ -39,14 +39,14 @@ SETTLE_S = 60.0
 WORDS = "the river city capital market history science music water energy light north south bridge".split()
 
 
-def spike_args(model: str) -> dict:
+def spike_args(model: str, max_replicas: int = 4) -> dict:
     """Settings of the benchmark's application: a tiny text pool that scales early, no image-text pool."""
     return {
         "text": {
             "model": model,
             "autoscaling": {
                 "min_replicas": 1,
-                "max_replicas": 4,
+                "max_replicas": max_replicas,
                 "target_ongoing_requests": 2,
                 "upscale_delay_s": 1,
                 "downscale_delay_s": 5,
@@ -275,6 +275,7 @@ def run_spike(
     app_name: str = "spike",
     out_dir: Path = RESULTS,
     serve_url: str | None = None,
+    max_replicas: int = 4,
 ) -> dict:
     """Deploys the benchmark's application, runs the spike, writes JSON and PNG; returns the JSON's content."""
     import ray
@@ -298,7 +299,7 @@ def run_spike(
         model = build_cross_encoder(Path(tmp) / "cross_encoder")
         url = f"{serve_url}/{app_name}"
         try:
-            serve.run(build_app(spike_args(str(model))), name=app_name, route_prefix=f"/{app_name}")
+            serve.run(build_app(spike_args(str(model), max_replicas)), name=app_name, route_prefix=f"/{app_name}")
             warm = httpx.post(f"{url}/v2/rerank", json=request_body(random.Random(-1)), timeout=60)
             warm.raise_for_status()
             load = Load(url, clients, load_s)
@@ -313,7 +314,7 @@ def run_spike(
     summary = summarize(rows, load.events, clients, load_s)
     stem = f"spike-{datetime.date.today().isoformat()}-{socket.gethostname()}"
     result = {
-        "settings": spike_args("<tiny cross-encoder>"),
+        "settings": spike_args("<tiny cross-encoder>", max_replicas),
         "documents_per_request": DOCUMENTS,
         "summary": summary,
         "timeline": rows,

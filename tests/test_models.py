@@ -107,7 +107,8 @@ def many_spec(model_dirs) -> dict:
 def thrash_spec(model_dirs, broken: Path) -> dict:
     shared = {"placement": "shared"}
     return {
-        "text": {"model": str(model_dirs["cross_encoder"])},
+        # Named models in the shared pool alone: no default text pool (its replica would only idle).
+        "text": {"enabled": False},
         "image_text": {"enabled": False},
         "models": [
             {"name": "t-a", "model": str(model_dirs["cross_encoder"]), **shared},

@@ -18,14 +18,10 @@ def overload_specs(model_dirs) -> dict[str, dict]:
     from tests.conftest import MINILM_FORWARD_COST_TOKENS
 
     return {
-        # The config test_a_new_config_deployed_under_load_completes_every_request replaces.
+        # One replica, calls of 8 pairs: test_a_large_request_keeps_at_most_two_calls_per_replica_in_flight reads it
+        # first; test_a_new_config_deployed_under_load_completes_every_request then replaces this config.
         "rolling": {
-            "text": {"model": str(model_dirs["cross_encoder"]), "max_batch_size": 8},
-            "image_text": {"enabled": False},
-        },
-        # One replica, calls of 8 pairs: test_a_large_request_keeps_at_most_two_calls_per_replica_in_flight.
-        "bounded": {
-            "text": {"model": str(model_dirs["cross_encoder"]), "num_cpus": 0.5},
+            "text": {"model": str(model_dirs["cross_encoder"]), "max_batch_size": 8, "num_cpus": 0.5},
             "image_text": {"enabled": False},
             "max_pairs_per_call": 8,
         },
@@ -127,6 +123,18 @@ def test_a_client_that_disconnects_cancels_its_pairs(tight):
     with pytest.raises(httpx.ReadTimeout):
         tight.post("/v2/rerank", json={"query": "capital of france", "documents": [LONG] * 100}, timeout=1.0)
     assert wait_until_idle(tight)["pairs"] - before < 50  # the rest left the batcher unscored
+
+
+def test_a_large_request_keeps_at_most_two_calls_per_replica_in_flight(overload_apps):
+    """256 documents in calls of 8 (32 calls) to one replica: at most calls_in_flight_per_replica (2) of them are
+    in the pool at once; the rest wait in the ingress, not in the router's queue in front of other requests."""
+    url = overload_apps["rolling"]  # before its new config
+    documents = [f"document {i} about the capital of france" for i in range(256)]
+    response = httpx.post(f"{url}/v2/rerank", json={"query": "capital", "documents": documents}, timeout=60)
+    assert response.status_code == 200 and len(response.json()["results"]) == 256
+    (replica,) = httpx.get(f"{url}/v1/stats", timeout=30).json()["pools"]["text"]
+    print(f"\n32 calls of one request: at most {replica['most_calls_at_once']} at once in the replica")
+    assert 1 <= replica["most_calls_at_once"] <= 2 and replica["calls_now"] == 0
 
 
 def test_a_new_config_deployed_under_load_completes_every_request(overload_apps, serve_url, model_dirs):
@@ -340,18 +348,6 @@ def test_a_drain_counts_each_forwards_fixed_cost_so_a_lone_batch_implies_the_rat
     tokens_only = Drain(min_batches=1)  # without the fixed cost, the lone batch says 333 tokens/s: 3x too slow
     tokens_only.record(50, 0.0, 0.150)
     assert tokens_only.pairs_per_s() == pytest.approx(333.3, rel=1e-3)
-
-
-def test_a_large_request_keeps_at_most_two_calls_per_replica_in_flight(overload_apps):
-    """256 documents in calls of 8 (32 calls) to one replica: at most calls_in_flight_per_replica (2) of them are
-    in the pool at once; the rest wait in the ingress, not in the router's queue in front of other requests."""
-    url = overload_apps["bounded"]
-    documents = [f"document {i} about the capital of france" for i in range(256)]
-    response = httpx.post(f"{url}/v2/rerank", json={"query": "capital", "documents": documents}, timeout=60)
-    assert response.status_code == 200 and len(response.json()["results"]) == 256
-    (replica,) = httpx.get(f"{url}/v1/stats", timeout=30).json()["pools"]["text"]
-    print(f"\n32 calls of one request: at most {replica['most_calls_at_once']} at once in the replica")
-    assert 1 <= replica["most_calls_at_once"] <= 2 and replica["calls_now"] == 0
 
 
 @pytest.mark.parametrize("overload_status", [503, 429])
