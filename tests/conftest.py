@@ -57,6 +57,37 @@ MINILM_FORWARD_COST_TOKENS = 25
 GPU_NODES = {"A10G": 4, "RTX3060": 4, "B200": 4}
 
 
+# ---- the session's applications live only as long as their readers ------------------------------------------
+
+# Fixtures that deploy applications for the whole session, and the applications each one deploys (set when it
+# does). Each idle replica costs ~1% of a core of Ray's and Serve's loops: the session's 18 replicas idling
+# through the ~500 s of modules that never read them cost ~90 core-seconds of a 2-core run.
+SESSION_APPS: dict[str, list[str]] = {"apps": [], "spread": []}
+LAST_READER: dict[str, str] = {}  # fixture -> the node id of the last test that reads it (set at collection)
+
+
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection: the last reader among the tests that run
+def pytest_collection_modifyitems(config, items) -> None:
+    """Modules that read a session application run first (in their usual order), then the others (in theirs); a
+    session application is deleted after the last test that reads it (pytest_runtest_logfinish)."""
+    module = {item: item.nodeid.partition("::")[0] for item in items}
+    readers = {module[item] for item in items if set(getattr(item, "fixturenames", ())) & SESSION_APPS.keys()}
+    first = {name: i for i, name in enumerate(dict.fromkeys(module.values()))}
+    items.sort(key=lambda item: (module[item] not in readers, first[module[item]]))  # stable: a module's own order
+    LAST_READER.clear()
+    for item in items:
+        for fixture in SESSION_APPS.keys() & set(getattr(item, "fixturenames", ())):
+            LAST_READER[fixture] = item.nodeid
+
+
+def pytest_runtest_logfinish(nodeid: str, location) -> None:
+    for fixture, reader in LAST_READER.items():
+        if reader == nodeid:
+            for name in SESSION_APPS[fixture]:
+                undeploy(name)
+            SESSION_APPS[fixture].clear()
+
+
 @pytest.fixture(scope="session")
 def cluster() -> Iterator:
     """One Ray cluster for the whole session: a CPU head and three declared-GPU nodes, all local."""
@@ -202,6 +233,7 @@ def apps(serve_url, model_dirs, tmp_path_factory) -> dict[str, str]:
         },
     }
     deploy_all(specs, root="alpha")
+    SESSION_APPS["apps"].extend(specs)
     urls = {name: serve_url if name == "alpha" else f"{serve_url}/{name}" for name in specs}
     # The remeasuring replica's first call, made now: its measurements then run 1, 5 and 15 s from here while
     # other tests run, and tests/test_forward_cost.py reads them later instead of waiting 21 s for them.
@@ -310,7 +342,7 @@ def yes_no(serve_url, model_dirs) -> Iterator[httpx.Client]:
 @pytest.fixture(scope="session")
 def spread(serve_url, model_dirs) -> Iterator[httpx.Client]:
     """Two text replicas that tokenize in their pool: one request's calls land on both (tests/test_routing.py), and
-    its text is tokenized there (tests/test_tokenize.py). Deployed on first use, kept to the end of the run."""
+    its text is tokenized there (tests/test_tokenize.py). Deployed on first use, deleted after its last reader."""
     deploy(
         "spread",
         {
@@ -319,6 +351,7 @@ def spread(serve_url, model_dirs) -> Iterator[httpx.Client]:
             "tokenize_in": "pool",
         },
     )
+    SESSION_APPS["spread"].append("spread")
     with httpx.Client(base_url=f"{serve_url}/spread", timeout=60) as client:
         yield client
 
