@@ -69,7 +69,7 @@ LAST_READER: dict[str, str] = {}  # fixture -> the node id of the last test that
 @pytest.hookimpl(trylast=True)  # after -k/-m deselection: the last reader among the tests that run
 def pytest_collection_modifyitems(config, items) -> None:
     """Modules that read a session application run first (in their usual order), then the others (in theirs); a
-    session application is deleted after the last test that reads it (pytest_runtest_logfinish)."""
+    session application is deleted after the last test that reads it (pytest_runtest_teardown)."""
     module = {item: item.nodeid.partition("::")[0] for item in items}
     readers = {module[item] for item in items if set(getattr(item, "fixturenames", ())) & SESSION_APPS.keys()}
     first = {name: i for i, name in enumerate(dict.fromkeys(module.values()))}
@@ -80,12 +80,18 @@ def pytest_collection_modifyitems(config, items) -> None:
             LAST_READER[fixture] = item.nodeid
 
 
-def pytest_runtest_logfinish(nodeid: str, location) -> None:
-    for fixture, reader in LAST_READER.items():
-        if reader == nodeid:
-            for name in SESSION_APPS[fixture]:
-                undeploy(name)
-            SESSION_APPS[fixture].clear()
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """After the last reader's teardown. Not after the last test of the run: the session's own teardown has then
+    stopped the cluster, Serve with it."""
+    try:
+        return (yield)
+    finally:
+        for fixture, reader in LAST_READER.items():
+            if reader == item.nodeid:
+                for name in SESSION_APPS[fixture] if nextitem is not None else ():
+                    undeploy(name)
+                SESSION_APPS[fixture].clear()
 
 
 @pytest.fixture(scope="session")
@@ -242,6 +248,10 @@ def apps(serve_url, model_dirs, tmp_path_factory) -> dict[str, str]:
     first = {"query": "capital?", "documents": ["paris"]}
     answer = httpx.post(f"{urls['remeasure']}/v2/rerank", json=first, timeout=60)
     assert answer.status_code == 200, answer.text
+    # The pinned text replica's first figures, made now: Ray exports a worker's metrics every 10 s, and
+    # tests/test_gpu_pinning.py's Prometheus check then finds them exported instead of waiting for the next export.
+    assert httpx.post(f"{urls['pinned']}/v2/rerank", json=first, timeout=60).status_code == 200
+    assert httpx.get(f"{urls['pinned']}/v1/stats", timeout=60).status_code == 200  # sets the memory gauge
     return urls
 
 
