@@ -59,9 +59,9 @@ GPU_NODES = {"A10G": 4, "RTX3060": 4, "B200": 4}
 
 # ---- the session's applications live only as long as their readers ------------------------------------------
 
-# Fixtures that deploy applications for the whole session, and the applications each one deploys (set when it
-# does). Each idle replica costs ~1% of a core of Ray's and Serve's loops: the session's 18 replicas idling
-# through the ~500 s of modules that never read them cost ~90 core-seconds of a 2-core run.
+# Fixtures that deploy applications shared by several modules, and the applications each one deploys (set when it
+# does). Each idle replica costs ~1% of a core of Ray's and Serve's loops: the session's 18 replicas idling through
+# the ~500 s of modules that never read them were an estimated ~90 core-seconds of a 2-core run.
 SESSION_APPS: dict[str, list[str]] = {"apps": [], "spread": []}
 LAST_READER: dict[str, str] = {}  # fixture -> the node id of the last test that reads it (set at collection)
 
