@@ -89,8 +89,9 @@ def pytest_runtest_teardown(item, nextitem):
     finally:
         for fixture, reader in LAST_READER.items():
             if reader == item.nodeid:
-                for name in SESSION_APPS[fixture] if nextitem is not None else ():
-                    undeploy(name)
+                if nextitem is not None:
+                    for name in SESSION_APPS[fixture]:
+                        undeploy(name)
                 SESSION_APPS[fixture].clear()
 
 
